@@ -1,0 +1,90 @@
+"""CPU image decode and augmentation with PIL + numpy (no torchvision at run time).
+
+Semantics follow OpenCLIP's image transforms: RandomResizedCrop(scale=(0.9, 1.0), bicubic) for
+training, shortest-side bicubic resize + center crop for evaluation, CLIP mean/std, RGB, CHW float32.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TRAIN_SCALE = (0.9, 1.0)
+TRAIN_RATIO = (3 / 4, 4 / 3)
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
+
+_MEAN = np.array(CLIP_MEAN, dtype=np.float32)[:, None, None]
+_STD = np.array(CLIP_STD, dtype=np.float32)[:, None, None]
+
+
+class DecodeError(ValueError):
+    """An image that cannot (or must not) be decoded; ``reason`` names the skip counter."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode encoded image bytes to RGB, refusing images above ``max_pixels`` before decoding."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > max_pixels:
+            raise DecodeError("too_many_pixels", f"{img.width}x{img.height} > {max_pixels}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()
+        return img.convert("RGB")
+    except DecodeError:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt input
+        raise DecodeError("corrupt_image", f"{type(e).__name__}: {e}") from None
+
+
+def to_normalized_chw(img: Image.Image) -> np.ndarray:
+    arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) * (1.0 / 255.0)
+    return (arr - _MEAN) / _STD
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale=TRAIN_SCALE, ratio=TRAIN_RATIO) -> tuple[int, int, int, int]:
+    """Crop box (left, top, w, h) covering a random area fraction and aspect ratio, as
+    torchvision's RandomResizedCrop draws it (10 tries, then a center-crop fallback)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def train_transform(img: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
+    left, top, w, h = random_resized_crop_box(img.width, img.height, rng)
+    img = img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+    return to_normalized_chw(img)
+
+
+def eval_transform(img: Image.Image, size: int) -> np.ndarray:
+    scale = size / min(img.width, img.height)
+    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    if (w, h) != img.size:
+        img = img.resize((w, h), Image.BICUBIC)
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    return to_normalized_chw(img.crop((left, top, left + size, top + size)))

@@ -1,0 +1,231 @@
+"""The typed configuration tree: dataclasses, loaded from TOML, overridden with ``a.b.c=value``.
+
+Validation happens here, before any process group starts. Every error names the key, the value
+and what is allowed. The dataclass defaults are the quickstart (``configs/tiny-cpu.toml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import tomli_w
+
+from kernels import BACKENDS as ATTENTION_BACKENDS
+from mtx_dist.models.presets import PRESETS
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that is not allowed."""
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, min: float | None = None,
+         max: float | None = None) -> Any:
+    meta = {"help": help, "choices": choices, "min": min, "max": max}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    dir: str = _opt("runs/quickstart", "run directory: checkpoints/ and export/ go here")
+    name: str = _opt("", "run name shown in MLflow (default: the run directory's name)")
+    steps: int = _opt(300, "optimizer steps to train in total", min=1)
+    seed: int = _opt(0, "seed for initialization and the data stream", min=0)
+    device: str = _opt("auto", "where to train: auto picks cuda when available", ("auto", "cpu", "cuda"))
+    log_every: int = _opt(10, "steps between metric logs", min=1)
+    eval_at_end: bool = _opt(True, "held-out retrieval on data.val at the end of training")
+    export_at_end: bool = _opt(True, "export the frozen image encoder to <run.dir>/export at the end")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = _opt("tiny", "model geometry", tuple(PRESETS))
+    attention: str = _opt("auto", "attention backend (kernels.attention)", ATTENTION_BACKENDS)
+
+
+@dataclass
+class DataConfig:
+    train: str = _opt("", "training shards (WebDataset spec); empty = generated demo shards")
+    val: str = _opt("", "held-out shards for retrieval; empty = generated demo shards")
+    batch_size: int = _opt(64, "samples per step per data-parallel rank", min=1)
+    workers: int = _opt(2, "loader worker processes per rank", min=0, max=256)
+    shuffle_buffer: int = _opt(1000, "samples in the shuffle buffer of each worker", min=0)
+    max_pixels: int = _opt(89_478_485, "images with more pixels are skipped (decompression bombs)", min=1)
+    demo_dir: str = _opt("data/demo", "where demo shards are generated when train/val are empty")
+    demo_train_samples: int = _opt(8192, "training samples in the generated demo shards", min=1)
+    demo_val_samples: int = _opt(128, "held-out samples in the generated demo shards (distinct scenes)",
+                                 min=2, max=240)
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = _opt(0, "DeepSpeed ZeRO stage", (0, 1, 2, 3))
+    precision: str = _opt("fp32", "training precision", ("fp32", "bf16"))
+    dist_timeout_s: float = _opt(600.0, "timeout of process-group collectives, seconds", min=1)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _opt(1e-3, "peak learning rate", min=0)
+    weight_decay: float = _opt(0.1, "AdamW weight decay (not applied to gains, biases, embeddings)", min=0)
+    beta1: float = _opt(0.9, "AdamW beta1", min=0, max=1)
+    beta2: float = _opt(0.98, "AdamW beta2", min=0, max=1)
+    eps: float = _opt(1e-6, "AdamW epsilon", min=0)
+    warmup_steps: int = _opt(30, "linear warmup steps", min=0)
+    schedule: str = _opt("cosine", "learning-rate schedule after warmup", ("cosine", "constant"))
+    decay_steps: int = _opt(0, "steps over which the schedule decays (0 = run.steps)", min=0)
+    min_lr_ratio: float = _opt(0.0, "final learning rate as a fraction of lr", min=0, max=1)
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 = off)", min=0)
+    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step", min=1)
+
+
+@dataclass
+class LossConfig:
+    kind: str = _opt("clip", "contrastive loss", ("clip",))
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _opt(100, "steps between checkpoints (a final one is always written)", min=1)
+    resume: str = _opt("", "'' = fresh run, 'latest', or a checkpoint tag/path under run.dir")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = _opt(True, "log to MLflow (rank 0)")
+    uri: str = _opt("", "tracking URI; '' = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
+    experiment: str = _opt("mtx-dist", "MLflow experiment name")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def flat(self) -> dict[str, Any]:
+        """``{"run.steps": 300, ...}`` (MLflow params)."""
+        return {f"{s}.{k}": v for s, sub in self.to_dict().items() for k, v in sub.items()}
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _unknown(key: str, name: str, allowed: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, allowed, n=1)
+    prefix = key[: len(key) - len(name)]
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}; allowed here: {', '.join(allowed)}")
+
+
+def _check_value(key: str, f: dataclasses.Field, ftype: type, value: Any) -> Any:
+    if ftype is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if ftype is bool and not isinstance(value, bool) or ftype is not bool and isinstance(value, bool) \
+            or not isinstance(value, ftype):
+        raise ConfigError(f"config key '{key}' = {value!r}: expected {ftype.__name__}")
+    choices, lo, hi = f.metadata.get("choices"), f.metadata.get("min"), f.metadata.get("max")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"config key '{key}' = {value!r}: allowed values are {', '.join(map(repr, choices))}")
+    if lo is not None and value < lo:
+        raise ConfigError(f"config key '{key}' = {value!r}: must be >= {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"config key '{key}' = {value!r}: must be <= {hi}")
+    return value
+
+
+def _apply(cfg: Config, data: dict, source: str) -> None:
+    sections = _fields(Config)
+    for sname, sval in data.items():
+        if sname not in sections:
+            raise _unknown(sname, sname, list(sections))
+        if not isinstance(sval, dict):
+            raise ConfigError(f"config key '{sname}' in {source} must be a table of keys, got {sval!r}")
+        sub = getattr(cfg, sname)
+        hints = typing.get_type_hints(type(sub))
+        fields = _fields(type(sub))
+        for k, v in sval.items():
+            key = f"{sname}.{k}"
+            if k not in fields:
+                raise _unknown(key, k, list(fields))
+            setattr(sub, k, _check_value(key, fields[k], hints[k], v))
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings need no quotes: model.preset=vit-b16
+    return key, value
+
+
+def validate(cfg: Config) -> Config:
+    """Checks that involve more than one key."""
+    if cfg.optim.warmup_steps > cfg.run.steps and cfg.optim.decay_steps == 0:
+        raise ConfigError(f"config key 'optim.warmup_steps' = {cfg.optim.warmup_steps}: must be <= "
+                          f"run.steps ({cfg.run.steps})")
+    if cfg.optim.decay_steps and cfg.optim.decay_steps < cfg.optim.warmup_steps:
+        raise ConfigError(f"config key 'optim.decay_steps' = {cfg.optim.decay_steps}: must be >= "
+                          f"optim.warmup_steps ({cfg.optim.warmup_steps})")
+    return cfg
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the TOML file, then ``section.key=value`` overrides; validated."""
+    cfg = Config()
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path!r} is not valid TOML: {e}") from None
+        _apply(cfg, data, path)
+    for item in overrides:
+        key, value = _parse_override(item)
+        parts = key.split(".")
+        if len(parts) != 2:
+            sections = list(_fields(Config))
+            if parts[0] not in sections:
+                raise _unknown(key, parts[0], sections)
+            raise ConfigError(f"config key '{key}' must be section.key; keys of '{parts[0]}': "
+                              f"{', '.join(_fields(type(getattr(cfg, parts[0]))))}")
+        _apply(cfg, {parts[0]: {parts[1]: value}}, "the command line")
+    return validate(cfg)
+
+
+def describe() -> str:
+    """Every key with its default and help text (for ``mtx-dist train --help-config`` and docs)."""
+    lines = []
+    for sname, sfield in _fields(Config).items():
+        lines.append(f"[{sname}]")
+        for f in dataclasses.fields(sfield.default_factory):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            extra = f"  one of {', '.join(map(str, f.metadata['choices']))}" if f.metadata.get("choices") else ""
+            lines.append(f"  {f.name} = {default!r}  # {f.metadata['help']}{extra}")
+    return "\n".join(lines)

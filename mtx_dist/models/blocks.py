@@ -1,0 +1,78 @@
+"""Transformer encoder block with timm ViT parameter names.
+
+Parameter names equal timm's ``vision_transformer.Block`` (norm1, attn.qkv, attn.proj, norm2,
+mlp.fc1, mlp.fc2), so the encoder's blocks export to Meta-Transformer as a rename-free slice.
+No parallelism lives here: tensor parallelism swaps the linears afterwards (mtx_dist.parallel).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, attn_backend: str = "auto") -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_backend = attn_backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.qkv(x)
+        # Heads are derived from the (possibly tensor-parallel, hence narrower) qkv output, so the
+        # same code runs on a full or a column-sharded projection.
+        heads = qkv.shape[-1] // (3 * self.head_dim)
+        q, k, v = qkv.view(b, n, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = kernels.attention(q, k, v, causal=causal, backend=self.attn_backend)
+        return self.proj(out.transpose(1, 2).reshape(b, n, heads * self.head_dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_backend: str = "auto",
+                 causal: bool = False) -> None:
+        super().__init__()
+        self.causal = causal
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, attn_backend)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), causal=self.causal)
+        return x + self.mlp(self.norm2(x))
+
+
+def init_blocks(blocks: nn.ModuleList, width: int) -> None:
+    """CLIP-style init: attention std width^-0.5, residual outputs scaled by depth."""
+    depth = len(blocks)
+    attn_std = width ** -0.5
+    proj_std = attn_std * (2 * depth) ** -0.5
+    fc_std = (2 * width) ** -0.5
+    for blk in blocks:
+        nn.init.normal_(blk.attn.qkv.weight, std=attn_std)
+        nn.init.normal_(blk.attn.proj.weight, std=proj_std)
+        nn.init.normal_(blk.mlp.fc1.weight, std=fc_std)
+        nn.init.normal_(blk.mlp.fc2.weight, std=proj_std)
+        for lin in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2):
+            nn.init.zeros_(lin.bias)

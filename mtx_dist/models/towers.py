@@ -1,0 +1,80 @@
+"""Image and text towers with OpenCLIP geometry, built from timm-named blocks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtx_dist.models.blocks import Block, init_blocks
+from mtx_dist.models.presets import TextSpec, VisionSpec
+
+
+class VisionTower(nn.Module):
+    """Conv patch embedding, class token, learned positions, ln_pre, blocks, ln_post, projection."""
+
+    def __init__(self, spec: VisionSpec, embed_dim: int, attn_backend: str = "auto") -> None:
+        super().__init__()
+        if spec.image_size % spec.patch_size:
+            raise ValueError(f"image size {spec.image_size} is not a multiple of patch {spec.patch_size}")
+        self.spec = spec
+        w = spec.width
+        self.patch_embed = nn.Conv2d(3, w, kernel_size=spec.patch_size, stride=spec.patch_size, bias=False)
+        self.cls_token = nn.Parameter(torch.empty(w))
+        self.pos_embed = nn.Parameter(torch.empty(spec.tokens, w))
+        self.ln_pre = nn.LayerNorm(w)
+        self.blocks = nn.ModuleList(Block(w, spec.heads, spec.mlp_ratio, attn_backend) for _ in range(spec.layers))
+        self.ln_post = nn.LayerNorm(w)
+        self.proj = nn.Parameter(torch.empty(w, embed_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        scale = self.spec.width ** -0.5
+        for p in (self.cls_token, self.pos_embed, self.proj):
+            nn.init.normal_(p, std=scale)
+        init_blocks(self.blocks, self.spec.width)
+
+    def tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with class token and positions, before ln_pre: (B, 1 + grid^2, width)."""
+        x = self.patch_embed(image).flatten(2).transpose(1, 2)
+        cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.ln_pre(self.tokens(image))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+class TextTower(nn.Module):
+    """Causal text transformer: token + position embeddings, blocks, ln_final, EOT pooling, projection."""
+
+    def __init__(self, spec: TextSpec, embed_dim: int, attn_backend: str = "auto") -> None:
+        super().__init__()
+        self.spec = spec
+        w = spec.width
+        self.token_embedding = nn.Embedding(spec.vocab_size, w)
+        self.pos_embed = nn.Parameter(torch.empty(spec.context_length, w))
+        self.blocks = nn.ModuleList(
+            Block(w, spec.heads, spec.mlp_ratio, attn_backend, causal=True) for _ in range(spec.layers)
+        )
+        self.ln_final = nn.LayerNorm(w)
+        self.proj = nn.Parameter(torch.empty(w, embed_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.01)
+        nn.init.normal_(self.proj, std=self.spec.width ** -0.5)
+        init_blocks(self.blocks, self.spec.width)
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        if text.shape[1] != self.spec.context_length:
+            raise ValueError(f"text has {text.shape[1]} tokens; the tower expects {self.spec.context_length}")
+        x = self.token_embedding(text) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.ln_final(x)
+        # The end-of-text token has the largest id in the CLIP vocabulary, so argmax finds it.
+        eot = text.argmax(dim=-1)
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.proj

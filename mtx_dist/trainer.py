@@ -1,0 +1,196 @@
+"""The training loop: data -> DeepSpeed engine -> checkpoints, MLflow, held-out check, export."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from mtx_dist import checkpoint as ckpt
+from mtx_dist.config import Config
+from mtx_dist.data import build_loader, resolve_shards
+from mtx_dist.engine import (Runtime, build_engine, consolidated_state_dict, global_grad_norm, local_grad_norm,
+                             setup_runtime)
+from mtx_dist.evaluate import embed_split, retrieval_metrics
+from mtx_dist.export import export_encoder
+from mtx_dist.loss import LOSSES
+from mtx_dist.models import ContrastiveModel, get_preset
+from mtx_dist.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float]  # per optimizer step trained in this invocation (rank 0's view)
+    first_step: int  # step count when this invocation started (> 0 after a resume)
+    checkpoint: str | None
+    export_dir: str | None
+    eval: dict[str, float] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+
+
+def _say(runtime: Runtime, msg: str) -> None:
+    if runtime.is_main:
+        tqdm.write(msg)
+
+
+def train(cfg: Config) -> TrainResult:
+    runtime = setup_runtime(cfg)
+    rank, world = runtime.env.rank, runtime.env.world_size
+    os.makedirs(cfg.run.dir, exist_ok=True)
+    torch.manual_seed(cfg.run.seed)
+    spec = get_preset(cfg.model.preset)
+    model = ContrastiveModel(spec, cfg.model.attention).to(runtime.device)
+    engine = build_engine(cfg, model, runtime)
+    train_shards, val_shards = resolve_shards(cfg, rank)
+    loader = build_loader(cfg, train_shards, train=True, rank=rank, world_size=world)
+
+    state = ckpt.TrainState()
+    if cfg.checkpoint.resume:
+        tag = ckpt.resolve(cfg.run.dir, cfg.checkpoint.resume)
+        if tag is None:
+            _say(runtime, f"no checkpoint in {ckpt.checkpoint_root(cfg.run.dir)} yet: starting fresh")
+        else:
+            state = ckpt.load(engine, cfg.run.dir, tag, rank)
+            loader.load_state_dict(state.loader)
+            _say(runtime, f"resumed from {os.path.join(ckpt.checkpoint_root(cfg.run.dir), tag)} at step {state.step}")
+
+    tracker = Tracker(cfg.tracking, active=runtime.is_main)
+    state.mlflow_run_id = tracker.start(cfg.run.name or os.path.basename(os.path.abspath(cfg.run.dir)),
+                                        cfg.flat(), cfg.to_toml(), run_id=state.mlflow_run_id, step=state.step)
+    try:
+        result = _loop(cfg, runtime, engine, loader, state, tracker)
+        if cfg.run.eval_at_end:
+            result.eval = _evaluate(cfg, runtime, engine, val_shards, tracker, state.step)
+        if cfg.run.export_at_end:
+            result.export_dir = _export(cfg, runtime, engine, state, tracker)
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    result.mlflow_run_id, result.tracking_uri = tracker.run_id, tracker.uri if tracker.active else None
+    if runtime.is_main:
+        _summary(cfg, result)
+    return result
+
+
+def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState, tracker: Tracker) -> TrainResult:
+    world = runtime.env.world_size
+    loss_fn = LOSSES[cfg.loss.kind]
+    accum = cfg.optim.grad_accum
+    samples_per_step = cfg.data.batch_size * accum * world
+    first_step, losses, pending = state.step, [], []
+    last_ckpt = None
+    batches = iter(loader)
+    engine.train()
+    bar = tqdm(total=cfg.run.steps, initial=state.step, disable=not runtime.is_main, unit="step",
+               dynamic_ncols=True, mininterval=1.0, desc="train")
+    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+    skipped: Counter = Counter()
+    grad_norm = None
+    while state.step < cfg.run.steps:
+        log_now = (state.step + 1) % cfg.run.log_every == 0 or state.step + 1 == cfg.run.steps
+        for _ in range(accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - t0
+            skipped.update(batch["skipped"])
+            image = batch["image"].to(runtime.device, runtime.dtype, non_blocking=True)
+            text = batch["text"].to(runtime.device, non_blocking=True)
+            img, txt, scale = engine(image, text)
+            loss = loss_fn(img, txt, scale)
+            engine.backward(loss)
+            if log_now and engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
+                grad_norm = local_grad_norm(engine.module)  # DeepSpeed reports none at stage 0
+            engine.step()
+            pending.append(loss.detach())
+        state.step += 1
+        state.samples += samples_per_step
+        window_steps += 1
+        bar.update(1)
+        if log_now:
+            step_losses = torch.stack(pending).float().view(-1, accum).mean(dim=1).tolist()
+            losses.extend(step_losses)
+            pending.clear()
+            elapsed = time.perf_counter() - window_start
+            metrics = {
+                "loss": sum(step_losses) / len(step_losses),
+                "lr": engine.get_lr()[0],
+                "logit_scale": float(scale.detach()),
+                "samples_per_s": window_steps * samples_per_step / elapsed,
+                "data_wait_frac": data_wait / elapsed,
+                "samples": state.samples,
+            }
+            norm = global_grad_norm(engine) if engine.zero_optimization_stage() else grad_norm
+            if norm is not None:
+                metrics["grad_norm"] = norm
+            metrics.update({f"data/skipped_{k}": v for k, v in loader.skipped.items()})
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {state.step}")
+            tracker.log_metrics(metrics, step=state.step)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", sps=f"{metrics['samples_per_s']:.0f}",
+                            lr=f"{metrics['lr']:.2e}", refresh=False)
+            window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+        if state.step % cfg.checkpoint.every == 0 or state.step == cfg.run.steps:
+            state.loader = loader.state_dict()
+            last_ckpt = ckpt.save(engine, cfg.run.dir, state, runtime.env.rank)
+    bar.close()
+    if last_ckpt is None:
+        tag = ckpt.resolve(cfg.run.dir, "latest")
+        last_ckpt = os.path.join(ckpt.checkpoint_root(cfg.run.dir), tag) if tag else None
+    return TrainResult(step=state.step, losses=losses, first_step=first_step, checkpoint=last_ckpt, export_dir=None)
+
+
+def _evaluate(cfg: Config, runtime: Runtime, engine, shards: str, tracker: Tracker, step: int) -> dict[str, float]:
+    loader = build_loader(cfg, shards, train=False, rank=runtime.env.rank, world_size=runtime.env.world_size)
+    engine.eval()
+    img, txt = embed_split(engine, loader, runtime.device, runtime.dtype)
+    engine.train()
+    metrics = retrieval_metrics(img, txt)
+    metrics["n"] = float(img.shape[0])
+    metrics["chance_recall_at_1"] = 1.0 / img.shape[0]
+    tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=step)
+    return metrics
+
+
+def _export(cfg: Config, runtime: Runtime, engine, state: ckpt.TrainState, tracker: Tracker) -> str:
+    full = consolidated_state_dict(engine)  # collective under ZeRO-3: every rank takes part
+    out_dir = os.path.join(cfg.run.dir, "export")
+    if runtime.is_main:
+        source = {"run_dir": os.path.abspath(cfg.run.dir), "step": state.step, "samples": state.samples,
+                  "mlflow_run_id": state.mlflow_run_id, "tracking_uri": tracker.uri if tracker.active else None}
+        export_encoder(full, get_preset(cfg.model.preset), cfg.model.preset, out_dir, source)
+        tracker.log_artifacts(out_dir, "export")
+    return out_dir
+
+
+def _summary(cfg: Config, result: TrainResult) -> None:
+    lines = [f"trained to step {result.step} of {cfg.run.steps}"]
+    if result.losses:
+        lines.append(f"loss: {result.losses[0]:.4f} (step {result.first_step + 1}) -> {result.losses[-1]:.4f}")
+    if result.eval:
+        e = result.eval
+        lines.append(f"held-out retrieval on {int(e['n'])} pairs: image->text recall@1 {e['i2t_recall_at_1']:.3f}, "
+                     f"text->image recall@1 {e['t2i_recall_at_1']:.3f} (chance {e['chance_recall_at_1']:.3f})")
+    if result.checkpoint:
+        lines.append(f"checkpoint: {os.path.abspath(result.checkpoint)}")
+    if result.export_dir:
+        lines.append(f"export:     {os.path.abspath(result.export_dir)}")
+    if result.mlflow_run_id:
+        uri = result.tracking_uri or ""
+        if uri.startswith("sqlite:///"):
+            uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+        lines.append(f"mlflow:     {uri} (run {result.mlflow_run_id}; view with `mlflow ui --backend-store-uri {uri}`)")
+    tqdm.write("\n".join(lines))
