@@ -98,7 +98,8 @@ def write_demo_split(out_dir: str, spec: DemoSpec) -> list[str]:
 
     pattern = os.path.join(out_dir, f"{spec.split}-%06d.tar")
     counts: list[int] = []
-    with wds.ShardWriter(pattern, maxcount=spec.samples_per_shard, verbose=0) as sink:
+    # mtime fixed: the same spec gives the same bytes, whenever it is written
+    with wds.ShardWriter(pattern, maxcount=spec.samples_per_shard, verbose=0, mtime=0) as sink:
         for i, scene in enumerate(scenes):
             img = render(*scene, px=spec.image_px, rng=rng)
             buf = io.BytesIO()

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="latest|TAG", help="continue from a checkpoint of run.dir "
                    "('latest' starts fresh when there is none)")
     t.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment instead.
+    t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     t.set_defaults(func=_train)
 
     s = sub.add_parser("shards", help="write WebDataset shards (demo data)")

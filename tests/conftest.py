@@ -1,0 +1,37 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.helpers import torchvision_shim
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+@pytest.fixture(scope="session")
+def open_clip():
+    torchvision_shim()
+    import open_clip as oc
+    return oc
+
+
+@pytest.fixture(scope="session")
+def timm():
+    torchvision_shim()
+    import timm as t
+    return t
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    """Small demo train/val shards shared by data tests: (train spec, val spec, directory)."""
+    from data_pipelines.demo import DemoSpec, shard_spec, write_demo_split
+
+    d = str(tmp_path_factory.mktemp("demo"))
+    train = write_demo_split(d, DemoSpec("train", 600, samples_per_shard=128, image_px=40))
+    val = write_demo_split(d, DemoSpec("val", 48, samples_per_shard=32, image_px=40, distinct=True))
+    return shard_spec(train), shard_spec(val), d

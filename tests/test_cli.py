@@ -1,0 +1,59 @@
+"""The ``mtx-dist`` command as users run it: fresh interpreters, real files, real MLflow store."""
+
+import os
+import re
+
+import pytest
+
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.slow
+
+MICRO = ["model.preset=micro", "optim.warmup_steps=2", "run.log_every=2", "data.demo_train_samples=256",
+         "data.demo_val_samples=32", "data.batch_size=16", "data.workers=1", "checkpoint.every=2"]
+
+
+def test_train_then_resume_latest(tmp_path):
+    res = run_cli(["train", *MICRO, "run.steps=4", "optim.decay_steps=6"], cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "trained to step 4 of 4" in res.stdout
+    for line in ("checkpoint: ", "export: ", "mlflow: "):
+        assert line in res.stdout
+    assert (tmp_path / "mlflow.db").exists()  # default store: sqlite in the working directory
+    assert (tmp_path / "runs/quickstart/export/encoder.safetensors").exists()
+    run_id = re.search(r"\(run ([0-9a-f]+);", res.stdout).group(1)
+
+    res = run_cli(["train", *MICRO, "run.steps=6", "optim.decay_steps=6", "--resume", "latest"], cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "at step 4" in res.stdout and "trained to step 6 of 6" in res.stdout
+    assert f"(run {run_id};" in res.stdout
+    assert sorted(os.listdir(tmp_path / "runs/quickstart/checkpoints")) == [
+        "latest", "step00000002", "step00000004", "step00000006"]
+
+
+def test_resume_latest_without_checkpoint_starts_fresh(tmp_path):
+    res = run_cli(["train", *MICRO, "run.steps=2", "run.eval_at_end=false", "tracking.enabled=false",
+                   "--resume", "latest"], cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "starting fresh" in res.stdout and "trained to step 2 of 2" in res.stdout
+
+
+def test_help_config_and_shards(tmp_path):
+    res = run_cli(["train", "--help-config"], cwd=str(tmp_path))
+    assert res.returncode == 0 and "[optim]" in res.stdout and "warmup_steps = 30" in res.stdout
+    res = run_cli(["shards", "--output", str(tmp_path / "s"), "--samples", "20", "--per-shard", "8"], cwd=str(tmp_path))
+    assert res.returncode == 0 and "in 3 shards" in res.stdout
+    assert sorted(os.listdir(tmp_path / "s")) == ["train-000000.tar", "train-000001.tar", "train-000002.tar",
+                                                  "train.manifest.json"]
+
+
+def test_quickstart_defaults_learn(tmp_path):
+    """`mtx-dist train` with no arguments: the README's first command, end to end (~2 min on 2 cores)."""
+    res = run_cli(["train"], cwd=str(tmp_path), timeout=550)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = re.search(r"held-out retrieval on (\d+) pairs: image->text recall@1 ([\d.]+), "
+                  r"text->image recall@1 ([\d.]+) \(chance ([\d.]+)\)", res.stdout)
+    assert m, res.stdout
+    n, i2t, t2i, chance = int(m[1]), float(m[2]), float(m[3]), float(m[4])
+    assert n == 128 and chance == pytest.approx(1 / 128, abs=1e-3)
+    assert i2t > 10 * chance and t2i > 10 * chance  # far above chance

@@ -1,0 +1,167 @@
+import io
+import os
+import json
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_pipelines.demo import COMBINATIONS, DemoSpec, write_demo_split
+from data_pipelines.loader import Loader, LoaderStateError, StreamConfig
+from data_pipelines.transforms import (CLIP_MEAN, CLIP_STD, DecodeError, decode_rgb, eval_transform,
+                                       random_resized_crop_box)
+
+
+def _cfg(spec, **kw):
+    base = dict(shards=spec, batch_size=16, image_size=32, context_length=16, workers=2, shuffle_buffer=64)
+    return StreamConfig(**{**base, **kw})
+
+
+def _read_tar(path):
+    with tarfile.open(path) as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+
+
+def test_demo_shards_are_real_webdataset_tars(demo_shards, tmp_path):
+    _, _, d = demo_shards
+    members = _read_tar(f"{d}/train-000000.tar")
+    keys = sorted({n.rsplit(".", 1)[0] for n in members})
+    assert len(keys) == 128
+    first = keys[0]
+    img = Image.open(io.BytesIO(members[f"{first}.jpg"]))
+    assert img.format == "JPEG" and img.size == (40, 40)
+    attrs = json.loads(members[f"{first}.json"])
+    caption = members[f"{first}.txt"].decode()
+    assert all(attrs[k] in caption for k in ("shape", "color", "position", "size"))
+    manifest = json.load(open(f"{d}/train.manifest.json"))
+    assert sum(s["samples"] for s in manifest["shards"]) == 600 and len(manifest["shards"]) == 5
+
+
+def test_demo_generation_is_deterministic_and_cached(tmp_path):
+    spec = DemoSpec("val", 30, samples_per_shard=16, image_px=32, distinct=True)
+    a = write_demo_split(str(tmp_path / "a"), spec)
+    b = write_demo_split(str(tmp_path / "b"), spec)
+    assert [open(p, "rb").read() for p in a] == [open(p, "rb").read() for p in b]
+    mtime = [os.path.getmtime(p) for p in a]
+    assert write_demo_split(str(tmp_path / "a"), spec) == a  # reused, not rewritten
+    assert [os.path.getmtime(p) for p in a] == mtime
+    scenes = set()
+    for p in a:
+        m = _read_tar(p)
+        scenes |= {tuple(json.loads(v).values()) for k, v in m.items() if k.endswith(".json")}
+    assert len(scenes) == 30  # distinct scenes
+    with pytest.raises(ValueError, match="distinct"):
+        write_demo_split(str(tmp_path / "c"), DemoSpec("val", len(COMBINATIONS) + 1, distinct=True))
+
+
+def test_eval_transform_resizes_shortest_side_and_center_crops():
+    arr = np.zeros((60, 90, 3), np.uint8)
+    arr[:, 45:] = 255  # right half white
+    out = eval_transform(Image.fromarray(arr), 30)
+    assert out.shape == (3, 30, 30) and out.dtype == np.float32
+    white = (1 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+    black = -np.array(CLIP_MEAN) / np.array(CLIP_STD)
+    np.testing.assert_allclose(out[:, :, -1], np.repeat(white[:, None], 30, 1), atol=1e-5)
+    np.testing.assert_allclose(out[:, :, 0], np.repeat(black[:, None], 30, 1), atol=1e-5)
+
+
+def test_random_resized_crop_covers_open_clip_scale_range():
+    rng = np.random.default_rng(0)
+    areas = []
+    for _ in range(500):
+        left, top, w, h = random_resized_crop_box(100, 80, rng)
+        assert 0 <= left and left + w <= 100 and 0 <= top and top + h <= 80
+        areas.append(w * h / 8000)
+    assert 0.85 < min(areas) and max(areas) <= 1.0 + 1e-9
+
+
+def test_decode_errors_name_their_reason():
+    with pytest.raises(DecodeError) as e:
+        decode_rgb(b"definitely not a jpeg")
+    assert e.value.reason == "corrupt_image"
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, format="PNG")
+    with pytest.raises(DecodeError) as e:
+        decode_rgb(buf.getvalue(), max_pixels=1000)
+    assert e.value.reason == "too_many_pixels"
+    assert decode_rgb(buf.getvalue()).mode == "RGB"
+
+
+def test_batches_have_model_shapes(demo_shards):
+    train, _, _ = demo_shards
+    batch = next(iter(Loader(_cfg(train))))
+    assert batch["image"].shape == (16, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["text"].shape == (16, 16) and batch["text"].dtype == torch.int64
+    assert (batch["text"][:, 0] == 49406).all() and len(set(batch["key"])) == 16
+
+
+def test_eval_stream_reads_every_sample_once(demo_shards):
+    _, val, _ = demo_shards
+    keys = [k for b in Loader(_cfg(val, train=False, workers=1)) for k in b["key"]]
+    assert sorted(keys) == [f"val-{i:08d}" for i in range(48)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_replays_exactly_the_next_batches(demo_shards, workers):
+    train, _, _ = demo_shards
+    cfg = _cfg(train, workers=workers)
+    it = iter(Loader(cfg))
+    reference = [next(it) for _ in range(50)]  # 800 samples: crosses an epoch boundary (600)
+    for k in (7, 37):
+        first = Loader(cfg)
+        it = iter(first)
+        for _ in range(k):
+            next(it)
+        state = json.loads(json.dumps(first.state_dict()))  # survives a JSON round trip
+        resumed = Loader(cfg)
+        resumed.load_state_dict(state)
+        it = iter(resumed)
+        for ref in reference[k:]:
+            got = next(it)
+            assert got["key"] == ref["key"]
+            assert torch.equal(got["image"], ref["image"]) and torch.equal(got["text"], ref["text"])
+
+
+def test_epoch_covers_all_samples_then_reshuffles(demo_shards):
+    train, _, _ = demo_shards
+    it = iter(Loader(_cfg(train, workers=0, batch_size=20)))
+    epoch0 = [k for _ in range(30) for k in next(it)["key"]]  # 600 samples = one epoch
+    assert sorted(epoch0) == [f"train-{i:08d}" for i in range(600)]
+    epoch1 = [k for _ in range(30) for k in next(it)["key"]]
+    assert sorted(epoch1) == sorted(epoch0) and epoch1 != epoch0
+
+
+def test_resume_with_other_worker_count_is_refused(demo_shards):
+    train, _, _ = demo_shards
+    loader = Loader(_cfg(train, workers=2))
+    with pytest.raises(LoaderStateError, match="2 workers; this run has 1 x 3"):
+        Loader(_cfg(train, workers=3)).load_state_dict(loader.state_dict())
+    with pytest.raises(LoaderStateError, match="different shards"):
+        Loader(_cfg(train, workers=2, seed=1)).load_state_dict(loader.state_dict())
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path):
+    import webdataset as wds
+
+    good = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(good, format="JPEG")
+    samples = [{"__key__": f"ok{i}", "jpg": good.getvalue(), "txt": b"a red square"} for i in range(10)]
+    samples += [
+        {"__key__": "corrupt", "jpg": b"\xff\xd8 broken", "txt": b"x"},
+        {"__key__": "nocaption", "jpg": good.getvalue()},
+        {"__key__": "empty", "jpg": good.getvalue(), "txt": b"   "},
+        {"__key__": "latin1", "jpg": good.getvalue(), "txt": "caf\xe9".encode("latin-1")},
+        {"__key__": "noimage", "txt": b"orphan caption"},
+    ]
+    path = str(tmp_path / "dirty-000000.tar")
+    with wds.TarWriter(path) as sink:
+        for s in samples:
+            sink.write(s)
+    loader = Loader(_cfg(path, train=False, workers=0, batch_size=4))
+    keys = [k for b in loader for k in b["key"]]
+    assert sorted(keys) == sorted(f"ok{i}" for i in range(10))
+    assert loader.skipped == Counter(corrupt_image=1, missing_caption=1, empty_caption=1,
+                                     bad_caption_encoding=1, missing_image=1)

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from mtx_dist.models import Block, ContrastiveModel, get_preset
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("preset,visual,total", [
+    # OpenCLIP ViT-B-16 / ViT-L-14: 86.19 M / 303.97 M image tower with projection, 149.62 M / 427.62 M in all
+    ("vit-b16", 86_192_640, 149_620_737),
+    ("vit-l14", 303_966_208, 427_616_513),
+])
+def test_parameter_counts_match_openclip(preset, visual, total):
+    with torch.device("meta"):
+        model = ContrastiveModel.from_preset(preset)
+    assert _count(model.visual) == visual
+    assert _count(model) == total
+
+
+@pytest.mark.parametrize("preset", ["vit-b16"])
+def test_parameter_counts_equal_open_clip_models(preset, open_clip):
+    name = {"vit-b16": "ViT-B-16"}[preset]
+    with torch.device("meta"):
+        ours = ContrastiveModel.from_preset(preset)
+        ref = open_clip.create_model(name, device="meta")
+    assert _count(ours.visual) == _count(ref.visual)
+    assert _count(ours.text) == sum(p.numel() for n, p in ref.named_parameters()
+                                    if not n.startswith("visual.") and n != "logit_scale")
+
+
+def test_block_names_and_features_equal_timm_block(timm):
+    torch.manual_seed(0)
+    ours = Block(64, 4).eval()
+    ref = timm.models.vision_transformer.Block(dim=64, num_heads=4, mlp_ratio=4.0, qkv_bias=True,
+                                               norm_layer=torch.nn.LayerNorm, act_layer=torch.nn.GELU).eval()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(3, 17, 64)
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-6)
+
+
+def test_text_tower_is_causal_and_pools_eot():
+    torch.manual_seed(0)
+    model = ContrastiveModel.from_preset("micro").eval()
+    L = model.spec.text.context_length
+    text = torch.zeros(2, L, dtype=torch.long)
+    text[:, 0], text[:, 1], text[:, 2] = 49406, 320, 49407
+    text[1, 5] = 1234  # a token after EOT must not change the EOT feature (causal attention)
+    feats = model.encode_text(text)
+    torch.testing.assert_close(feats[0], feats[1], rtol=0, atol=1e-6)
+
+
+def test_forward_shapes_scale_and_backward():
+    torch.manual_seed(0)
+    model = ContrastiveModel.from_preset("micro")
+    spec = model.spec
+    image = torch.randn(4, 3, spec.vision.image_size, spec.vision.image_size)
+    text = torch.randint(1, 49000, (4, spec.text.context_length))
+    text[:, -1] = 49407
+    img, txt, scale = model(image, text)
+    assert img.shape == txt.shape == (4, spec.embed_dim)
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(4))
+    assert scale.shape == () and abs(scale.item() - 1 / 0.07) < 1e-4
+    (img @ txt.t() * scale).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p is not model.text.token_embedding.weight)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert model(image, text)[2].item() == pytest.approx(100.0)  # clamped at 100
+
+
+def test_unknown_preset_error():
+    with pytest.raises(KeyError, match="unknown model preset 'vit-h99'"):
+        get_preset("vit-h99")
