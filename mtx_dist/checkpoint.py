@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
+from mtx_dist.config import ConfigError
+
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 
@@ -88,7 +90,7 @@ def resolve(run_dir: str, resume: str) -> str | None:
             return f.read().strip()
     tag = os.path.basename(os.path.normpath(resume))
     if not os.path.isdir(os.path.join(root, tag)):
-        raise FileNotFoundError(f"checkpoint.resume = {resume!r}: no checkpoint {tag!r} in {root}")
+        raise ConfigError(f"config key 'checkpoint.resume' = {resume!r}: no checkpoint {tag!r} in {root}")
     return tag
 
 

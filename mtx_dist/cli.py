@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtx-dist", description="Contrastive pretraining of a Meta-Transformer "
                                 "shared encoder: WebDataset shards -> DeepSpeed -> frozen export.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    # The deepspeed launcher passes --local_rank=N first; the rank is read from the environment instead.
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="pretrain (no arguments: CPU quickstart on demo shards)",
@@ -58,8 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="latest|TAG", help="continue from a checkpoint of run.dir "
                    "('latest' starts fresh when there is none)")
     t.add_argument("--help-config", action="store_true", help="list every config key with its default")
-    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment instead.
-    t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     t.set_defaults(func=_train)
 
     s = sub.add_parser("shards", help="write WebDataset shards (demo data)")

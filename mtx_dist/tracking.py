@@ -47,11 +47,16 @@ class Tracker:
             return None
         mlflow = self._mlflow = _import_mlflow()
         mlflow.set_tracking_uri(self.uri)
-        if run_id is None:
+        run = None
+        if run_id is not None:
+            try:
+                run = mlflow.start_run(run_id=run_id)
+            except mlflow.exceptions.MlflowException as e:  # e.g. the store changed since the checkpoint
+                log.warning("cannot continue MLflow run %s in %s (%s); starting a new run", run_id, self.uri, e)
+                run_id = None
+        if run is None:
             mlflow.set_experiment(self.cfg.experiment)
             run = mlflow.start_run(run_name=run_name)
-        else:
-            run = mlflow.start_run(run_id=run_id)
         self.run_id = run.info.run_id
         logged = run.data.params
         fresh = {k: str(v) for k, v in params.items() if k not in logged}

@@ -13,7 +13,8 @@ import torch
 from tqdm import tqdm
 
 from mtx_dist import checkpoint as ckpt
-from mtx_dist.config import Config
+from data_pipelines.loader import LoaderStateError
+from mtx_dist.config import Config, ConfigError
 from mtx_dist.data import build_loader, resolve_shards
 from mtx_dist.engine import (Runtime, build_engine, consolidated_state_dict, global_grad_norm, local_grad_norm,
                              setup_runtime)
@@ -61,7 +62,10 @@ def train(cfg: Config) -> TrainResult:
             _say(runtime, f"no checkpoint in {ckpt.checkpoint_root(cfg.run.dir)} yet: starting fresh")
         else:
             state = ckpt.load(engine, cfg.run.dir, tag, rank)
-            loader.load_state_dict(state.loader)
+            try:
+                loader.load_state_dict(state.loader)
+            except LoaderStateError as e:  # the data config changed since the checkpoint
+                raise ConfigError(f"cannot resume {tag}: {e}") from e
             _say(runtime, f"resumed from {os.path.join(ckpt.checkpoint_root(cfg.run.dir), tag)} at step {state.step}")
 
     tracker = Tracker(cfg.tracking, active=runtime.is_main)

@@ -1,5 +1,6 @@
 """The ``mtx-dist`` command as users run it: fresh interpreters, real files, real MLflow store."""
 
+import json
 import os
 import re
 
@@ -57,3 +58,34 @@ def test_quickstart_defaults_learn(tmp_path):
     n, i2t, t2i, chance = int(m[1]), float(m[2]), float(m[3]), float(m[4])
     assert n == 128 and chance == pytest.approx(1 / 128, abs=1e-3)
     assert i2t > 10 * chance and t2i > 10 * chance  # far above chance
+
+
+def test_torchrun_two_ranks(tmp_path):
+    """Two gloo ranks under torchrun: each rank reads its part of the stream and saves its own state."""
+    import subprocess
+    import sys
+
+    from tests.helpers import DIST_VARS, REPO
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env["PYTHONPATH"] = REPO
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "mtx_dist",
+                          "train", *MICRO, "run.steps=4", "tracking.enabled=false"],
+                         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "trained to step 4 of 4" in res.stdout and "held-out retrieval on 32 pairs" in res.stdout
+    tag = tmp_path / "runs/quickstart/checkpoints/step00000004"
+    states = [json.loads((tag / f"train_state-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["samples"] for s in states] == [4 * 16 * 2] * 2  # samples counted over both ranks
+    assert [s["loader"]["batches"] for s in states] == [4, 4]
+
+
+def test_resume_with_changed_data_layout_is_refused(tmp_path):
+    res = run_cli(["train", *MICRO, "run.steps=2", "run.eval_at_end=false", "run.export_at_end=false",
+                   "tracking.enabled=false"], cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cli(["train", *MICRO, "run.steps=4", "data.workers=2", "tracking.enabled=false", "--resume", "latest"],
+                  cwd=str(tmp_path))
+    assert res.returncode == 2
+    assert "cannot resume step00000002" in res.stderr and "x 1 workers; this run has 1 x 2" in res.stderr
+    res = run_cli(["train", *MICRO, "--resume", "step00000099"], cwd=str(tmp_path))
+    assert res.returncode == 2 and "'checkpoint.resume' = 'step00000099': no checkpoint" in res.stderr
