@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from data_pipelines.tokenizer import ClipTokenizer
 from data_pipelines.transforms import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb, eval_transform, train_transform
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+log = logging.getLogger(__name__)
 
 
 class LoaderStateError(ValueError):
@@ -51,6 +53,7 @@ class StreamConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     rank: int = 0
     world_size: int = 1
+    worker_timeout_s: float = 600.0  # a worker silent this long (a hung pipe:, a stuck mount) raises
 
 
 def _seed(*parts: int) -> int:
@@ -73,24 +76,30 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         self.first_worker = first_worker
 
     # -- raw samples -------------------------------------------------------------------------
-    def _raw(self, epoch: int, g: int, n_streams: int, skips: Counter) -> Iterator[dict]:
+    def _raw(self, epoch: int, g: int, n_streams: int, on_error) -> Iterator[dict]:
         order = list(self.urls)
         if self.cfg.train:
             random.Random(_seed(self.cfg.seed, epoch)).shuffle(order)
         per_sample_split = len(order) < n_streams
         mine = order if per_sample_split else order[g::n_streams]
-
-        def on_error(exn: Exception) -> bool:  # a broken tar member/shard: count it, go on
-            skips["tar_error"] += 1
-            return True
-
-        samples = wds.tarfile_to_samples(handler=on_error)({"url": u} for u in mine)
+        samples = self._read_shards(mine, on_error)
         if per_sample_split:
             samples = (s for i, s in enumerate(samples) if i % n_streams == g)
         if self.cfg.train and self.cfg.shuffle_buffer > 1:
             rng = random.Random(_seed(self.cfg.seed, epoch, g))
             samples = wds.shuffle(self.cfg.shuffle_buffer, min(100, self.cfg.shuffle_buffer), rng=rng)(samples)
         return samples
+
+    @staticmethod
+    def _read_shards(urls: list[str], on_error) -> Iterator[dict]:
+        """Samples of each shard in turn. A shard that fails to read (truncated, corrupt, missing)
+        yields what came before the failure and is reported once to ``on_error``; reading shards
+        one at a time also keeps a key at the end of one shard from merging with the next shard's."""
+        for url in urls:
+            errors: list[Exception] = []
+            yield from wds.tarfile_to_samples(handler=lambda e: errors.append(e) or True)([{"url": url}])
+            if errors:
+                on_error(url, errors[0])
 
     # -- one sample ----------------------------------------------------------------------------
     def _prepare(self, sample: dict, rng: np.random.Generator | None) -> tuple[np.ndarray, str]:
@@ -116,16 +125,23 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         g, n_streams = self.cfg.rank * n_workers + w, self.cfg.world_size * n_workers
         epoch, drawn = self.start[w] if self.start else (0, 0)
         tokenizer = ClipTokenizer(context_length=self.cfg.context_length)
-        skips: Counter = Counter()
+        skips: Counter = Counter()  # since the last batch; handed out with the next one
+        replaying = drawn > 0
+
+        def on_error(url: str, exn: Exception) -> None:  # a shard that broke off: count it, go on
+            if not replaying:  # counted once, in the run that first met it
+                skips["tar_error"] += 1
+                log.warning("shard %s is unreadable after its first samples (%s); skipping the rest", url, exn)
+
         images, texts, keys = [], [], []
         epochs = itertools.count(epoch) if self.cfg.train else [0]
         for epoch in epochs:
-            stream = self._raw(epoch, g, n_streams, skips)
             index = 0
-            for sample in stream:
+            for sample in self._raw(epoch, g, n_streams, on_error):
                 index += 1
                 if index <= drawn:  # fast-forward to the restored position without decoding
                     continue
+                replaying = False
                 rng = np.random.default_rng([self.cfg.seed, epoch, g, index]) if self.cfg.train else None
                 try:
                     image, text = self._prepare(sample, rng)
@@ -135,7 +151,8 @@ class ImageTextStream(torch.utils.data.IterableDataset):
                 images.append(image), texts.append(text), keys.append(sample["__key__"])
                 if len(images) == self.cfg.batch_size:
                     yield self._collate(images, texts, keys, tokenizer, w, (epoch, index), skips)
-                    images, texts, keys, skips = [], [], [], Counter()
+                    images, texts, keys = [], [], []
+                    skips.clear()
             if index == 0 and drawn == 0 and self.cfg.train:
                 raise RuntimeError(f"loader stream {g} of {n_streams} found no samples in {self.cfg.shards!r}")
             drawn = 0
@@ -164,7 +181,7 @@ class Loader:
         self.batches = 0
         self.skipped: Counter = Counter()
         self._identity = hashlib.sha256(json.dumps(
-            {k: v for k, v in asdict(cfg).items() if k not in ("workers",)}, sort_keys=True
+            {k: v for k, v in asdict(cfg).items() if k not in ("workers", "worker_timeout_s")}, sort_keys=True
         ).encode()).hexdigest()[:16]
 
     def __iter__(self) -> Iterator[dict]:
@@ -172,7 +189,7 @@ class Loader:
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self.cfg.workers,
             persistent_workers=False, prefetch_factor=4 if self.cfg.workers else None,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available(), timeout=self.cfg.worker_timeout_s if self.cfg.workers else 0,
         )
         for batch in loader:
             self.positions[batch["worker"]] = tuple(batch["position"])

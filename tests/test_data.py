@@ -165,3 +165,23 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     assert sorted(keys) == sorted(f"ok{i}" for i in range(10))
     assert loader.skipped == Counter(corrupt_image=1, missing_caption=1, empty_caption=1,
                                      bad_caption_encoding=1, missing_image=1)
+
+
+def test_truncated_shard_is_counted_and_the_stream_goes_on(tmp_path):
+    import webdataset as wds
+
+    jpg = io.BytesIO()
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(jpg, format="JPEG")
+    for name, n in (("a", 20), ("b", 10)):
+        with wds.TarWriter(str(tmp_path / f"{name}-000000.tar")) as sink:
+            for i in range(n):
+                sink.write({"__key__": f"{name}{i:02d}", "jpg": jpg.getvalue(), "txt": b"a green square"})
+    cut = tmp_path / "a-000000.tar"
+    cut.write_bytes(cut.read_bytes()[: int(cut.stat().st_size * 0.6)])
+    spec = f"{tmp_path}/a-000000.tar::{tmp_path}/b-000000.tar"
+    loader = Loader(_cfg(spec, train=False, workers=0, batch_size=4))
+    keys = [k for b in loader for k in b["key"]]
+    a_keys = [k for k in keys if k.startswith("a")]
+    assert [k for k in keys if k.startswith("b")] == [f"b{i:02d}" for i in range(10)]
+    assert 5 <= len(a_keys) < 20 and a_keys == [f"a{i:02d}" for i in range(len(a_keys))]
+    assert loader.skipped["tar_error"] == 1
