@@ -97,7 +97,12 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         one at a time also keeps a key at the end of one shard from merging with the next shard's."""
         for url in urls:
             errors: list[Exception] = []
-            yield from wds.tarfile_to_samples(handler=lambda e: errors.append(e) or True)([{"url": url}])
+
+            def keep_going(exn: Exception, errors: list = errors) -> bool:
+                errors.append(exn)
+                return True
+
+            yield from wds.tarfile_to_samples(handler=keep_going)([{"url": url}])
             if errors:
                 on_error(url, errors[0])
 

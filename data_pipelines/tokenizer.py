@@ -76,9 +76,9 @@ class ClipTokenizer:
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.sot_id, self.eot_id = self.encoder[SOT], self.encoder[EOT]
         self.vocab_size = len(vocab)
+        self._bpe = functools.lru_cache(maxsize=1 << 16)(self._bpe_uncached)  # captions repeat words
 
-    @functools.lru_cache(maxsize=1 << 16)
-    def _bpe(self, word: str) -> tuple[str, ...]:
+    def _bpe_uncached(self, word: str) -> tuple[str, ...]:
         parts = [*word[:-1], word[-1] + "</w>"]
         while len(parts) > 1:
             pairs = {(a, b) for a, b in zip(parts, parts[1:])}

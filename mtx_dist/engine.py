@@ -19,7 +19,6 @@ from launchers import DistEnv, discover
 from mtx_dist.config import Config
 from mtx_dist.optim import build_optimizer, build_scheduler
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

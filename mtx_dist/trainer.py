@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +22,6 @@ from mtx_dist.loss import LOSSES
 from mtx_dist.models import ContrastiveModel, get_preset
 from mtx_dist.tracking import Tracker
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,7 +99,6 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
     bar = tqdm(total=cfg.run.steps, initial=state.step, disable=not runtime.is_main, unit="step",
                dynamic_ncols=True, mininterval=1.0, desc="train")
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-    skipped: Counter = Counter()
     grad_norm = None
     while state.step < cfg.run.steps:
         log_now = (state.step + 1) % cfg.run.log_every == 0 or state.step + 1 == cfg.run.steps
@@ -110,7 +106,6 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
             t0 = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - t0
-            skipped.update(batch["skipped"])
             image = batch["image"].to(runtime.device, runtime.dtype, non_blocking=True)
             text = batch["text"].to(runtime.device, non_blocking=True)
             img, txt, scale = engine(image, text)
