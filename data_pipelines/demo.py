@@ -13,6 +13,7 @@ import io
 import itertools
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -96,9 +97,12 @@ def write_demo_split(out_dir: str, spec: DemoSpec) -> list[str]:
     else:
         scenes = [COMBINATIONS[i] for i in rng.integers(0, len(COMBINATIONS), spec.num_samples)]
 
-    pattern = os.path.join(out_dir, f"{spec.split}-%06d.tar")
+    # Written into a private folder and moved into place shard by shard, manifest last: several
+    # processes (one per node, say) may generate the same split at once and readers never see a
+    # half-written shard. Fixed mtime: the same spec gives the same bytes whenever it is written.
+    staging = tempfile.mkdtemp(prefix=f".{spec.split}-", dir=out_dir)
+    pattern = os.path.join(staging, f"{spec.split}-%06d.tar")
     counts: list[int] = []
-    # mtime fixed: the same spec gives the same bytes, whenever it is written
     with wds.ShardWriter(pattern, maxcount=spec.samples_per_shard, verbose=0, mtime=0) as sink:
         for i, scene in enumerate(scenes):
             img = render(*scene, px=spec.image_px, rng=rng)
@@ -114,14 +118,18 @@ def write_demo_split(out_dir: str, spec: DemoSpec) -> list[str]:
             if i % spec.samples_per_shard == 0:
                 counts.append(0)
             counts[-1] += 1
-    shards = [pattern % i for i in range(len(counts))]
+    shards = [os.path.join(out_dir, os.path.basename(pattern % i)) for i in range(len(counts))]
+    for i, final in enumerate(shards):
+        os.replace(pattern % i, final)
+    os.rmdir(staging)
     manifest = {
         "fingerprint": spec.fingerprint(), "spec": asdict(spec),
         "shards": [{"name": os.path.basename(p), "samples": n} for p, n in zip(shards, counts)],
     }
-    with open(manifest_path + ".tmp", "w") as f:
+    tmp = os.path.join(staging + ".manifest")
+    with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
-    os.replace(manifest_path + ".tmp", manifest_path)
+    os.replace(tmp, manifest_path)
     return shards
 
 

@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -56,6 +57,19 @@ class StreamConfig:
     worker_timeout_s: float = 600.0  # a worker silent this long (a hung pipe:, a stuck mount) raises
 
 
+def list_shards(spec: str) -> list[str]:
+    """Expand a shard spec; local shards (plain or ``file://`` paths) must exist."""
+    urls = expand_urls(spec)
+    if not urls:
+        raise ValueError(f"shard spec {spec!r} names no shards")
+    local = [u.removeprefix("file://") for u in urls if "://" not in u.removeprefix("file://") and not u.startswith("pipe:")]
+    missing = [u for u in local if not os.path.exists(u)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards in {spec!r} do not exist "
+                                f"(first: {missing[0]})")
+    return urls
+
+
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
@@ -66,9 +80,7 @@ class ImageTextStream(torch.utils.data.IterableDataset):
     def __init__(self, cfg: StreamConfig, start: list[tuple[int, int]] | None = None, first_worker: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
-        self.urls = expand_urls(cfg.shards)
-        if not self.urls:
-            raise ValueError(f"shard spec {cfg.shards!r} names no shards")
+        self.urls = list_shards(cfg.shards)
         self.start = start  # per worker (epoch, samples already drawn), or None for the beginning
         # DataLoader takes batches from its workers round-robin starting at process 0; a resumed
         # stream must continue with the logical worker whose turn is next, so process i plays
@@ -180,6 +192,7 @@ class Loader:
     """Iterable over batches of one rank, with ``state_dict``/``load_state_dict`` for resume."""
 
     def __init__(self, cfg: StreamConfig) -> None:
+        list_shards(cfg.shards)  # fail here, in the main process, on a wrong spec or missing file
         self.cfg = cfg
         self.n_workers = max(1, cfg.workers)
         self.positions: list[tuple[int, int]] = [(0, 0)] * self.n_workers

@@ -171,16 +171,16 @@ def _apply(cfg: Config, data: dict, source: str) -> None:
             setattr(sub, k, _check_value(key, fields[k], hints[k], v))
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def _parse_override(item: str) -> tuple[str, Any, str]:
+    """``key=value`` -> (key, TOML value, raw text). Bare strings need no quotes: model.preset=vit-b16."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form section.key=value")
     key, raw = item.split("=", 1)
-    key = key.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw  # bare strings need no quotes: model.preset=vit-b16
-    return key, value
+        value = raw
+    return key.strip(), value, raw
 
 
 def validate(cfg: Config) -> Config:
@@ -207,7 +207,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"config file {path!r} is not valid TOML: {e}") from None
         _apply(cfg, data, path)
     for item in overrides:
-        key, value = _parse_override(item)
+        key, value, raw = _parse_override(item)
         parts = key.split(".")
         if len(parts) != 2:
             sections = list(_fields(Config))
@@ -215,6 +215,10 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
                 raise _unknown(key, parts[0], sections)
             raise ConfigError(f"config key '{key}' must be section.key; keys of '{parts[0]}': "
                               f"{', '.join(_fields(type(getattr(cfg, parts[0]))))}")
+        section = getattr(cfg, parts[0], None)
+        if not isinstance(value, str) and section is not None \
+                and typing.get_type_hints(type(section)).get(parts[1]) is str:
+            value = raw.strip()  # a string key takes the text as written: run.dir=2024 is the folder "2024"
         _apply(cfg, {parts[0]: {parts[1]: value}}, "the command line")
     return validate(cfg)
 

@@ -49,7 +49,7 @@ def train(cfg: Config) -> TrainResult:
     spec = get_preset(cfg.model.preset)
     model = ContrastiveModel(spec, cfg.model.attention).to(runtime.device)
     engine = build_engine(cfg, model, runtime)
-    train_shards, val_shards = resolve_shards(cfg, rank)
+    train_shards, val_shards = resolve_shards(cfg, runtime.env.local_rank)
     loader = build_loader(cfg, train_shards, train=True, rank=rank, world_size=world)
 
     state = ckpt.TrainState()

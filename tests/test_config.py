@@ -74,3 +74,15 @@ def test_cli_rejects_bad_key_before_starting(tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
     res = run_cli(["train", os.path.join(CONFIGS, "vit-b16.toml"), "data.batch_size=0"], cwd=str(tmp_path))
     assert res.returncode == 2 and "data.batch_size" in res.stderr and "must be >= 1" in res.stderr
+
+
+def test_string_keys_take_text_as_written():
+    cfg = load_config(None, ["run.dir=2024", "run.name=1e3", "data.train=/x/a.tar::/y/b.tar"])
+    assert (cfg.run.dir, cfg.run.name, cfg.data.train) == ("2024", "1e3", "/x/a.tar::/y/b.tar")
+
+
+def test_missing_shards_are_a_config_error(tmp_path):
+    res = run_cli(["train", f"data.train={tmp_path}/nope-{{000..003}}.tar", "tracking.enabled=false"],
+                  cwd=str(tmp_path), timeout=300)
+    assert res.returncode == 2
+    assert "config key 'data.train'" in res.stderr and "4 of 4 shards" in res.stderr and "do not exist" in res.stderr
