@@ -86,3 +86,14 @@ def test_missing_shards_are_a_config_error(tmp_path):
                   cwd=str(tmp_path), timeout=300)
     assert res.returncode == 2
     assert "config key 'data.train'" in res.stderr and "4 of 4 shards" in res.stderr and "do not exist" in res.stderr
+
+
+def test_tracking_uri_precedence(monkeypatch):
+    from mtx_dist.config import TrackingConfig
+    from mtx_dist.tracking import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(TrackingConfig()) == "sqlite:///mlflow.db"  # MLflow's own default, in the cwd
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(TrackingConfig()) == "http://127.0.0.1:5000"
+    assert tracking_uri(TrackingConfig(uri="sqlite:///x.db")) == "sqlite:///x.db"
