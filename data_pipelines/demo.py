@@ -126,7 +126,7 @@ def write_demo_split(out_dir: str, spec: DemoSpec) -> list[str]:
         "fingerprint": spec.fingerprint(), "spec": asdict(spec),
         "shards": [{"name": os.path.basename(p), "samples": n} for p, n in zip(shards, counts)],
     }
-    tmp = os.path.join(staging + ".manifest")
+    tmp = staging + ".manifest"
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
     os.replace(tmp, manifest_path)

@@ -77,10 +77,11 @@ def _seed(*parts: int) -> int:
 class ImageTextStream(torch.utils.data.IterableDataset):
     """Yields collated batches: image (B,3,H,W) float32, text (B,L) int64, keys, position, skips."""
 
-    def __init__(self, cfg: StreamConfig, start: list[tuple[int, int]] | None = None, first_worker: int = 0) -> None:
+    def __init__(self, cfg: StreamConfig, start: list[tuple[int, int]] | None = None, first_worker: int = 0,
+                 urls: list[str] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.urls = list_shards(cfg.shards)
+        self.urls = urls if urls is not None else list_shards(cfg.shards)
         self.start = start  # per worker (epoch, samples already drawn), or None for the beginning
         # DataLoader takes batches from its workers round-robin starting at process 0; a resumed
         # stream must continue with the logical worker whose turn is next, so process i plays
@@ -192,7 +193,7 @@ class Loader:
     """Iterable over batches of one rank, with ``state_dict``/``load_state_dict`` for resume."""
 
     def __init__(self, cfg: StreamConfig) -> None:
-        list_shards(cfg.shards)  # fail here, in the main process, on a wrong spec or missing file
+        self.urls = list_shards(cfg.shards)  # fails here, in the main process, on a wrong spec or missing file
         self.cfg = cfg
         self.n_workers = max(1, cfg.workers)
         self.positions: list[tuple[int, int]] = [(0, 0)] * self.n_workers
@@ -203,7 +204,8 @@ class Loader:
         ).encode()).hexdigest()[:16]
 
     def __iter__(self) -> Iterator[dict]:
-        dataset = ImageTextStream(self.cfg, list(self.positions), first_worker=self.batches % self.n_workers)
+        dataset = ImageTextStream(self.cfg, list(self.positions), first_worker=self.batches % self.n_workers,
+                                  urls=self.urls)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self.cfg.workers,
             persistent_workers=False, prefetch_factor=4 if self.cfg.workers else None,

@@ -27,7 +27,7 @@ class AttentionBackendError(RuntimeError):
 _announced: set[str] = set()
 
 
-def resolve_backend(backend: str, q: torch.Tensor | None = None) -> str:
+def resolve_backend(backend: str) -> str:
     """Map a configured backend name (possibly ``auto``) to the backend that will run."""
     if backend not in BACKENDS:
         raise AttentionBackendError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
@@ -56,7 +56,7 @@ def attention(
     if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
         raise ValueError(f"attention expects equal (B, H, N, D) shapes, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    chosen = resolve_backend(backend, q)
+    chosen = resolve_backend(backend)
     if chosen == "math":
         return math_attention(q, k, v, causal)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)

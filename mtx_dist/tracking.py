@@ -76,10 +76,6 @@ class Tracker:
         if self.active and self._mlflow is not None:
             self._mlflow.log_artifacts(local_dir, artifact_path)
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        if self.active and self._mlflow is not None:
-            self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
-
     def finish(self, status: str = "FINISHED") -> None:
         if self.active and self._mlflow is not None and self._mlflow.active_run() is not None:
             self._mlflow.end_run(status=status)
