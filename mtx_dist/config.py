@@ -65,8 +65,17 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    zero_stage: int = _opt(0, "DeepSpeed ZeRO stage", (0, 1, 2, 3))
+    tensor_parallel: int = _opt(1, "tensor-parallel size T (megatron-core); data-parallel size = world / T",
+                                min=1, max=64)
+    zero_stage: int = _opt(0, "DeepSpeed ZeRO stage (partitions over the data-parallel group)", (0, 1, 2, 3))
     precision: str = _opt("fp32", "training precision", ("fp32", "bf16"))
+    activation_checkpointing: bool = _opt(False, "recompute each transformer block in the backward")
+    overlap_comm: bool = _opt(True, "ZeRO: overlap gradient reduction with the backward")
+    reduce_bucket_size: int = _opt(500_000_000, "ZeRO: elements per gradient reduce bucket", min=1)
+    allgather_bucket_size: int = _opt(500_000_000, "ZeRO 1/2: elements per parameter all-gather bucket", min=1)
+    stage3_prefetch_bucket_size: int = _opt(50_000_000, "ZeRO-3: elements of parameters prefetched ahead", min=0)
+    stage3_param_persistence_threshold: int = _opt(100_000, "ZeRO-3: parameters this small stay unpartitioned",
+                                                   min=0)
     dist_timeout_s: float = _opt(600.0, "timeout of process-group collectives, seconds", min=1)
 
 
@@ -87,7 +96,9 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = _opt("clip", "contrastive loss", ("clip",))
+    kind: str = _opt("clip", "contrastive loss: CLIP softmax (InfoNCE) or SigLIP sigmoid", ("clip", "siglip"))
+    gather_with_grad: bool = _opt(True, "clip: all-gather features with gradient (exact global-batch gradient)")
+    local_loss: bool = _opt(True, "clip: each rank scores its own rows against all columns (B x N logits)")
 
 
 @dataclass
@@ -101,6 +112,8 @@ class TrackingConfig:
     enabled: bool = _opt(True, "log to MLflow (rank 0)")
     uri: str = _opt("", "tracking URI; '' = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
     experiment: str = _opt("mtx-dist", "MLflow experiment name")
+    peak_tflops: float = _opt(0.0, "peak TFLOP/s per device for MFU; 0 = known by device name and precision",
+                              min=0)
 
 
 @dataclass
@@ -191,6 +204,15 @@ def validate(cfg: Config) -> Config:
     if cfg.optim.decay_steps and cfg.optim.decay_steps < cfg.optim.warmup_steps:
         raise ConfigError(f"config key 'optim.decay_steps' = {cfg.optim.decay_steps}: must be >= "
                           f"optim.warmup_steps ({cfg.optim.warmup_steps})")
+    tp = cfg.parallel.tensor_parallel
+    if tp > 1:
+        spec = PRESETS[cfg.model.preset]
+        for tower, t in (("vision", spec.vision), ("text", spec.text)):
+            hidden = int(t.width * t.mlp_ratio)
+            for what, n in (("heads", t.heads), ("width", t.width), ("mlp width", hidden)):
+                if n % tp:
+                    raise ConfigError(f"config key 'parallel.tensor_parallel' = {tp}: the {tower} tower's {what} "
+                                      f"({n}) of preset {cfg.model.preset!r} is not divisible by it")
     return cfg
 
 

@@ -16,9 +16,12 @@ import torch
 from torch import nn
 
 from launchers import DistEnv, discover
-from mtx_dist.config import Config
+from mtx_dist.config import Config, ConfigError
+from mtx_dist.loss import logit_init
+from mtx_dist.models import ContrastiveModel, get_preset
 from mtx_dist.optim import build_optimizer, build_scheduler
-
+from mtx_dist.parallel import (DeepSpeedMpu, ParallelGroups, ParallelLayoutError, gather_tensor_parallel, init_groups,
+                               parallelize)
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class Runtime:
     env: DistEnv
     device: torch.device
     dtype: torch.dtype  # dtype of the model's floating inputs
+    groups: ParallelGroups
 
     @property
     def is_main(self) -> bool:
@@ -59,7 +63,7 @@ def _import_deepspeed(device: torch.device):
 
 
 def setup_runtime(cfg: Config) -> Runtime:
-    """Discover the launch environment, pick the device, start the process group."""
+    """Discover the launch environment, pick the device, start the process group and the TP/DP groups."""
     env = discover()
     device = resolve_device(cfg.run.device, env.local_rank)
     deepspeed = _import_deepspeed(device)
@@ -71,16 +75,40 @@ def setup_runtime(cfg: Config) -> Runtime:
             timeout=datetime.timedelta(seconds=cfg.parallel.dist_timeout_s), rank=env.rank,
             world_size=env.world_size,
         )
+    try:
+        groups = init_groups(cfg.parallel.tensor_parallel, cfg.parallel.dist_timeout_s)
+    except ParallelLayoutError as e:
+        raise ConfigError(f"config key 'parallel.tensor_parallel' = {cfg.parallel.tensor_parallel}: {e}") from None
     dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
-    return Runtime(env, device, dtype)
+    return Runtime(env, device, dtype, groups)
+
+
+def build_model(cfg: Config, runtime: Runtime) -> nn.Module:
+    """The contrastive model on the runtime's device, tensor-parallel and checkpointed as configured.
+
+    Seeded identically on every rank: the full model is built the same everywhere and TP ranks
+    keep their slices, so any TP size starts from the same weights.
+    """
+    torch.manual_seed(cfg.run.seed)
+    scale_init, bias_init = logit_init(cfg.loss.kind)
+    model = ContrastiveModel(get_preset(cfg.model.preset), cfg.model.attention, scale_init, bias_init)
+    return parallelize(model.to(runtime.device), runtime.groups, cfg.parallel.activation_checkpointing)
 
 
 def deepspeed_config(cfg: Config) -> dict:
+    p = cfg.parallel
+    zero = {"stage": p.zero_stage}
+    if p.zero_stage:
+        zero.update(overlap_comm=p.overlap_comm, contiguous_gradients=True, reduce_bucket_size=p.reduce_bucket_size,
+                    allgather_bucket_size=p.allgather_bucket_size)
+    if p.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=p.stage3_prefetch_bucket_size,
+                    stage3_param_persistence_threshold=p.stage3_param_persistence_threshold)
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.optim.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,  # explicit: DeepSpeed's default is 1.0, not off
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": cfg.parallel.precision == "bf16"},
         # Our optimizer is torch's AdamW with weight-decay groups (no fused-Adam JIT build).
         "zero_allow_untested_optimizer": True,
@@ -90,12 +118,15 @@ def deepspeed_config(cfg: Config) -> dict:
 
 
 def build_engine(cfg: Config, model: nn.Module, runtime: Runtime):
-    """Wrap ``model`` (already on ``runtime.device``) in a DeepSpeed engine with our optimizer/schedule."""
+    """Wrap ``model`` (already parallelized, on ``runtime.device``) in a DeepSpeed engine with our
+    optimizer and schedule. With TP the mpu makes ZeRO partition over the data-parallel group only
+    and count each TP shard once in the gradient norm."""
     deepspeed = _import_deepspeed(runtime.device)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.run.steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg))
+                                           config=deepspeed_config(cfg),
+                                           mpu=DeepSpeedMpu() if runtime.groups.tp else None)
     return engine
 
 
@@ -105,17 +136,20 @@ def global_grad_norm(engine) -> float | None:
     return None if norm is None else float(norm)
 
 
-def local_grad_norm(model: nn.Module) -> float:
-    """Norm of the gradients held in ``.grad`` (ZeRO stage 0, where DeepSpeed does not report it)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+def consolidated_state_dict(engine, groups: ParallelGroups) -> dict[str, torch.Tensor]:
+    """The full, unsharded model state dict as float32 CPU tensors, on every rank.
 
-
-def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
-    """The full model state dict as float32 CPU tensors, on every rank (gathers ZeRO-3 partitions)."""
+    A collective: gathers ZeRO-3 partitions over the data-parallel group, then TP shards over the
+    tensor-parallel group. Keys are those of the unparallelized model.
+    """
     module = engine.module
+
+    def full() -> dict[str, torch.Tensor]:
+        local = {k: v.detach().float() for k, v in module.state_dict().items()}
+        return {k: v.cpu().clone() for k, v in gather_tensor_parallel(local, groups).items()}
+
     if engine.zero_optimization_stage() == 3:
         import deepspeed
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+            return full()
+    return full()

@@ -26,17 +26,19 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
 
 
 @torch.no_grad()
-def embed_split(model: nn.Module, loader, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized image and text features of every sample this rank reads, gathered on all ranks."""
+def embed_split(model: nn.Module, loader, device: torch.device, dtype: torch.dtype,
+                group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized image and text features of every sample this rank reads, gathered over ``group``
+    (the data-parallel group: tensor-parallel peers read the same samples)."""
     images, texts = [], []
     for batch in loader:
         image = batch["image"].to(device, dtype, non_blocking=True)
         text = batch["text"].to(device, non_blocking=True)
-        img, txt, _ = model(image, text)
+        img, txt, *_ = model(image, text)
         images.append(img.float().cpu()), texts.append(txt.float().cpu())
     local = (torch.cat(images), torch.cat(texts))
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return local
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, local, group=group)
     return torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])

@@ -14,12 +14,14 @@ from mtx_dist import checkpoint as ckpt
 from data_pipelines.loader import LoaderStateError
 from mtx_dist.config import Config, ConfigError
 from mtx_dist.data import build_loader, resolve_shards
-from mtx_dist.engine import (Runtime, build_engine, consolidated_state_dict, global_grad_norm, local_grad_norm,
+from mtx_dist.engine import (Runtime, build_engine, build_model, consolidated_state_dict, global_grad_norm,
                              setup_runtime)
 from mtx_dist.evaluate import embed_split, retrieval_metrics
 from mtx_dist.export import export_encoder
-from mtx_dist.loss import LOSSES
-from mtx_dist.models import ContrastiveModel, get_preset
+from mtx_dist.flops import peak_tflops, train_flops_per_sample
+from mtx_dist.loss import build_loss
+from mtx_dist.models import get_preset
+from mtx_dist.parallel import destroy_groups, grad_norm
 from mtx_dist.tracking import Tracker
 
 
@@ -43,14 +45,12 @@ def _say(runtime: Runtime, msg: str) -> None:
 
 def train(cfg: Config) -> TrainResult:
     runtime = setup_runtime(cfg)
-    rank, world = runtime.env.rank, runtime.env.world_size
+    groups = runtime.groups
     os.makedirs(cfg.run.dir, exist_ok=True)
-    torch.manual_seed(cfg.run.seed)
-    spec = get_preset(cfg.model.preset)
-    model = ContrastiveModel(spec, cfg.model.attention).to(runtime.device)
-    engine = build_engine(cfg, model, runtime)
+    engine = build_engine(cfg, build_model(cfg, runtime), runtime)
     train_shards, val_shards = resolve_shards(cfg, runtime.env.local_rank)
-    loader = build_loader(cfg, train_shards, train=True, rank=rank, world_size=world)
+    # Tensor-parallel peers read the same batches: the data stream is split over data-parallel ranks.
+    loader = build_loader(cfg, train_shards, train=True, rank=groups.dp_rank, world_size=groups.dp_size)
 
     state = ckpt.TrainState()
     if cfg.checkpoint.resume:
@@ -58,7 +58,7 @@ def train(cfg: Config) -> TrainResult:
         if tag is None:
             _say(runtime, f"no checkpoint in {ckpt.checkpoint_root(cfg.run.dir)} yet: starting fresh")
         else:
-            state = ckpt.load(engine, cfg.run.dir, tag, rank)
+            state = ckpt.load(engine, cfg.run.dir, tag, runtime.env.rank)
             try:
                 loader.load_state_dict(state.loader)
             except LoaderStateError as e:  # the data config changed since the checkpoint
@@ -80,6 +80,8 @@ def train(cfg: Config) -> TrainResult:
     except BaseException:
         tracker.finish("FAILED")
         raise
+    finally:
+        destroy_groups(groups)
     tracker.finish()
     result.mlflow_run_id, result.tracking_uri = tracker.run_id, tracker.uri if tracker.active else None
     if runtime.is_main:
@@ -87,11 +89,20 @@ def train(cfg: Config) -> TrainResult:
     return result
 
 
+def _peak(cfg: Config, runtime: Runtime) -> float | None:
+    if cfg.tracking.peak_tflops:
+        return cfg.tracking.peak_tflops
+    if runtime.device.type != "cuda":
+        return None
+    return peak_tflops(torch.cuda.get_device_name(runtime.device), cfg.parallel.precision)
+
+
 def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState, tracker: Tracker) -> TrainResult:
-    world = runtime.env.world_size
-    loss_fn = LOSSES[cfg.loss.kind]
+    groups, world = runtime.groups, runtime.env.world_size
+    loss_fn = build_loss(cfg.loss.kind, groups.dp_group, cfg.loss.gather_with_grad, cfg.loss.local_loss)
     accum = cfg.optim.grad_accum
-    samples_per_step = cfg.data.batch_size * accum * world
+    samples_per_step = cfg.data.batch_size * accum * groups.dp_size
+    flops_per_sample, peak = train_flops_per_sample(get_preset(cfg.model.preset)), _peak(cfg, runtime)
     first_step, losses, pending = state.step, [], []
     last_ckpt = None
     batches = iter(loader)
@@ -99,7 +110,7 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
     bar = tqdm(total=cfg.run.steps, initial=state.step, disable=not runtime.is_main, unit="step",
                dynamic_ncols=True, mininterval=1.0, desc="train")
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-    grad_norm = None
+    norm_s0 = None
     while state.step < cfg.run.steps:
         log_now = (state.step + 1) % cfg.run.log_every == 0 or state.step + 1 == cfg.run.steps
         for _ in range(accum):
@@ -108,11 +119,11 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
             data_wait += time.perf_counter() - t0
             image = batch["image"].to(runtime.device, runtime.dtype, non_blocking=True)
             text = batch["text"].to(runtime.device, non_blocking=True)
-            img, txt, scale = engine(image, text)
-            loss = loss_fn(img, txt, scale)
+            img, txt, scale, bias = engine(image, text)
+            loss = loss_fn(img, txt, scale, bias)
             engine.backward(loss)
             if log_now and engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
-                grad_norm = local_grad_norm(engine.module)  # DeepSpeed reports none at stage 0
+                norm_s0 = grad_norm(engine.module, groups)  # DeepSpeed reports none at stage 0
             engine.step()
             pending.append(loss.detach())
         state.step += 1
@@ -120,19 +131,31 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
         window_steps += 1
         bar.update(1)
         if log_now:
-            step_losses = torch.stack(pending).float().view(-1, accum).mean(dim=1).tolist()
+            # With a local loss each data-parallel rank holds its share: the global loss is the mean.
+            step_losses = torch.stack(pending).float().view(-1, accum).mean(dim=1)
+            if groups.dp_size > 1:
+                torch.distributed.all_reduce(step_losses, group=groups.dp_group)
+                step_losses /= groups.dp_size
+            step_losses = step_losses.tolist()
             losses.extend(step_losses)
             pending.clear()
             elapsed = time.perf_counter() - window_start
+            sps = window_steps * samples_per_step / elapsed
             metrics = {
                 "loss": sum(step_losses) / len(step_losses),
                 "lr": engine.get_lr()[0],
                 "logit_scale": float(scale.detach()),
-                "samples_per_s": window_steps * samples_per_step / elapsed,
+                "samples_per_s": sps,
+                "samples_per_s_per_device": sps / world,
+                "tflops_per_device": sps / world * flops_per_sample / 1e12,
                 "data_wait_frac": data_wait / elapsed,
                 "samples": state.samples,
             }
-            norm = global_grad_norm(engine) if engine.zero_optimization_stage() else grad_norm
+            if bias is not None:
+                metrics["logit_bias"] = float(bias.detach())
+            if peak:
+                metrics["mfu"] = metrics["tflops_per_device"] / peak
+            norm = global_grad_norm(engine) if engine.zero_optimization_stage() else norm_s0
             if norm is not None:
                 metrics["grad_norm"] = norm
             metrics.update({f"data/skipped_{k}": v for k, v in loader.skipped.items()})
@@ -153,9 +176,10 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
 
 
 def _evaluate(cfg: Config, runtime: Runtime, engine, shards: str, tracker: Tracker, step: int) -> dict[str, float]:
-    loader = build_loader(cfg, shards, train=False, rank=runtime.env.rank, world_size=runtime.env.world_size)
+    groups = runtime.groups
+    loader = build_loader(cfg, shards, train=False, rank=groups.dp_rank, world_size=groups.dp_size)
     engine.eval()
-    img, txt = embed_split(engine, loader, runtime.device, runtime.dtype)
+    img, txt = embed_split(engine, loader, runtime.device, runtime.dtype, groups.dp_group)
     engine.train()
     metrics = retrieval_metrics(img, txt)
     metrics["n"] = float(img.shape[0])
@@ -165,7 +189,7 @@ def _evaluate(cfg: Config, runtime: Runtime, engine, shards: str, tracker: Track
 
 
 def _export(cfg: Config, runtime: Runtime, engine, state: ckpt.TrainState, tracker: Tracker) -> str:
-    full = consolidated_state_dict(engine)  # collective under ZeRO-3: every rank takes part
+    full = consolidated_state_dict(engine, runtime.groups)  # a collective: every rank takes part
     out_dir = os.path.join(cfg.run.dir, "export")
     if runtime.is_main:
         source = {"run_dir": os.path.abspath(cfg.run.dir), "step": state.step, "samples": state.samples,

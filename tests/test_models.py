@@ -60,7 +60,8 @@ def test_forward_shapes_scale_and_backward():
     image = torch.randn(4, 3, spec.vision.image_size, spec.vision.image_size)
     text = torch.randint(1, 49000, (4, spec.text.context_length))
     text[:, -1] = 49407
-    img, txt, scale = model(image, text)
+    img, txt, scale, bias = model(image, text)
+    assert bias is None  # only the SigLIP loss adds a logit bias
     assert img.shape == txt.shape == (4, spec.embed_dim)
     torch.testing.assert_close(img.norm(dim=-1), torch.ones(4))
     assert scale.shape == () and abs(scale.item() - 1 / 0.07) < 1e-4

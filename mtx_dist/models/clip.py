@@ -16,14 +16,18 @@ LOGIT_SCALE_MAX = 100.0
 
 
 class ContrastiveModel(nn.Module):
-    def __init__(self, spec: ModelSpec, attn_backend: str = "auto") -> None:
+    def __init__(self, spec: ModelSpec, attn_backend: str = "auto", logit_scale_init: float | None = None,
+                 logit_bias_init: float | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.visual = VisionTower(spec.vision, spec.embed_dim, attn_backend)
         self.text = TextTower(spec.text, spec.embed_dim, attn_backend)
         # Shape (1,) rather than OpenCLIP's 0-dim: DeepSpeed broadcasts parameters as byte views,
         # which 0-dim tensors do not support. Exports reshape it.
-        self.logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
+        self.logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT if logit_scale_init is None
+                                                   else logit_scale_init))
+        # A learnable logit bias exists only for losses that use one (SigLIP).
+        self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.full((1,), logit_bias_init))
 
     @classmethod
     def from_preset(cls, name: str, attn_backend: str = "auto") -> "ContrastiveModel":
@@ -37,9 +41,11 @@ class ContrastiveModel(nn.Module):
         feats = self.text(text)
         return F.normalize(feats, dim=-1) if normalize else feats
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor, text: torch.Tensor):
+        """-> (image features, text features, logit scale, logit bias or None); features L2-normalized."""
         # The scale is clamped here rather than by an in-place clamp after the optimizer step (as
         # OpenCLIP does) so that it works unchanged when ZeRO-3 partitions the parameter; it is used
         # inside this top-level forward, which ZeRO-3 needs for parameters outside submodules.
         scale = self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX).squeeze(0)
-        return self.encode_image(image), self.encode_text(text), scale
+        bias = None if self.logit_bias is None else self.logit_bias.squeeze(0)
+        return self.encode_image(image), self.encode_text(text), scale, bias

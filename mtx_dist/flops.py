@@ -1,0 +1,62 @@
+"""Model FLOPs per sample and model FLOPs utilization (MFU).
+
+Counting (a multiply-add is 2 FLOPs; only matmuls are counted, as in the PaLM/Megatron MFU
+convention; norms, softmax, GELU and the loss's B x N logits are left out):
+
+  per tower layer and token   2 * (4 w^2 + 2 w h)        qkv (3 w^2), proj (w^2), fc1 and fc2 (w h each)
+  attention per layer         4 n^2 w                    QK^T and AV; halved for the causal text tower
+  vision patch embedding      2 * g^2 * (3 p^2) * w      g^2 patches of 3 p^2 values each
+  output projections          2 * w * embed_dim          one pooled token per tower
+
+with width w, MLP width h = w * mlp_ratio, n tokens, grid g, patch p. A training step costs
+3x the forward (the backward is two matmuls per forward matmul); activation recomputation is
+*not* counted, so MFU stays comparable with and without activation checkpointing.
+"""
+
+from __future__ import annotations
+
+from mtx_dist.models.presets import ModelSpec, TextSpec, VisionSpec
+
+# Dense peak TFLOP/s per device (vendor datasheets): bf16 tensor cores, and TF32 for fp32 training.
+PEAK_TFLOPS = {
+    "bf16": {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0},
+    "fp32": {"H100 PCIe": 378.0, "H100": 494.5, "H200": 494.5, "GH200": 494.5, "A100": 156.0},
+}
+
+
+def _tower_forward(width: int, layers: int, mlp_ratio: float, tokens: int, causal: bool) -> float:
+    hidden = int(width * mlp_ratio)
+    dense = 2 * (4 * width * width + 2 * width * hidden) * tokens
+    attn = 4 * tokens * tokens * width * (0.5 if causal else 1.0)
+    return layers * (dense + attn)
+
+
+def vision_forward_flops(v: VisionSpec, embed_dim: int) -> float:
+    patch = 2 * v.grid ** 2 * 3 * v.patch_size ** 2 * v.width
+    return patch + _tower_forward(v.width, v.layers, v.mlp_ratio, v.tokens, False) + 2 * v.width * embed_dim
+
+
+def text_forward_flops(t: TextSpec, embed_dim: int) -> float:
+    return _tower_forward(t.width, t.layers, t.mlp_ratio, t.context_length, True) + 2 * t.width * embed_dim
+
+
+def forward_flops_per_sample(spec: ModelSpec) -> float:
+    return vision_forward_flops(spec.vision, spec.embed_dim) + text_forward_flops(spec.text, spec.embed_dim)
+
+
+def train_flops_per_sample(spec: ModelSpec) -> float:
+    return 3 * forward_flops_per_sample(spec)
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    """Datasheet peak for a device name as torch reports it (e.g. 'NVIDIA H100 80GB HBM3'), or None."""
+    table = PEAK_TFLOPS[precision]
+    for key in sorted(table, key=len, reverse=True):  # 'H100 PCIe' before 'H100'
+        if all(part in device_name for part in key.split()):
+            return table[key]
+    return None
+
+
+def mfu(samples_per_s_per_device: float, spec: ModelSpec, peak: float) -> float:
+    """Fraction of ``peak`` TFLOP/s that the model's training FLOPs reach."""
+    return samples_per_s_per_device * train_flops_per_sample(spec) / (peak * 1e12)

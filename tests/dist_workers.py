@@ -1,0 +1,175 @@
+"""Functions run on every rank by tests.dist.run_ranks (module level, so spawned processes import them),
+and the single-process references they are compared with."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+
+from mtx_dist.config import load_config
+from mtx_dist.loss import SINGLE_PROCESS_LOSSES, build_loss, clip_loss, logit_init
+from mtx_dist.models import ContrastiveModel, get_preset
+from mtx_dist.models.presets import ModelSpec
+from mtx_dist.optim import build_optimizer, build_scheduler
+
+EOT = 49407
+
+
+def micro_cfg(*overrides: str):
+    return load_config(None, ["model.preset=micro", "run.steps=10", "optim.warmup_steps=2", "optim.lr=2e-3",
+                              "optim.grad_clip=0.5", "data.batch_size=4", *overrides])
+
+
+def global_batch(spec: ModelSpec, n: int, step: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deterministic synthetic batch of ``n`` image-text pairs for ``step`` (two alternating batches,
+    so that a few steps of training visibly lower the loss)."""
+    g = torch.Generator().manual_seed(seed + step % 2)
+    size, ctx = spec.vision.image_size, spec.text.context_length
+    image = torch.randn(n, 3, size, size, generator=g)
+    lengths = torch.randint(2, ctx, (n,), generator=g)
+    text = torch.randint(1, 49000, (n, ctx), generator=g)
+    pos = torch.arange(ctx)
+    text = torch.where(pos < lengths[:, None], text, torch.zeros_like(text))
+    text[torch.arange(n), lengths - 1] = EOT
+    return image, text
+
+
+def local_slice(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    return t.chunk(size, dim=0)[rank]
+
+
+def _loss_of(model, kind: str, image, text, loss_fn=None):
+    """``loss_fn`` on the model's outputs; by default the single-process loss (no process group involved)."""
+    img, txt, scale, bias = model(image, text)
+    return (loss_fn or SINGLE_PROCESS_LOSSES[kind])(img, txt, scale, bias)
+
+
+# -- tensor parallelism: fwd/bwd of a TP model vs the same weights unsharded -----------------------
+
+def tp_forward_backward(activation_checkpointing: bool) -> dict[str, float]:
+    from mtx_dist.parallel import gather_tensor_parallel, init_groups, parallelize
+    groups = init_groups(dist.get_world_size(), timeout_s=120)
+    torch.manual_seed(0)
+    full = ContrastiveModel(get_preset("micro"))
+    tp = parallelize(copy.deepcopy(full), groups, activation_checkpointing)
+    image, text = global_batch(full.spec, 6, step=0)
+    out_full, out_tp = full(image, text), tp(image, text)
+    loss_full = clip_loss(*out_full[:3])
+    loss_tp = clip_loss(*out_tp[:3])
+    loss_full.backward()
+    loss_tp.backward()
+    grads_tp = gather_tensor_parallel({n: p.grad for n, p in tp.named_parameters()}, groups)
+    grads_full = dict(full.named_parameters())
+    sharded = sum(1 for p in tp.parameters() if getattr(p, "tensor_model_parallel", False))
+    return {
+        "features": max(float((a - b).abs().max()) for a, b in zip(out_full[:2], out_tp[:2])),
+        "loss": abs(float(loss_full - loss_tp)),
+        "grads": max(float((grads_full[n].grad - g).abs().max()) for n, g in grads_tp.items()),
+        "grad_names_match": sorted(grads_tp) == sorted(grads_full),
+        "sharded_params": sharded,
+        "local_numel": sum(p.numel() for p in tp.parameters()),
+        "full_numel": sum(p.numel() for p in full.parameters()),
+    }
+
+
+# -- data-parallel losses vs the single-process loss on the concatenated batch ----------------------
+
+def dp_loss_grads(kind: str, gather_with_grad: bool, local_loss: bool, per_rank: int = 3) -> dict[str, float]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    scale_init, bias_init = logit_init(kind)
+    torch.manual_seed(0)
+    model = ContrastiveModel(get_preset("micro"), logit_scale_init=scale_init, logit_bias_init=bias_init)
+    reference = copy.deepcopy(model)
+    image, text = global_batch(model.spec, per_rank * world, step=0)
+    loss_fn = build_loss(kind, None, gather_with_grad, local_loss)
+    loss = _loss_of(model, kind, local_slice(image, rank, world), local_slice(text, rank, world), loss_fn)
+    loss.backward()
+    for p in model.parameters():  # what DeepSpeed/DDP do: average the gradients over data-parallel ranks
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= world
+    ref_loss = _loss_of(reference, kind, image, text)
+    ref_loss.backward()
+    ref = dict(reference.named_parameters())
+    return {
+        "loss": float(mean_loss), "ref_loss": float(ref_loss.detach()),
+        "grad_err": max(float((p.grad - ref[n].grad).abs().max()) for n, p in model.named_parameters()),
+        "grad_scale": max(float(p.grad.abs().max()) for p in reference.parameters()),
+    }
+
+
+# -- the DeepSpeed engine on synthetic batches ------------------------------------------------------
+
+def engine_run(overrides: list[str], steps: int, save_dir: str | None = None) -> dict:
+    """Train ``steps`` steps of the micro model on synthetic global batches; return the (data-parallel
+    mean) losses, and with ``save_dir`` a checkpoint there plus the live consolidated weights."""
+    from mtx_dist.engine import build_engine, build_model, consolidated_state_dict, setup_runtime
+    from mtx_dist.parallel import destroy_groups
+
+    cfg = micro_cfg(*overrides)
+    runtime = setup_runtime(cfg)
+    groups = runtime.groups
+    engine = build_engine(cfg, build_model(cfg, runtime), runtime)
+    loss_fn = build_loss(cfg.loss.kind, groups.dp_group, cfg.loss.gather_with_grad, cfg.loss.local_loss)
+    spec = get_preset(cfg.model.preset)
+    losses = []
+    for step in range(steps):
+        image, text = global_batch(spec, cfg.data.batch_size * groups.dp_size, step)
+        image, text = local_slice(image, groups.dp_rank, groups.dp_size), local_slice(text, groups.dp_rank, groups.dp_size)
+        img, txt, scale, bias = engine(image.to(runtime.dtype), text)
+        loss = loss_fn(img, txt, scale, bias)
+        engine.backward(loss)
+        engine.step()
+        mean = loss.detach().float().clone()
+        dist.all_reduce(mean, group=groups.dp_group)
+        losses.append(float(mean / groups.dp_size))
+    out: dict = {"losses": losses, "dp_size": groups.dp_size, "tp_size": groups.tp_size}
+    if save_dir:
+        engine.save_checkpoint(save_dir, tag="ckpt", save_latest=False)
+        live = consolidated_state_dict(engine, groups)
+        out["live"] = live if dist.get_rank() == 0 else None
+        out["files"] = sorted(os.listdir(os.path.join(save_dir, "ckpt"))) if dist.get_rank() == 0 else None
+    destroy_groups(groups)
+    return out
+
+
+def reference_run(overrides: list[str], steps: int, dp_size: int) -> list[float]:
+    """The same training in one process, plain torch, on the concatenated global batch."""
+    cfg = micro_cfg(*overrides)
+    torch.manual_seed(cfg.run.seed)
+    scale_init, bias_init = logit_init(cfg.loss.kind)
+    model = ContrastiveModel(get_preset(cfg.model.preset), cfg.model.attention, scale_init, bias_init)
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg.optim, cfg.run.steps)
+    losses = []
+    for step in range(steps):
+        image, text = global_batch(model.spec, cfg.data.batch_size * dp_size, step)
+        loss = _loss_of(model, cfg.loss.kind, image, text)
+        loss.backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+# -- the trainer (real shards, checkpoints) ---------------------------------------------------------
+
+def train_resume(base: list[str], whole_dir: str, split_dir: str, steps: int, stop: int) -> dict:
+    """An uninterrupted run of ``steps``, and one stopped at ``stop`` then resumed to ``steps``."""
+    from mtx_dist.trainer import train
+
+    whole = train(load_config(None, [*base, f"run.dir={whole_dir}", f"run.steps={steps}"]))
+    first = train(load_config(None, [*base, f"run.dir={split_dir}", f"run.steps={stop}", "optim.decay_steps="
+                                     f"{steps}"]))
+    second = train(load_config(None, [*base, f"run.dir={split_dir}", f"run.steps={steps}",
+                                      "checkpoint.resume=latest"]))
+    return {"whole": whole.losses, "first": first.losses, "second": second.losses,
+            "resumed_at": second.first_step}
