@@ -36,6 +36,7 @@ class TrainResult:
     eval: dict[str, float] = field(default_factory=dict)
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
+    throughput: dict[str, float] = field(default_factory=dict)  # the last logged window's rates
 
 
 def _say(runtime: Runtime, msg: str) -> None:
@@ -110,7 +111,7 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
     bar = tqdm(total=cfg.run.steps, initial=state.step, disable=not runtime.is_main, unit="step",
                dynamic_ncols=True, mininterval=1.0, desc="train")
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-    norm_s0 = None
+    norm_s0, throughput = None, {}
     while state.step < cfg.run.steps:
         log_now = (state.step + 1) % cfg.run.log_every == 0 or state.step + 1 == cfg.run.steps
         for _ in range(accum):
@@ -162,6 +163,8 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {state.step}")
             tracker.log_metrics(metrics, step=state.step)
+            throughput = {k: metrics[k] for k in ("samples_per_s", "samples_per_s_per_device", "tflops_per_device",
+                                                  "mfu") if k in metrics}
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", sps=f"{metrics['samples_per_s']:.0f}",
                             lr=f"{metrics['lr']:.2e}", refresh=False)
             window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
@@ -172,7 +175,8 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
     if last_ckpt is None:
         tag = ckpt.resolve(cfg.run.dir, "latest")
         last_ckpt = os.path.join(ckpt.checkpoint_root(cfg.run.dir), tag) if tag else None
-    return TrainResult(step=state.step, losses=losses, first_step=first_step, checkpoint=last_ckpt, export_dir=None)
+    return TrainResult(step=state.step, losses=losses, first_step=first_step, checkpoint=last_ckpt, export_dir=None,
+                       throughput=throughput)
 
 
 def _evaluate(cfg: Config, runtime: Runtime, engine, shards: str, tracker: Tracker, step: int) -> dict[str, float]:
@@ -203,6 +207,11 @@ def _summary(cfg: Config, result: TrainResult) -> None:
     lines = [f"trained to step {result.step} of {cfg.run.steps}"]
     if result.losses:
         lines.append(f"loss: {result.losses[0]:.4f} (step {result.first_step + 1}) -> {result.losses[-1]:.4f}")
+    if result.throughput:
+        t = result.throughput
+        mfu = f", MFU {t['mfu']:.1%}" if "mfu" in t else ""
+        lines.append(f"throughput: {t['samples_per_s']:.0f} samples/s ({t['samples_per_s_per_device']:.0f} per device, "
+                     f"{t['tflops_per_device']:.2f} model TFLOP/s per device{mfu})")
     if result.eval:
         e = result.eval
         lines.append(f"held-out retrieval on {int(e['n'])} pairs: image->text recall@1 {e['i2t_recall_at_1']:.3f}, "

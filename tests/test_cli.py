@@ -60,8 +60,13 @@ def test_quickstart_defaults_learn(tmp_path):
     assert i2t > 10 * chance and t2i > 10 * chance  # far above chance
 
 
-def test_torchrun_two_ranks(tmp_path):
-    """Two gloo ranks under torchrun: each rank reads its part of the stream and saves its own state."""
+@pytest.mark.parametrize("extra,dp", [
+    ((), 2),
+    (("parallel.tensor_parallel=2", "parallel.zero_stage=2", "loss.kind=siglip"), 1),
+], ids=["dp2", "tp2-zero2-siglip"])
+def test_torchrun_two_ranks(tmp_path, extra, dp):
+    """Two gloo ranks under torchrun: each data-parallel rank reads its part of the stream and saves its
+    own state; with TP=2 both ranks read the same stream and the export holds full (gathered) tensors."""
     import subprocess
     import sys
 
@@ -69,14 +74,20 @@ def test_torchrun_two_ranks(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env["PYTHONPATH"] = REPO
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "mtx_dist",
-                          "train", *MICRO, "run.steps=4", "tracking.enabled=false"],
+                          "train", *MICRO, "run.steps=4", "tracking.enabled=false", *extra],
                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "trained to step 4 of 4" in res.stdout and "held-out retrieval on 32 pairs" in res.stdout
     tag = tmp_path / "runs/quickstart/checkpoints/step00000004"
     states = [json.loads((tag / f"train_state-rank{r}.json").read_text()) for r in (0, 1)]
-    assert [s["samples"] for s in states] == [4 * 16 * 2] * 2  # samples counted over both ranks
+    assert [s["samples"] for s in states] == [4 * 16 * dp] * 2  # samples counted over data-parallel ranks
     assert [s["loader"]["batches"] for s in states] == [4, 4]
+    assert [s["loader"]["world_size"] for s in states] == [dp, dp]
+    if dp == 1:  # tensor-parallel peers consumed exactly the same stream
+        assert states[0]["loader"]["positions"] == states[1]["loader"]["positions"]
+    from safetensors.torch import load_file
+    blocks = load_file(str(tmp_path / "runs/quickstart/export/encoder.safetensors"))
+    assert blocks["0.attn.qkv.weight"].shape == (3 * 64, 64) and blocks["1.mlp.fc2.weight"].shape == (64, 256)
 
 
 def test_resume_with_changed_data_layout_is_refused(tmp_path):

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from mtx_dist import checkpoint as ckpt
 from mtx_dist.config import load_config
 from mtx_dist.export import sha256_file
+from mtx_dist.models import get_preset
 from mtx_dist.trainer import train
 
 pytestmark = pytest.mark.slow
@@ -70,9 +71,14 @@ def test_train_checkpoints_exports_and_tracks(tmp_path, demo_dir):
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == list(range(1, 9))
     assert [m.value for m in history] == pytest.approx(result.losses, rel=1e-6)
-    for key in ("lr", "logit_scale", "samples_per_s", "grad_norm", "data_wait_frac",
-                "val/i2t_recall_at_1", "val/t2i_recall_at_1"):
+    for key in ("lr", "logit_scale", "samples_per_s", "samples_per_s_per_device", "tflops_per_device",
+                "grad_norm", "data_wait_frac", "val/i2t_recall_at_1", "val/t2i_recall_at_1"):
         assert key in run.data.metrics, key
+    assert "mfu" not in run.data.metrics  # no peak is known for a CPU
+    m = run.data.metrics
+    from mtx_dist.flops import train_flops_per_sample
+    assert m["tflops_per_device"] == pytest.approx(
+        m["samples_per_s_per_device"] * train_flops_per_sample(get_preset("micro")) / 1e12, rel=1e-6)
     assert run.data.metrics["val/i2t_recall_at_1"] == result.eval["i2t_recall_at_1"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.toml", "export"} <= artifacts
