@@ -77,8 +77,9 @@ def setup_runtime(cfg: Config) -> Runtime:
         )
     try:
         groups = init_groups(cfg.parallel.tensor_parallel, cfg.parallel.dist_timeout_s)
-    except ParallelLayoutError as e:
-        raise ConfigError(f"config key 'parallel.tensor_parallel' = {cfg.parallel.tensor_parallel}: {e}") from None
+    except ParallelLayoutError:
+        raise ConfigError(f"config key 'parallel.tensor_parallel' = {cfg.parallel.tensor_parallel}: must divide the "
+                          f"world size ({env.world_size} processes)") from None
     dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
     return Runtime(env, device, dtype, groups)
 

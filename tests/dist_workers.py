@@ -49,6 +49,17 @@ def _loss_of(model, kind: str, image, text, loss_fn=None):
 
 # -- tensor parallelism: fwd/bwd of a TP model vs the same weights unsharded -----------------------
 
+def layout_error() -> str:
+    """tensor_parallel=4 on 2 ranks: the error a user sees."""
+    from mtx_dist.config import ConfigError
+    from mtx_dist.engine import setup_runtime
+    try:
+        setup_runtime(load_config(None, ["parallel.tensor_parallel=4"]))
+    except ConfigError as e:
+        return str(e)
+    return "no error"
+
+
 def tp_forward_backward(activation_checkpointing: bool) -> dict[str, float]:
     from mtx_dist.parallel import gather_tensor_parallel, init_groups, parallelize
     groups = init_groups(dist.get_world_size(), timeout_s=120)
@@ -108,8 +119,8 @@ def dp_loss_grads(kind: str, gather_with_grad: bool, local_loss: bool, per_rank:
 def engine_run(overrides: list[str], steps: int, save_dir: str | None = None) -> dict:
     """Train ``steps`` steps of the micro model on synthetic global batches; return the (data-parallel
     mean) losses, and with ``save_dir`` a checkpoint there plus the live consolidated weights."""
-    from mtx_dist.engine import build_engine, build_model, consolidated_state_dict, setup_runtime
-    from mtx_dist.parallel import destroy_groups
+    from mtx_dist.engine import build_engine, build_model, consolidated_state_dict, global_grad_norm, setup_runtime
+    from mtx_dist.parallel import destroy_groups, grad_norm
 
     cfg = micro_cfg(*overrides)
     runtime = setup_runtime(cfg)
@@ -117,18 +128,22 @@ def engine_run(overrides: list[str], steps: int, save_dir: str | None = None) ->
     engine = build_engine(cfg, build_model(cfg, runtime), runtime)
     loss_fn = build_loss(cfg.loss.kind, groups.dp_group, cfg.loss.gather_with_grad, cfg.loss.local_loss)
     spec = get_preset(cfg.model.preset)
-    losses = []
+    losses, norms = [], []
     for step in range(steps):
         image, text = global_batch(spec, cfg.data.batch_size * groups.dp_size, step)
         image, text = local_slice(image, groups.dp_rank, groups.dp_size), local_slice(text, groups.dp_rank, groups.dp_size)
         img, txt, scale, bias = engine(image.to(runtime.dtype), text)
         loss = loss_fn(img, txt, scale, bias)
         engine.backward(loss)
+        if cfg.parallel.zero_stage == 0:
+            norms.append(grad_norm(engine.module, groups))
         engine.step()
+        if cfg.parallel.zero_stage:
+            norms.append(global_grad_norm(engine))
         mean = loss.detach().float().clone()
         dist.all_reduce(mean, group=groups.dp_group)
         losses.append(float(mean / groups.dp_size))
-    out: dict = {"losses": losses, "dp_size": groups.dp_size, "tp_size": groups.tp_size}
+    out: dict = {"losses": losses, "grad_norms": norms, "dp_size": groups.dp_size, "tp_size": groups.tp_size}
     if save_dir:
         engine.save_checkpoint(save_dir, tag="ckpt", save_latest=False)
         live = consolidated_state_dict(engine, groups)
@@ -143,26 +158,26 @@ def engine_runs(variants: list[list[str]], steps: int) -> list[dict]:
     return [engine_run(v, steps) for v in variants]
 
 
-def reference_run(overrides: list[str], steps: int, dp_size: int) -> list[float]:
-    """The same training in one process, plain torch, on the concatenated global batch."""
+def reference_run(overrides: list[str], steps: int, dp_size: int) -> tuple[list[float], list[float]]:
+    """The same training in one process, plain torch, on the concatenated global batch:
+    (losses, gradient norms before clipping)."""
     cfg = micro_cfg(*overrides)
     torch.manual_seed(cfg.run.seed)
     scale_init, bias_init = logit_init(cfg.loss.kind)
     model = ContrastiveModel(get_preset(cfg.model.preset), cfg.model.attention, scale_init, bias_init)
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, cfg.run.steps)
-    losses = []
+    losses, norms = [], []
     for step in range(steps):
         image, text = global_batch(model.spec, cfg.data.batch_size * dp_size, step)
         loss = _loss_of(model, cfg.loss.kind, image, text)
         loss.backward()
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-    return losses
+    return losses, norms
 
 
 # -- the trainer (real shards, checkpoints) ---------------------------------------------------------

@@ -87,12 +87,15 @@ def test_zero_stages_match_zero0_and_the_single_process_run(kind):
                 "3": ["parallel.zero_stage=3"], "3+ac": ["parallel.zero_stage=3", "parallel.activation_checkpointing=true"]}
     results = run_ranks(2, w.engine_runs, [[*v, f"loss.kind={kind}"] for v in variants.values()], steps)[0]
     runs = dict(zip(variants, results))
-    reference = w.reference_run([f"loss.kind={kind}"], steps, dp_size=2)
+    reference, ref_norms = w.reference_run([f"loss.kind={kind}"], steps, dp_size=2)
     zero0 = runs["0"]["losses"]
     assert zero0[-1] < zero0[0]
     for name in ("1", "2", "3", "3+ac"):
         assert max(abs(a - b) for a, b in zip(runs[name]["losses"], zero0)) < TOL, (name, runs[name], zero0)
+        assert runs[name]["grad_norms"] == pytest.approx(ref_norms, rel=1e-5)
     assert max(abs(a - b) for a, b in zip(zero0, reference)) < TOL, (zero0, reference)
+    assert runs["0"]["grad_norms"] == pytest.approx(ref_norms, rel=1e-5)
+    assert max(ref_norms) > 0.5  # clipping (at 0.5) was active, so a wrong norm would change the losses
 
 
 @pytestmark_dist
@@ -111,8 +114,16 @@ def test_zero3_tp2_dp2_consolidation_equals_live_weights(tmp_path):
     for name in live:
         torch.testing.assert_close(offline[name], live[name], rtol=0, atol=1e-7, msg=name)
     ContrastiveModel(get_preset("micro")).load_state_dict(offline, strict=True)
-    reference = w.reference_run(overrides, 4, dp_size=2)
+    reference, ref_norms = w.reference_run(overrides, 4, dp_size=2)
     assert max(abs(a - b) for a, b in zip(r0["losses"], reference)) < TOL, (r0["losses"], reference)
+    # DeepSpeed's norm through the mpu counts each TP shard once and replicated parameters once
+    assert r0["grad_norms"] == pytest.approx(ref_norms, rel=1e-5)
+
+
+@pytestmark_dist
+def test_world_size_not_divisible_by_tensor_parallel_is_a_config_error():
+    msg = run_ranks(2, w.layout_error)[0]
+    assert msg == "config key 'parallel.tensor_parallel' = 4: must divide the world size (2 processes)", msg
 
 
 def test_consolidation_refuses_a_directory_without_checkpoint_files(tmp_path):

@@ -44,7 +44,7 @@ def init_groups(tp_size: int, timeout_s: float) -> ParallelGroups:
     """Create the TP and DP groups on an initialized default process group."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % tp_size:
-        raise ParallelLayoutError(f"parallel.tensor_parallel = {tp_size} does not divide the world size {world}")
+        raise ParallelLayoutError(f"tensor-parallel size {tp_size} does not divide the world size {world}")
     if tp_size == 1:
         return ParallelGroups(1, 0, world, rank, None, None)
     ps = _megatron_state()
