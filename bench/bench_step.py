@@ -13,8 +13,8 @@ A step is forward + loss + backward + optimizer step (gradient clipping at 1.0 o
 Measurements are interleaved: the sides take turns of ``--block`` steps (default 1) in the order
 A B B A A B ..., so machine noise (other jobs on a shared machine) falls on both alike; the
 reported time is the median per-step time, and the paired ratio is the median over turns of the
-ratio of neighbouring step times, which is the figure least moved by load that drifts. On ``--device cuda`` both run in bf16 (OpenCLIP: autocast; ours:
-``parallel.precision=bf16``).
+ratio of neighbouring step times, the figure least moved by load that drifts. On ``--device cuda``
+both run in bf16 (OpenCLIP: autocast; ours: ``parallel.precision=bf16``).
 
     PYTHONPATH=. python bench/bench_step.py [--preset tiny] [--batch 64] [--json out.json]
 """

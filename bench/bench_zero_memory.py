@@ -1,6 +1,6 @@
 """Per-rank memory of parameters + gradients + optimizer state under ZeRO 0/1/2/3 (measured).
 
-Each ZeRO stage runs as its own job of 2 gloo ranks on CPU (fp32, our engine with torch AdamW).
+Each ZeRO stage runs as its own job of 2 gloo ranks on CPU (fp32 or bf16, our engine with torch AdamW).
 Every rank trains two steps (forward, loss, backward, ``engine.step()``) and measures twice in the
 second: after ``engine.backward`` (gradients live, optimizer state allocated by the first step)
 and after ``engine.step()``; the larger is the rank's figure. Before each measurement the step's
@@ -12,11 +12,12 @@ buffers and master partitions count: they are what a rank holds. The bytes are s
 parameters, the optimizer's own parameters not already counted (DeepSpeed's fp32 partitions),
 optimizer state, and the rest (gradients and DeepSpeed's buffers, e.g. the reduce bucket).
 
-For reference the table also shows what the ZeRO paper's accounting predicts for fp32 AdamW
-(4 B parameter + 4 B gradient + 8 B moments per parameter, i.e. 16·P at stage 0):
-stage 1 = 4P + 4P + 8P/N, stage 2 = 4P + 12P/N, stage 3 = 16P/N, with N data-parallel ranks.
+For reference the table also shows what the ZeRO paper's accounting predicts for AdamW: per
+parameter, fp32: 4 B weight + 4 B gradient + 8 B moments (16 B at stage 0); bf16: 2 B weight + 2 B
+gradient + 4 B fp32 master + 8 B moments (16 B). Stage 1 partitions master and moments over the N
+data-parallel ranks, stage 2 also the gradients, stage 3 everything.
 
-    PYTHONPATH=. python bench/bench_zero_memory.py [--preset tiny] [--json out.json]
+    PYTHONPATH=. python bench/bench_zero_memory.py [--preset tiny] [--precision bf16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def live_bytes(engine, batch: list[torch.Tensor]) -> dict[str, int]:
     return out
 
 
-def one_step(preset: str, stage: int, batch: int, bucket: int) -> dict:
+def one_step(preset: str, stage: int, batch: int, bucket: int, precision: str) -> dict:
     """Runs on each rank: build the engine, train one step, measure."""
     from mtx_dist.config import load_config
     from mtx_dist.engine import build_engine, build_model, setup_runtime
@@ -97,15 +98,19 @@ def one_step(preset: str, stage: int, batch: int, bucket: int) -> dict:
     from tests.dist_workers import global_batch, local_slice
 
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's use of deprecated collectives
+    buckets = [f"parallel.{k}={bucket}" for k in ("reduce_bucket_size", "allgather_bucket_size",
+                                                   "stage3_prefetch_bucket_size")]
     cfg = load_config(None, [f"model.preset={preset}", f"parallel.zero_stage={stage}", "run.device=cpu",
-                             f"data.batch_size={batch}", f"parallel.reduce_bucket_size={bucket}",
-                             f"parallel.allgather_bucket_size={bucket}", f"parallel.stage3_prefetch_bucket_size={bucket}",
-                             "parallel.stage3_param_persistence_threshold=0", "run.steps=10", "optim.warmup_steps=1"])
+                             f"parallel.precision={precision}",
+                             f"data.batch_size={batch}", *buckets, "parallel.stage3_param_persistence_threshold=0",
+                             "run.steps=10", "optim.warmup_steps=1"])
     runtime = setup_runtime(cfg)
     groups = runtime.groups
     engine = build_engine(cfg, build_model(cfg, runtime), runtime)
     loss_fn = build_loss("clip", groups.dp_group)
     image, text = global_batch(engine.module.spec, batch * groups.dp_size, step=0)
+    image = image.to(runtime.dtype)
     local = [local_slice(t, groups.dp_rank, groups.dp_size) for t in (image, text)]
     measured = {}
     for step in range(2):
@@ -123,16 +128,18 @@ def one_step(preset: str, stage: int, batch: int, bucket: int) -> dict:
     return {"bytes": measured, "params": numel, "dp_size": groups.dp_size}
 
 
-def formula_bytes(stage: int, p: int, n: int) -> float:
-    param, grad, moments = 4 * p, 4 * p, 8 * p
-    return {0: param + grad + moments, 1: param + grad + moments / n, 2: param + (grad + moments) / n,
-            3: (param + grad + moments) / n}[stage]
+def formula_bytes(stage: int, p: int, n: int, precision: str) -> float:
+    width = 2 if precision == "bf16" else 4
+    param, grad, states = width * p, width * p, (8 + (4 if precision == "bf16" else 0)) * p  # moments (+ master)
+    return {0: param + grad + states, 1: param + grad + states / n, 2: param + (grad + states) / n,
+            3: (param + grad + states) / n}[stage]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--batch", type=int, default=8, help="samples per rank in the measured step")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--bucket", type=int, default=500_000, help="ZeRO reduce/all-gather/prefetch bucket (elements)")
     ap.add_argument("--stages", default="0,1,2,3", help="comma-separated ZeRO stages")
     ap.add_argument("--timeout", type=float, default=150, help="seconds allowed per 2-rank job")
@@ -141,16 +148,18 @@ def main() -> None:
 
     results = {}
     for stage in map(int, args.stages.split(",")):
-        ranks = run_ranks(WORLD, one_step, args.preset, stage, args.batch, args.bucket, timeout=args.timeout)
+        ranks = run_ranks(WORLD, one_step, args.preset, stage, args.batch, args.bucket, args.precision,
+                          timeout=args.timeout)
         points = [m for r in ranks for m in r["bytes"].values()]
         worst = max(points, key=lambda m: m["total"])
         results[stage] = {"max_rank_bytes": worst["total"], "worst": worst, "per_rank": [r["bytes"] for r in ranks],
                           "after_backward": max(r["bytes"]["backward"]["total"] for r in ranks),
                           "after_step": max(r["bytes"]["step"]["total"] for r in ranks), "params": ranks[0]["params"],
-                          "formula_bytes": formula_bytes(stage, ranks[0]["params"], ranks[0]["dp_size"])}
+                          "formula_bytes": formula_bytes(stage, ranks[0]["params"], ranks[0]["dp_size"],
+                                                         args.precision)}
 
     p = next(iter(results.values()))["params"]
-    print(f"preset={args.preset}  P={p:,} parameters  {WORLD} gloo ranks (CPU)  fp32  torch AdamW")
+    print(f"preset={args.preset}  P={p:,} parameters  {WORLD} gloo ranks (CPU)  {args.precision}  torch AdamW")
     print(f"buckets: reduce = allgather = stage3_prefetch = {args.bucket:,} elements ({4 * args.bucket / MIB:.1f} MiB "
           "fp32); stage3_param_persistence_threshold=0 (every parameter partitioned); overlap_comm=true (default)")
     print("MiB/rank = max over ranks and over the two measurement points (after backward, after step)")
@@ -164,6 +173,10 @@ def main() -> None:
               f"{r['max_rank_bytes'] / MIB:>9.2f} {rel:>9} {r['formula_bytes'] / MIB:>8.2f} "
               f"{r['formula_bytes'] / (16 * p):>7.3f} | {w['params'] / MIB:>7.2f} {w['optim_params'] / MIB:>10.2f} "
               f"{w['optim_state'] / MIB:>9.2f} {w['other'] / MIB:>7.2f}")
+    print("note: 'opt params' is DeepSpeed's fp32 master copy of each rank's partition, kept even when the model "
+          "is fp32 (fp32, stages 1-3: +4P/N over the formula); 'other' is gradients and buffers. Stage 1/2 gradient "
+          "buffers hold every parameter that touches a rank's partition whole, so one large parameter (the "
+          "token embedding) is not halved.")
     if base and 3 in results:
         ratio = results[3]["max_rank_bytes"] / base
         print(f"ZeRO-3 / ZeRO-0 at {WORLD} ranks: {ratio:.3f} (goal <= 0.55: {'met' if ratio <= 0.55 else 'NOT met'})")
