@@ -1,14 +1,24 @@
 """One entry point for scaled dot-product attention, with selectable backends.
 
-Backends:
-  * ``sdpa`` -- ``torch.nn.functional.scaled_dot_product_attention`` (fused where torch has a
+Backends (``model.attention``):
+  * ``flash_attn`` -- the flash-attn package's ``flash_attn_func`` (CUDA, fp16/bf16; optional extra).
+  * ``triton``     -- our FlashAttention-2 Triton kernel (kernels.triton_attention): CUDA, or CPU
+    tensors under ``TRITON_INTERPRET=1`` (how CI checks it).
+  * ``sdpa``       -- ``torch.nn.functional.scaled_dot_product_attention`` (fused where torch has a
     fused kernel for the device and dtype; the math kernel otherwise).
-  * ``math`` -- the explicit softmax(QK^T / sqrt(d)) V reference, used by tests.
-  * ``auto`` -- the best available backend for the inputs (``sdpa`` for now).
+  * ``math``       -- the explicit softmax(QK^T / sqrt(d)) V reference, used by tests.
+  * ``auto``       -- flash_attn when it can run (installed, CUDA, fp16/bf16), else triton on CUDA,
+    else sdpa.
+
+The backend that runs is logged once per process for each (requested, chosen) pair, so a log
+shows what actually ran. An explicitly requested backend that cannot run on the given inputs
+raises :class:`AttentionBackendError` saying why, rather than silently falling back.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import math
 
@@ -17,24 +27,67 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "sdpa", "math")
+BACKENDS = ("auto", "flash_attn", "triton", "sdpa", "math")
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class AttentionBackendError(RuntimeError):
     """Raised when a requested attention backend cannot run on the given inputs."""
 
 
-_announced: set[str] = set()
+@functools.cache
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
-def resolve_backend(backend: str) -> str:
-    """Map a configured backend name (possibly ``auto``) to the backend that will run."""
+def _flash_attn_problem(q: torch.Tensor) -> str | None:
+    """Why flash-attn cannot run on ``q`` (None when it can)."""
+    if not _installed("flash_attn"):
+        return "the flash-attn package is not installed (pip install 'mtx-dist[flash]' on a CUDA machine)"
+    if q.device.type != "cuda":
+        return f"flash-attn runs on CUDA tensors only, got {q.device.type}"
+    if q.dtype not in _HALF:
+        return f"flash-attn needs fp16 or bf16 inputs, got {q.dtype}"
+    if q.shape[-1] > 256 or q.shape[-1] % 8:
+        return f"flash-attn supports head dims that are multiples of 8 up to 256, got {q.shape[-1]}"
+    return None
+
+
+def _triton_problem(q: torch.Tensor) -> str | None:
+    if not _installed("triton"):
+        return "the triton package is not installed"
+    from kernels.triton_attention import triton_available
+    ok, why = triton_available(q.device)
+    return None if ok else why
+
+
+_PROBLEMS = {"flash_attn": _flash_attn_problem, "triton": _triton_problem}
+_announced: set[tuple[str, str]] = set()
+
+
+def resolve_backend(backend: str, q: torch.Tensor | None = None) -> str:
+    """The backend that will run for a configured name (possibly ``auto``) on inputs like ``q``.
+
+    Without ``q`` only the name is checked and ``auto`` resolves as on a CPU fp32 input.
+    """
     if backend not in BACKENDS:
         raise AttentionBackendError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-    chosen = "sdpa" if backend == "auto" else backend
-    if chosen not in _announced:  # once per process, so a log shows what actually ran
-        _announced.add(chosen)
-        log.info("attention backend: %s (requested %s)", chosen, backend)
+    if backend == "auto":
+        chosen = "sdpa"
+        if q is not None and q.device.type == "cuda":
+            if _flash_attn_problem(q) is None:
+                chosen = "flash_attn"
+            elif _triton_problem(q) is None:
+                chosen = "triton"
+    else:
+        chosen = backend
+        problem = _PROBLEMS[backend](q) if backend in _PROBLEMS and q is not None else None
+        if problem:
+            raise AttentionBackendError(f"attention backend {backend!r} cannot run here: {problem}")
+    if (backend, chosen) not in _announced:
+        _announced.add((backend, chosen))
+        where = "" if q is None else f" on {q.device.type} {str(q.dtype).removeprefix('torch.')}"
+        log.info("attention backend: %s (requested %s%s)", chosen, backend, where)
     return chosen
 
 
@@ -49,6 +102,25 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
 
 
+def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    from flash_attn import flash_attn_func
+    # flash-attn takes (B, N, H, D); these transposes are views (the head dim stays unit-stride).
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+    return out.transpose(1, 2)
+
+
+def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    from kernels.triton_attention import triton_attention
+    return triton_attention(q, k, v, causal=causal)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+_RUN = {"flash_attn": _flash_attn, "triton": _triton, "sdpa": _sdpa, "math": math_attention}
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, backend: str = "auto"
 ) -> torch.Tensor:
@@ -56,7 +128,4 @@ def attention(
     if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
         raise ValueError(f"attention expects equal (B, H, N, D) shapes, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    chosen = resolve_backend(backend)
-    if chosen == "math":
-        return math_attention(q, k, v, causal)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return _RUN[resolve_backend(backend, q)](q, k, v, causal)
