@@ -99,6 +99,8 @@ class LossConfig:
     kind: str = _opt("clip", "contrastive loss: CLIP softmax (InfoNCE) or SigLIP sigmoid", ("clip", "siglip"))
     gather_with_grad: bool = _opt(True, "clip: all-gather features with gradient (exact global-batch gradient)")
     local_loss: bool = _opt(True, "clip: each rank scores its own rows against all columns (B x N logits)")
+    tile_size: int = _opt(0, "clip: compute the logits in column tiles of this many (0 = untiled); peak memory "
+                             "B x tile instead of B x N", min=0)
 
 
 @dataclass

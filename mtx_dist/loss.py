@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.tiled_loss import tiled_clip_loss
 from mtx_dist.parallel.collectives import (all_gather_no_grad, all_gather_with_grad, group_rank, group_size,
                                            ring_pass)
 
@@ -38,29 +39,40 @@ class ClipLoss(nn.Module):
     default) that part is dropped and the gradient is only an approximation of the global-batch
     one. ``local_loss``: each rank scores only its own B rows against all N columns (B x N logits
     instead of N x N); with gather_with_grad this is still exact, and the memory and FLOPs of the
-    logits shrink by the number of ranks.
+    logits shrink by the number of ranks. ``tile_size`` > 0: the logits are computed in column tiles
+    with a recomputing backward (kernels.tiled_loss), so the peak is B x tile rather than B x N (at
+    tens of thousands of negatives the logits outgrow a small tower's activations). Same value and
+    gradients; the gathered features are plain inputs of the tiled function, whose backward
+    hands their gradients to the all-gather. Without local_loss the rows are all N (peak N x tile).
     """
 
-    def __init__(self, group=None, gather_with_grad: bool = True, local_loss: bool = True) -> None:
+    def __init__(self, group=None, gather_with_grad: bool = True, local_loss: bool = True,
+                 tile_size: int = 0) -> None:
         super().__init__()
+        if tile_size < 0:
+            raise ValueError(f"tile_size must be >= 0 (0 = untiled), got {tile_size}")
         self.group, self.gather_with_grad, self.local_loss = group, gather_with_grad, local_loss
+        self.tile_size = tile_size
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: torch.Tensor | None = None) -> torch.Tensor:
         world = group_size(self.group)
-        if world == 1:
+        if world == 1 and not self.tile_size:
             return clip_loss(image_features, text_features, logit_scale)
         img, txt, scale = image_features.float(), text_features.float(), logit_scale.float()
         gather = all_gather_with_grad if self.gather_with_grad else all_gather_no_grad
         all_img, all_txt = gather(img, self.group), gather(txt, self.group)
         b = img.shape[0]
-        if self.local_loss:
-            logits_i2t, logits_t2i = scale * img @ all_txt.t(), scale * txt @ all_img.t()
+        if self.local_loss:  # our B rows; their positives sit at our offset among the gathered columns
+            rows_img, rows_txt = img, txt
             labels = torch.arange(b, device=img.device) + b * group_rank(self.group)
         else:
-            logits_i2t = scale * all_img @ all_txt.t()
-            logits_t2i = logits_i2t.t()
+            rows_img, rows_txt = all_img, all_txt
             labels = torch.arange(b * world, device=img.device)
+        if self.tile_size:
+            return tiled_clip_loss(rows_img, all_txt, rows_txt, all_img, scale, labels, self.tile_size)
+        logits_i2t = scale * rows_img @ all_txt.t()
+        logits_t2i = scale * rows_txt @ all_img.t() if self.local_loss else logits_i2t.t()
         return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
 
 
@@ -110,9 +122,10 @@ class SigLipLoss(nn.Module):
 SINGLE_PROCESS_LOSSES = {"clip": lambda img, txt, scale, bias=None: clip_loss(img, txt, scale), "siglip": siglip_loss}
 
 
-def build_loss(kind: str, group=None, gather_with_grad: bool = True, local_loss: bool = True) -> nn.Module:
+def build_loss(kind: str, group=None, gather_with_grad: bool = True, local_loss: bool = True,
+               tile_size: int = 0) -> nn.Module:
     if kind == "clip":
-        return ClipLoss(group, gather_with_grad, local_loss)
+        return ClipLoss(group, gather_with_grad, local_loss, tile_size)
     if kind == "siglip":
         return SigLipLoss(group)
     raise ValueError(f"unknown loss {kind!r}; choose 'clip' or 'siglip'")

@@ -100,7 +100,8 @@ def _peak(cfg: Config, runtime: Runtime) -> float | None:
 
 def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState, tracker: Tracker) -> TrainResult:
     groups, world = runtime.groups, runtime.env.world_size
-    loss_fn = build_loss(cfg.loss.kind, groups.dp_group, cfg.loss.gather_with_grad, cfg.loss.local_loss)
+    loss_fn = build_loss(cfg.loss.kind, groups.dp_group, cfg.loss.gather_with_grad, cfg.loss.local_loss,
+                         cfg.loss.tile_size)
     accum = cfg.optim.grad_accum
     samples_per_step = cfg.data.batch_size * accum * groups.dp_size
     flops_per_sample, peak = train_flops_per_sample(get_preset(cfg.model.preset)), _peak(cfg, runtime)

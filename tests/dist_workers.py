@@ -88,14 +88,15 @@ def tp_forward_backward(activation_checkpointing: bool) -> dict[str, float]:
 
 # -- data-parallel losses vs the single-process loss on the concatenated batch ----------------------
 
-def dp_loss_grads(kind: str, gather_with_grad: bool, local_loss: bool, per_rank: int = 3) -> dict[str, float]:
+def dp_loss_grads(kind: str, gather_with_grad: bool, local_loss: bool, per_rank: int = 3,
+                  tile_size: int = 0) -> dict[str, float]:
     rank, world = dist.get_rank(), dist.get_world_size()
     scale_init, bias_init = logit_init(kind)
     torch.manual_seed(0)
     model = ContrastiveModel(get_preset("micro"), logit_scale_init=scale_init, logit_bias_init=bias_init)
     reference = copy.deepcopy(model)
     image, text = global_batch(model.spec, per_rank * world, step=0)
-    loss_fn = build_loss(kind, None, gather_with_grad, local_loss)
+    loss_fn = build_loss(kind, None, gather_with_grad, local_loss, tile_size)
     loss = _loss_of(model, kind, local_slice(image, rank, world), local_slice(text, rank, world), loss_fn)
     loss.backward()
     for p in model.parameters():  # what DeepSpeed/DDP do: average the gradients over data-parallel ranks
