@@ -54,3 +54,38 @@ def test_choice_is_logged_once_per_process(caplog, monkeypatch):
             kernels.attention(q, k, v, backend="auto")
     lines = [r.getMessage() for r in caplog.records if r.name == "kernels.attention"]
     assert lines == ["attention backend: sdpa (requested auto on cpu float32)"]
+
+
+MODEL_CHECK = """
+import torch
+from mtx_dist.models import ContrastiveModel, get_preset
+torch.manual_seed(0)
+ours = ContrastiveModel(get_preset("micro"), "triton")
+ref = ContrastiveModel(get_preset("micro"), "sdpa")
+ref.load_state_dict(ours.state_dict())
+image = torch.randn(2, 3, 32, 32)
+text = torch.randint(1, 1000, (2, 16))
+text[:, -1] = 49407
+a, b = ours(image, text), ref(image, text)
+(a[0].sum() + a[1].sum()).backward()
+(b[0].sum() + b[1].sum()).backward()
+feat = max(float((x - y).abs().max()) for x, y in zip(a[:2], b[:2]))
+grad = max(float((p.grad - q.grad).abs().max()) for p, q in zip(ours.parameters(), ref.parameters())
+           if p.grad is not None)
+print(feat, grad)
+"""
+
+
+def test_model_with_the_triton_backend_equals_sdpa():
+    """The whole contrastive model (causal text tower included) through the dispatcher's Triton path,
+    in Triton's interpreter in a fresh process (the interpreter is chosen when the kernels are defined)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": REPO}
+    res = subprocess.run([sys.executable, "-c", MODEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    feat, grad = map(float, res.stdout.split())
+    assert feat < 1e-5 and grad < 1e-5, (feat, grad)
