@@ -5,26 +5,63 @@ Layout under ``<run.dir>/checkpoints/``::
     step00000100/                 one tag per save (DeepSpeed's files + ours)
         mp_rank_00_model_states.pt ...       DeepSpeed
         train_state-rank0.json               step, samples, data-stream state, RNG, MLflow run
+        checkpoint.json                      manifest: every file with its size (+ sha256 of the small ones)
     latest                        text file naming the newest complete tag (DeepSpeed's format)
 
-``latest`` is replaced atomically after every rank has written its files, so it never names a
-half-written checkpoint.
+A save is atomic. Every rank writes into ``step00000100.tmp/`` and fsyncs what it wrote; after a
+barrier rank 0 writes the manifest, renames the directory to its final name, fsyncs the parent and
+only then replaces ``latest`` (tmp file + rename, fsynced). A process killed anywhere in between
+leaves the previous checkpoint and ``latest`` as they were; the leftover ``.tmp`` directory is never
+read and is removed by a later save. Rank 0 then deletes complete checkpoints beyond the newest
+``checkpoint.keep``. A failed write (disk full) removes its unfinished directory and raises
+:class:`CheckpointError`.
+
+Checkpoints are data, not code: DeepSpeed loads its files with ``torch.load(weights_only=False)``,
+so before it sees a checkpoint :func:`validate` checks the manifest (files present, sizes equal) and
+loads every ``.pt`` file with ``weights_only=True``. On resume a ``latest`` that fails is skipped with a
+warning and the next older complete checkpoint is used; when checkpoints exist but none is valid the
+run stops rather than silently starting from scratch.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
+import functools
+import hashlib
+import importlib
 import json
 import os
+import re
+import shutil
+import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from mtx_dist import faults
 from mtx_dist.config import ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
+MANIFEST = "checkpoint.json"
+MANIFEST_FORMAT = "mtx-dist-checkpoint"
+TMP_SUFFIX = ".tmp"  # a save in progress, or one that was killed
+OLD_SUFFIX = ".old"  # a checkpoint being replaced or deleted
+HASH_MAX_BYTES = 1 << 20  # files up to this size (our train states) get a sha256; DeepSpeed's shards a size only
+_FULL_BYTES = 64 << 20  # after a failed write, less free space than this means the disk filled up
+_TAG = re.compile(r"step(\d{8})")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written, or none that can be trusted to resume from."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint skipped on resume because it failed validation (an older one is used)."""
 
 
 @dataclass
@@ -33,6 +70,7 @@ class TrainState:
 
     step: int = 0  # optimizer steps taken
     samples: int = 0  # training samples consumed, all ranks
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
     loader: dict = field(default_factory=dict)  # this rank's data-stream state
     mlflow_run_id: str | None = None
     rng: str = ""  # base64 torch CPU RNG state
@@ -54,52 +92,389 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def _step_of(tag: str) -> int | None:
+    m = _TAG.fullmatch(tag)
+    return int(m.group(1)) if m else None
+
+
 def _state_file(tag_dir: str, rank: int) -> str:
     return os.path.join(tag_dir, f"train_state-rank{rank}.json")
 
 
-def save(engine, run_dir: str, state: TrainState, rank: int) -> str:
-    """Save a checkpoint of the current step on every rank; returns its directory."""
-    root = checkpoint_root(run_dir)
-    tag = tag_for(state.step)
-    engine.save_checkpoint(root, tag=tag, save_latest=False)
-    state.capture_rng()
-    path = _state_file(os.path.join(root, tag), rank)
-    with open(path + ".tmp", "w") as f:
-        json.dump(asdict(state), f)
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _fsync(path: str) -> None:
+    """fsync a file, or a directory (which makes the names in it -- creations, renames -- durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        with open(os.path.join(root, LATEST + ".tmp"), "w") as f:
-            f.write(tag)
-        os.replace(os.path.join(root, LATEST + ".tmp"), os.path.join(root, LATEST))
-    return os.path.join(root, tag)
+
+
+def _files(tag_dir: str) -> list[str]:
+    """Relative paths ('/'-separated) of the regular files under ``tag_dir``, manifest excluded."""
+    out = []
+    for here, dirs, names in os.walk(tag_dir):
+        dirs.sort()
+        for name in names:
+            rel = os.path.relpath(os.path.join(here, name), tag_dir).replace(os.sep, "/")
+            if rel != MANIFEST and os.path.isfile(os.path.join(here, name)):
+                out.append(rel)
+    return sorted(out)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tags(root: str) -> list[str]:
+    """Final-named checkpoint directories (no ``.tmp``/``.old``), newest step first."""
+    if not os.path.isdir(root):
+        return []
+    tags = [n for n in os.listdir(root) if _step_of(n) is not None and os.path.isdir(os.path.join(root, n))]
+    return sorted(tags, key=_step_of, reverse=True)
+
+
+def _read_latest(root: str) -> str | None:
+    try:
+        with open(os.path.join(root, LATEST)) as f:
+            return f.read().strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+# -- save -------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _recording_writes(engine):
+    """The paths DeepSpeed writes through its checkpoint engine inside the block: this rank's files.
+    Yields None when the engine has no such hook (then every file of the directory is fsynced)."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    original = getattr(ce, "save", None)
+    if original is None:
+        yield None
+        return
+    written: list[str] = []
+
+    def save(*args, **kwargs):
+        result = original(*args, **kwargs)
+        path = kwargs.get("path", args[1] if len(args) > 1 else None)
+        if path is not None:
+            written.append(os.fspath(path))
+        return result
+
+    shadowed = vars(ce).get("save")
+    ce.save = save
+    try:
+        yield written
+    finally:
+        if shadowed is None:
+            del ce.save
+        else:
+            ce.save = shadowed
+
+
+def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3) -> str:
+    """Write a checkpoint of the current step atomically, on every rank; returns its directory.
+
+    ``keep``: complete checkpoints kept (this one included); rank 0 deletes older ones once
+    ``latest`` names the new one. A write that fails (e.g. the disk is full) removes the unfinished
+    directory and raises :class:`CheckpointError`; the previous checkpoint and ``latest`` are untouched.
+    """
+    root = checkpoint_root(run_dir)
+    tag, step = tag_for(state.step), state.step
+    final, tmp = os.path.join(root, tag), os.path.join(root, tag + TMP_SUFFIX)
+    faults.hit("save-begin", step, rank)
+    try:
+        if rank == 0:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a killed save of this step
+        _barrier()
+        with _recording_writes(engine) as written:
+            engine.save_checkpoint(root, tag=os.path.basename(tmp), save_latest=False)
+        faults.hit("save-model", step, rank)
+        state.capture_rng()
+        _write_text(_state_file(tmp, rank), json.dumps(asdict(state)))
+        for path in (written if written is not None else [os.path.join(tmp, f) for f in _files(tmp)]):
+            _fsync(path)
+        faults.hit("save-state", step, rank)
+        _barrier()  # every rank's files are on disk
+        if rank == 0:
+            _commit(root, tmp, final, tag, step, keep)
+    except CheckpointError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        raise _save_error(e, root, tmp, tag) from e
+    _barrier()  # nobody goes on before `latest` names the new checkpoint
+    return final
+
+
+def _commit(root: str, tmp: str, final: str, tag: str, step: int, keep: int) -> None:
+    """Rank 0, once every rank's files are durable: manifest, rename, ``latest``, then old ones go."""
+    world = dist.get_world_size() if _distributed() else 1
+    states = [os.path.basename(_state_file(tmp, r)) for r in range(world)]
+    missing = [s for s in states if not os.path.isfile(os.path.join(tmp, s))]
+    if missing:
+        raise CheckpointError(f"checkpoint {tag} in {root}: {', '.join(missing)} missing after every rank saved")
+    files = {}
+    for rel in _files(tmp):
+        path = os.path.join(tmp, rel)
+        files[rel] = {"size": os.path.getsize(path)}
+        if files[rel]["size"] <= HASH_MAX_BYTES:
+            files[rel]["sha256"] = _sha256(path)
+    manifest = {"format": MANIFEST_FORMAT, "version": 1, "tag": tag, "step": step, "world_size": world,
+                "train_states": states, "files": files}
+    _write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+    _fsync(tmp)
+    faults.hit("save-manifest", step, 0)
+    old = final + OLD_SUFFIX
+    if os.path.exists(final):  # this step saved before: a save killed before `latest` moved, or an older timeline
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync(root)
+    faults.hit("save-rename", step, 0)
+    latest = os.path.join(root, LATEST)
+    _write_text(latest + ".tmp", tag)
+    os.replace(latest + ".tmp", latest)
+    _fsync(root)
+    try:
+        _prune(root, tag, keep)
+    except OSError as e:  # the new checkpoint is complete; failing to delete old ones must not fail the run
+        warnings.warn(f"could not delete old checkpoints in {root}: {e}", CheckpointWarning, stacklevel=3)
+
+
+def _prune(root: str, current: str, keep: int) -> None:
+    """Delete complete checkpoints beyond the newest ``keep`` up to ``current`` (never the one
+    ``latest`` names; never newer ones, e.g. of a timeline resumed from an older tag), and leftovers
+    of killed saves. A directory is renamed before it is deleted, so it never looks half there."""
+    latest, step = _read_latest(root), _step_of(current)
+    complete = [t for t in _tags(root) if _step_of(t) <= step and os.path.isfile(os.path.join(root, t, MANIFEST))]
+    for tag in complete[keep:]:
+        if tag not in (current, latest):
+            os.replace(os.path.join(root, tag), os.path.join(root, tag + OLD_SUFFIX))
+            shutil.rmtree(os.path.join(root, tag + OLD_SUFFIX), ignore_errors=True)
+    for name in os.listdir(root):
+        stem, suffix = os.path.splitext(name)
+        if suffix in (TMP_SUFFIX, OLD_SUFFIX) and _step_of(stem) is not None:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _save_error(e: BaseException, root: str, tmp: str, tag: str) -> CheckpointError:
+    free = None
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(root).free
+    shutil.rmtree(tmp, ignore_errors=True)  # best effort: give the space back
+    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(e) \
+        or (free is not None and free < _FULL_BYTES)
+    if full:
+        why = (f"No space left on device (ENOSPC): {free / 2**20:.1f} MiB free on that filesystem after the "
+               f"failed write" if free is not None else "No space left on device (ENOSPC)")
+    else:
+        why = f"{type(e).__name__}: {e}"
+    previous = _read_latest(root)
+    kept = f"the previous checkpoint {previous} is untouched" if previous else "no earlier checkpoint exists"
+    return CheckpointError(f"could not write checkpoint {tag} in {root}: {why}. The unfinished {tag}{TMP_SUFFIX} "
+                           f"was removed and {kept}" + (" (free space, then --resume latest)" if full else ""))
+
+
+# -- validate, resolve, load ------------------------------------------------------------------------
+
+@functools.cache
+def _deepspeed_globals() -> tuple:
+    """The only non-tensor classes DeepSpeed pickles into its files (found by loading checkpoints of ZeRO
+    0-3, fp32 and bf16, TP=2 with weights_only=True). Each is rebuilt from numbers; nothing else is let in."""
+    found = []
+    for module, name in (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),  # ZeRO 1/2 optimizer files
+                         ("deepspeed.runtime.zero.config", "ZeroStageEnum"),  # ZeRO 3 and bf16 optimizer files
+                         ("deepspeed.utils.tensor_fragment", "fragment_address")):  # bf16, TP optimizer files
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(getattr(importlib.import_module(module), name))
+    return tuple(found)
+
+
+def _unpickle_error(e: BaseException) -> str:
+    text = str(e)
+    m = re.search(r"GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it references {m.group(1)}, which a checkpoint may not contain (unpickling it could run code)"
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler error")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(boiler)]
+    return f"{type(e).__name__}: {' '.join(lines)[:300] or text[:300]}"
+
+
+def _check_pt(path: str) -> None:
+    """Load a torch file as data only; raises with the reason. Its pickle is CRC-checked first (cheap:
+    the pickle is small), since a changed byte in it can still unpickle into different values."""
+    zipped = zipfile.is_zipfile(path)
+    if zipped:
+        with zipfile.ZipFile(path) as z:
+            for name in z.namelist():
+                if name.endswith("/data.pkl"):
+                    z.read(name)  # raises BadZipFile on a CRC mismatch
+    with torch.serialization.safe_globals(list(_deepspeed_globals())):
+        torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+
+
+def _fingerprint(tag_dir: str) -> tuple:
+    return tuple((rel, st.st_size, st.st_mtime_ns, st.st_ino)
+                 for rel in [*_files(tag_dir), MANIFEST] if os.path.exists(os.path.join(tag_dir, rel))
+                 for st in [os.stat(os.path.join(tag_dir, rel))])
+
+
+_validated: dict[str, tuple[tuple, dict]] = {}  # realpath -> (fingerprint, manifest): not read twice
+
+
+def validate(tag_dir: str) -> dict:
+    """Check a checkpoint directory before anything unpickles it; returns its manifest.
+
+    The manifest exists and parses; every file it lists exists with the listed size (and sha256 where
+    listed); every ``.pt`` file is listed and loads with ``torch.load(weights_only=True)``; the train
+    states parse. Raises :class:`CheckpointError` naming the tag, the file and the reason.
+    """
+    tag = os.path.basename(os.path.normpath(tag_dir))
+    if not os.path.isdir(tag_dir):
+        raise CheckpointError(f"{tag}: no such checkpoint directory ({tag_dir})")
+    key, fingerprint = os.path.realpath(tag_dir), _fingerprint(tag_dir)
+    if key in _validated and _validated[key][0] == fingerprint:
+        return _validated[key][1]
+    path = os.path.join(tag_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{tag}: no {MANIFEST} (a save that did not finish, or not a mtx-dist checkpoint)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{tag}: {MANIFEST} is unreadable: {e}") from e
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files or manifest.get("format") != MANIFEST_FORMAT:
+        raise CheckpointError(f"{tag}: {MANIFEST} is not a mtx-dist checkpoint manifest")
+
+    def bad(rel: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{tag}: {rel} is not a valid checkpoint file: {why}")
+
+    for rel, meta in sorted(files.items()):
+        full = os.path.join(tag_dir, rel)
+        if os.path.isabs(rel) or os.path.normpath(rel).startswith(".."):
+            raise bad(rel, f"{MANIFEST} names a path outside the checkpoint")
+        if not os.path.isfile(full):
+            raise bad(rel, f"missing (listed in {MANIFEST})")
+        size = os.path.getsize(full)
+        if size != meta.get("size"):
+            raise bad(rel, f"{size} bytes where {MANIFEST} lists {meta.get('size')} (truncated or altered)")
+        if "sha256" in meta and _sha256(full) != meta["sha256"]:
+            raise bad(rel, f"its sha256 differs from the one in {MANIFEST} (altered)")
+    for rel in _files(tag_dir):
+        if rel.endswith(".pt") and rel not in files:  # DeepSpeed globs some of its files: a stray one would load
+            raise bad(rel, f"not listed in {MANIFEST}")
+    for rel in sorted(files):
+        if rel.endswith(".pt"):
+            try:
+                _check_pt(os.path.join(tag_dir, rel))
+            except Exception as e:  # any failure to load as data is the reason
+                raise bad(rel, _unpickle_error(e)) from e
+    for rel in manifest.get("train_states", []):
+        try:
+            with open(os.path.join(tag_dir, rel)) as f:
+                st = json.load(f)
+            if st.get("step") != manifest.get("step"):
+                raise ValueError(f"step {st.get('step')} where {MANIFEST} says {manifest.get('step')}")
+        except (OSError, ValueError, AttributeError) as e:
+            raise bad(rel, str(e)) from e
+    _validated[key] = (fingerprint, manifest)
+    return manifest
 
 
 def resolve(run_dir: str, resume: str) -> str | None:
-    """The tag to resume from: ``latest`` (None when no checkpoint exists yet) or a given tag/path."""
+    """The validated tag to resume from (see :func:`validate`).
+
+    ``latest``: the tag ``latest`` names, else -- with a :class:`CheckpointWarning` for each one skipped
+    -- the next older complete checkpoint; None when there is no checkpoint at all (a fresh start);
+    :class:`CheckpointError` when checkpoints exist but none is valid. A tag or path: that checkpoint
+    (ConfigError when it does not exist, CheckpointError when it is not valid). Under
+    torch.distributed rank 0 decides and broadcasts, so every rank loads the same checkpoint.
+    """
+    if not _distributed() or dist.get_world_size() == 1:
+        return _resolve(run_dir, resume)
+    box: list = [None]
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", _resolve(run_dir, resume))
+        except Exception as e:  # noqa: BLE001 -- told to every rank, re-raised below
+            error, box[0] = e, ("config" if isinstance(e, ConfigError) else "checkpoint", str(e))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if error is not None:
+        raise error
+    if kind == "ok":
+        return value
+    raise (ConfigError if kind == "config" else CheckpointError)(value)
+
+
+def _resolve(run_dir: str, resume: str) -> str | None:
     root = checkpoint_root(run_dir)
-    if resume == "latest":
-        latest = os.path.join(root, LATEST)
-        if not os.path.exists(latest):
-            return None
-        with open(latest) as f:
-            return f.read().strip()
-    tag = os.path.basename(os.path.normpath(resume))
-    if not os.path.isdir(os.path.join(root, tag)):
-        raise ConfigError(f"config key 'checkpoint.resume' = {resume!r}: no checkpoint {tag!r} in {root}")
-    return tag
+    if resume != "latest":
+        tag = os.path.basename(os.path.normpath(resume))
+        if not os.path.isdir(os.path.join(root, tag)):
+            raise ConfigError(f"config key 'checkpoint.resume' = {resume!r}: no checkpoint {tag!r} in {root}")
+        validate(os.path.join(root, tag))
+        return tag
+    tags, latest = _tags(root), _read_latest(root)
+    if latest is None and not tags:
+        return None
+    candidates = list(tags)
+    if latest is not None:
+        newest = _step_of(latest)
+        candidates = [latest] + [t for t in tags if t != latest and (newest is None or _step_of(t) < newest)]
+    failures = []
+    for i, tag in enumerate(candidates):
+        try:
+            validate(os.path.join(root, tag))
+            return tag
+        except CheckpointError as e:
+            failures.append(str(e))
+            then = "; trying the previous one" if i + 1 < len(candidates) else ""
+            warnings.warn(f"skipping checkpoint {e} [in {root}]{then}", CheckpointWarning, stacklevel=3)
+    raise CheckpointError(f"no valid checkpoint to resume from in {root}, and not starting from scratch over "
+                          f"existing ones:\n  " + "\n  ".join(failures) +
+                          "\nRepair or move them away, or resume a valid one with checkpoint.resume=TAG.")
 
 
 def load(engine, run_dir: str, tag: str, rank: int) -> TrainState:
+    """Load a checkpoint on every rank: validated first (cached when :func:`resolve` just did it),
+    so DeepSpeed, which unpickles with weights_only=False, only ever sees files that are data."""
     root = checkpoint_root(run_dir)
+    tag_dir = os.path.join(root, tag)
+    manifest = validate(tag_dir)
+    state_path = _state_file(tag_dir, rank)
+    if not os.path.isfile(state_path):
+        raise CheckpointError(f"{tag}: no {os.path.basename(state_path)}: the checkpoint was written by "
+                              f"{manifest.get('world_size')} rank(s)")
     path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag!r} from {root}")
-    with open(_state_file(os.path.join(root, tag), rank)) as f:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag!r} from {root}")
+    with open(state_path) as f:
         state = TrainState(**json.load(f))
     state.restore_rng()
     return state

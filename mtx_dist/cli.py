@@ -11,7 +11,9 @@ import logging
 import os
 import sys
 
+from mtx_dist.checkpoint import CheckpointError
 from mtx_dist.config import ConfigError, describe, load_config
+from mtx_dist.optim import TrainingDiverged
 
 DEFAULT_CONFIG_HELP = "defaults = configs/tiny-cpu.toml (a CPU quickstart on generated demo shards)"
 
@@ -85,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mtx-dist: config error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        print(f"mtx-dist: checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"mtx-dist: training stopped: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -92,6 +92,8 @@ class OptimConfig:
     min_lr_ratio: float = _opt(0.0, "final learning rate as a fraction of lr", min=0, max=1)
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 = off)", min=0)
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step", min=1)
+    max_skipped_steps: int = _opt(10, "stop after this many consecutive steps skipped for a non-finite loss or "
+                                  "gradient norm", min=1)
 
 
 @dataclass
@@ -107,6 +109,7 @@ class LossConfig:
 class CheckpointConfig:
     every: int = _opt(100, "steps between checkpoints (a final one is always written)", min=1)
     resume: str = _opt("", "'' = fresh run, 'latest', or a checkpoint tag/path under run.dir")
+    keep: int = _opt(3, "complete checkpoints kept; older ones are deleted after a newer one is written", min=1)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 ``encoder.safetensors`` holds the image tower's transformer blocks as a bare state dict with keys
 ``0.norm1.weight`` ... ``{depth-1}.mlp.fc2.bias`` -- the layout Meta-Transformer loads with
 ``strict=True`` into ``nn.Sequential(*[timm Block(...)])``. ``manifest.json`` records geometry,
-preprocessing, tokenizer, provenance and the sha256 of every file.
+preprocessing, tokenizer, provenance and the sha256 of every file. :func:`verify_export` checks a copy
+against it (hashes, then a safetensors load -- never pickle) before anyone builds on it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from mtx_dist.models.presets import ModelSpec
 ENCODER_FILE = "encoder.safetensors"
 MANIFEST_FILE = "manifest.json"
 BLOCK_PREFIX = "visual.blocks."
+
+
+class ExportError(ValueError):
+    """An exported encoder that does not match its manifest, or cannot be read."""
 
 
 def encoder_blocks(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -66,3 +71,47 @@ def export_encoder(state_dict: dict[str, torch.Tensor], spec: ModelSpec, preset:
         json.dump(manifest, f, indent=2, sort_keys=True)
     os.replace(path + ".tmp", path)
     return path
+
+
+def verify_export(out_dir: str) -> dict:
+    """Check an export directory against its manifest; returns the manifest.
+
+    Every file listed must exist with the listed sha256, and ``encoder.safetensors`` must load with
+    safetensors (data only) holding the listed number of tensors, blocks ``0..depth-1``. Raises
+    :class:`ExportError` naming the file and what is wrong.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.path.join(out_dir, MANIFEST_FILE)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: cannot read the export manifest: {e}") from e
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or ENCODER_FILE not in files:
+        raise ExportError(f"{path}: not an encoder export manifest (no files.{ENCODER_FILE})")
+    for name, meta in sorted(files.items()):
+        file = os.path.join(out_dir, name)
+        if os.path.isabs(name) or os.path.normpath(name).startswith(".."):
+            raise ExportError(f"{path}: names a file outside the export: {name!r}")
+        if not os.path.isfile(file):
+            raise ExportError(f"{file}: missing (listed in {MANIFEST_FILE})")
+        actual = sha256_file(file)
+        if actual != meta.get("sha256"):
+            raise ExportError(f"{file}: sha256 {actual} does not match {meta.get('sha256')} in {MANIFEST_FILE} "
+                              f"(the file or the manifest was altered, or the copy is incomplete)")
+    encoder = os.path.join(out_dir, ENCODER_FILE)
+    try:
+        blocks = load_file(encoder)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ExportError(f"{encoder}: not a readable safetensors file: {e}") from e
+    expected = files[ENCODER_FILE].get("tensors")
+    if expected is not None and len(blocks) != expected:
+        raise ExportError(f"{encoder}: {len(blocks)} tensors where {MANIFEST_FILE} lists {expected}")
+    depth = manifest.get("encoder", {}).get("depth")
+    found = {int(k.split(".", 1)[0]) for k in blocks if k.split(".", 1)[0].isdigit()}
+    if depth is not None and found != set(range(depth)):
+        raise ExportError(f"{encoder}: blocks {sorted(found)} where {MANIFEST_FILE} says depth {depth}")
+    return manifest

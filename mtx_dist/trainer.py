@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from mtx_dist import checkpoint as ckpt
+from mtx_dist import faults
 from data_pipelines.loader import LoaderStateError
 from mtx_dist.config import Config, ConfigError
 from mtx_dist.data import build_loader, resolve_shards
@@ -21,6 +22,7 @@ from mtx_dist.export import export_encoder
 from mtx_dist.flops import peak_tflops, train_flops_per_sample
 from mtx_dist.loss import build_loss
 from mtx_dist.models import get_preset
+from mtx_dist.optim import TrainingDiverged
 from mtx_dist.parallel import destroy_groups, grad_norm
 from mtx_dist.tracking import Tracker
 
@@ -113,6 +115,7 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
                dynamic_ncols=True, mininterval=1.0, desc="train")
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     norm_s0, throughput = None, {}
+    optimizer, rank, in_a_row = engine.client_optimizer, runtime.env.rank, 0  # our GuardedAdamW
     while state.step < cfg.run.steps:
         log_now = (state.step + 1) % cfg.run.log_every == 0 or state.step + 1 == cfg.run.steps
         for _ in range(accum):
@@ -122,14 +125,31 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
             image = batch["image"].to(runtime.device, runtime.dtype, non_blocking=True)
             text = batch["text"].to(runtime.device, non_blocking=True)
             img, txt, scale, bias = engine(image, text)
-            loss = loss_fn(img, txt, scale, bias)
+            loss = faults.poison("loss", state.step + 1, rank, loss_fn(img, txt, scale, bias))
+            optimizer.request_skip(~torch.isfinite(loss.detach()))  # decided with every rank at the step
             engine.backward(loss)
             if log_now and engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
                 norm_s0 = grad_norm(engine.module, groups)  # DeepSpeed reports none at stage 0
+            if engine.is_gradient_accumulation_boundary():
+                optimizer.expect_step()
             engine.step()
             pending.append(loss.detach())
+        optimizer.end_step()
         state.step += 1
         state.samples += samples_per_step
+        faults.hit("step", state.step, rank)
+        if optimizer.skipped_last:  # non-finite loss or gradients on some rank: nobody updated
+            state.skipped_steps += 1
+            in_a_row += 1
+            _say(runtime, f"step {state.step}: non-finite loss or gradient norm on some rank; update skipped on all "
+                          f"ranks ({in_a_row} in a row, limit {cfg.optim.max_skipped_steps})")
+            if in_a_row >= cfg.optim.max_skipped_steps:
+                raise TrainingDiverged(
+                    f"{in_a_row} consecutive steps had a non-finite loss or gradient norm (optim.max_skipped_steps = "
+                    f"{cfg.optim.max_skipped_steps}); stopping at step {state.step}. Parameters are those of step "
+                    f"{state.step - in_a_row}; the last checkpoint is kept: {last_ckpt or 'none written yet'}")
+        else:
+            in_a_row = 0
         window_steps += 1
         bar.update(1)
         if log_now:
@@ -143,8 +163,10 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
             pending.clear()
             elapsed = time.perf_counter() - window_start
             sps = window_steps * samples_per_step / elapsed
+            finite = [x for x in step_losses if math.isfinite(x)]
             metrics = {
-                "loss": sum(step_losses) / len(step_losses),
+                "loss": sum(finite) / len(finite) if finite else float("nan"),
+                "skipped_steps": state.skipped_steps,
                 "lr": engine.get_lr()[0],
                 "logit_scale": float(scale.detach()),
                 "samples_per_s": sps,
@@ -161,9 +183,7 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
             if norm is not None:
                 metrics["grad_norm"] = norm
             metrics.update({f"data/skipped_{k}": v for k, v in loader.skipped.items()})
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {state.step}")
-            tracker.log_metrics(metrics, step=state.step)
+            tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=state.step)
             throughput = {k: metrics[k] for k in ("samples_per_s", "samples_per_s_per_device", "tflops_per_device",
                                                   "mfu") if k in metrics}
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", sps=f"{metrics['samples_per_s']:.0f}",
@@ -171,7 +191,7 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
             window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
         if state.step % cfg.checkpoint.every == 0 or state.step == cfg.run.steps:
             state.loader = loader.state_dict()
-            last_ckpt = ckpt.save(engine, cfg.run.dir, state, runtime.env.rank)
+            last_ckpt = ckpt.save(engine, cfg.run.dir, state, runtime.env.rank, keep=cfg.checkpoint.keep)
     bar.close()
     if last_ckpt is None:
         tag = ckpt.resolve(cfg.run.dir, "latest")

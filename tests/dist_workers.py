@@ -194,3 +194,18 @@ def train_resume(base: list[str], whole_dir: str, split_dir: str, steps: int, st
                                       "checkpoint.resume=latest"]))
     return {"whole": whole.losses, "first": first.losses, "second": second.losses,
             "resumed_at": second.first_step}
+
+
+def train_with_faults(overrides: list[str], faults_spec: str) -> dict:
+    """The trainer with ``MTX_FAULTS`` switched on in this rank; a divergence stop is returned, not raised."""
+    from mtx_dist.optim import TrainingDiverged
+    from mtx_dist.trainer import train
+
+    os.environ["MTX_FAULTS"] = faults_spec
+    try:
+        result = train(load_config(None, overrides))
+    except TrainingDiverged as e:
+        return {"stopped": str(e)}
+    finally:
+        os.environ.pop("MTX_FAULTS", None)
+    return {"losses": result.losses, "step": result.step}

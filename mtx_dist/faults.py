@@ -1,0 +1,50 @@
+"""Fault injection for the fault-tolerance tests: switches read from ``MTX_FAULTS``, never set in use.
+
+``MTX_FAULTS`` is a comma-separated list of ``kind=point:step[:rank]`` entries:
+
+    kill=step:3          SIGKILL this process right after optimizer step 3 (every rank)
+    kill=step:3:1        ... only on rank 1
+    kill=save-model:4    SIGKILL during the checkpoint of step 4 at a named point of the write
+                         (the points are the names passed to :func:`hit` in mtx_dist.checkpoint)
+    nan=loss:5:0         make rank 0's loss NaN at step 5 (1-based: the 5th optimizer step)
+
+With the variable unset, :func:`hit` and :func:`poison` cost one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+ENV = "MTX_FAULTS"
+
+
+def _entries(kind: str) -> list[tuple[str, int, int | None]]:
+    raw = os.environ.get(ENV, "")
+    out = []
+    for item in filter(None, (s.strip() for s in raw.split(","))):
+        k, _, spec = item.partition("=")
+        if k != kind:
+            continue
+        parts = spec.split(":")
+        out.append((parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else None))
+    return out
+
+
+def _matches(kind: str, point: str, step: int, rank: int) -> bool:
+    return any(p == point and s == step and r in (None, rank) for p, s, r in _entries(kind))
+
+
+def hit(point: str, step: int, rank: int) -> None:
+    """SIGKILL this process if ``kill=point:step[:rank]`` is switched on."""
+    if ENV in os.environ and _matches("kill", point, step, rank):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def poison(point: str, step: int, rank: int, value: torch.Tensor) -> torch.Tensor:
+    """``value`` times NaN if ``nan=point:step[:rank]`` is switched on (keeps the autograd graph)."""
+    if ENV in os.environ and _matches("nan", point, step, rank):
+        return value * float("nan")
+    return value
