@@ -5,9 +5,15 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from tests.helpers import torchvision_shim
 
+# Triton reads TRITON_INTERPRET once, when it is first imported (torch's FLOP counter imports it
+# through inductor while tests are being collected): without a GPU, Triton kernels can only run in
+# its interpreter, so switch it on before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 

@@ -180,7 +180,7 @@ def test_dp2_tiled_loss_equals_the_global_batch(local_loss):
 # -- peak memory, measured in a fresh interpreter per variant ---------------------------------------
 
 _PEAK_CHILD = r"""
-import json, resource, sys
+import json, sys
 import torch, torch.nn.functional as F
 from kernels.tiled_loss import tiled_clip_loss
 variant, rows, cols, dim, tile = sys.argv[1], *map(int, sys.argv[2:6])
@@ -201,17 +201,24 @@ def step(img_all, txt_all, b):  # one rank's local loss: its b rows against all 
 
 step(*leaves(256), 64)  # thread pools and kernels initialized outside the measurement
 inputs = leaves(cols)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def status(key):  # kB, from the kernel's accounting of this process
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the high-water mark (VmHWM) to the current RSS: earlier peaks do not count
+before = status("VmRSS")
 loss = step(*inputs, rows)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_mib": (after - before) / 1024, "loss": loss}))
+print(json.dumps({"peak_mib": (status("VmHWM") - before) / 1024, "loss": loss}))
 """
 
 
 def peak_mib(variant: str, rows: int, cols: int, dim: int, tile: int) -> dict:
     # glibc otherwise raises its mmap threshold after the first large free and keeps freed blocks in
     # the heap, which makes the resident-set peak depend on allocation history, not on live memory
-    env = {**os.environ, "PYTHONPATH": REPO, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/"), "PYTHONPATH": REPO,
+           "MALLOC_MMAP_THRESHOLD_": "65536"}  # a clean environment: nothing from earlier tests
     out = subprocess.run([sys.executable, "-c", _PEAK_CHILD, variant, str(rows), str(cols), str(dim), str(tile)],
                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
