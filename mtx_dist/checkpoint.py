@@ -29,7 +29,6 @@ import base64
 import contextlib
 import errno
 import functools
-import hashlib
 import importlib
 import json
 import os
@@ -44,6 +43,7 @@ import torch.distributed as dist
 
 from mtx_dist import faults
 from mtx_dist.config import ConfigError
+from mtx_dist.export import sha256_file
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -136,14 +136,6 @@ def _files(tag_dir: str) -> list[str]:
             if rel != MANIFEST and os.path.isfile(os.path.join(here, name)):
                 out.append(rel)
     return sorted(out)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tags(root: str) -> list[str]:
@@ -241,7 +233,7 @@ def _commit(root: str, tmp: str, final: str, tag: str, step: int, keep: int) -> 
         path = os.path.join(tmp, rel)
         files[rel] = {"size": os.path.getsize(path)}
         if files[rel]["size"] <= HASH_MAX_BYTES:
-            files[rel]["sha256"] = _sha256(path)
+            files[rel]["sha256"] = sha256_file(path)
     manifest = {"format": MANIFEST_FORMAT, "version": 1, "tag": tag, "step": step, "world_size": world,
                 "train_states": states, "files": files}
     _write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
@@ -382,7 +374,7 @@ def validate(tag_dir: str) -> dict:
         size = os.path.getsize(full)
         if size != meta.get("size"):
             raise bad(rel, f"{size} bytes where {MANIFEST} lists {meta.get('size')} (truncated or altered)")
-        if "sha256" in meta and _sha256(full) != meta["sha256"]:
+        if "sha256" in meta and sha256_file(full) != meta["sha256"]:
             raise bad(rel, f"its sha256 differs from the one in {MANIFEST} (altered)")
     for rel in _files(tag_dir):
         if rel.endswith(".pt") and rel not in files:  # DeepSpeed globs some of its files: a stray one would load
