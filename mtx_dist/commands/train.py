@@ -1,0 +1,38 @@
+"""``mtx-dist train``: pretrain from a TOML config plus ``section.key=value`` overrides."""
+
+from __future__ import annotations
+
+import argparse
+
+from mtx_dist.config import describe, load_config
+
+DEFAULT_CONFIG_HELP = "defaults = configs/tiny-cpu.toml (a CPU quickstart on generated demo shards)"
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.help_config:
+        print(describe())
+        return 0
+    overrides = list(args.overrides)
+    config = args.config
+    if config and "=" in config and not config.endswith(".toml"):
+        overrides.insert(0, config)  # `mtx-dist train run.steps=5`: no config file given
+        config = None
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    cfg = load_config(config, overrides)  # raises ConfigError before anything starts
+
+    from mtx_dist.trainer import train
+    train(cfg)
+    return 0
+
+
+def register(sub) -> None:
+    t = sub.add_parser("train", help="pretrain (no arguments: CPU quickstart on demo shards)",
+                       description=f"Train. {DEFAULT_CONFIG_HELP}. Override any key with section.key=value.")
+    t.add_argument("config", nargs="?", help="TOML config file (optional)")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the file")
+    t.add_argument("--resume", metavar="latest|TAG", help="continue from a checkpoint of run.dir "
+                   "('latest' starts fresh when there is none)")
+    t.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    t.set_defaults(func=_run)
