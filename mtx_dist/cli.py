@@ -17,7 +17,11 @@ from mtx_dist.config import ConfigError
 from mtx_dist.optim import TrainingDiverged
 
 
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    global USER_ERRORS
     p = argparse.ArgumentParser(prog="mtx-dist", description="Contrastive pretraining of a Meta-Transformer "
                                 "shared encoder: WebDataset shards -> DeepSpeed -> frozen export.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -25,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
-    register_all(sub)
+    USER_ERRORS = register_all(sub)
     return p
 
 
@@ -41,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except CheckpointError as e:
         print(f"mtx-dist: checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as e:
+        print(f"mtx-dist {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"mtx-dist: training stopped: {e}", file=sys.stderr)
