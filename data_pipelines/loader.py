@@ -1,39 +1,55 @@
 """Streaming WebDataset loader for image-caption pairs with exact, resumable positions.
 
 Stream layout: the data-parallel rank ``r`` runs ``W`` loader workers; worker ``w`` is global
-stream ``g = r * W + w`` of ``G = world * W``. In epoch ``e`` the shard list is permuted with a seed
-derived from (seed, e), and stream ``g`` reads shards ``g, g + G, ...`` of that order (or, with fewer
-shards than streams, every shard keeping samples ``g mod G``), through a shuffle buffer seeded by
-(seed, e, g). Training streams are endless (epoch after epoch); evaluation streams make one pass.
+stream ``g = r * W + w`` of ``G = world * W``. Each source (one ``::`` part of the spec when mixing
+weights are given, else the whole spec) is split over the ``G`` streams independently:
 
-Every batch carries its worker's position (epoch, samples drawn from the shuffled stream). The
-:class:`Loader` records the position of the last batch it handed out per worker; restoring it
-makes each worker replay its stream up to that point without decoding, so a resumed run sees
-exactly the batches an uninterrupted one would have seen. Augmentation randomness is seeded per
-sample from (seed, epoch, stream, index), so skipping needs no RNG replay.
+* ``epoch`` mode: in epoch ``e`` the source's shards are permuted with a seed derived from
+  (seed, source, e) and dealt out whole: stream ``g`` reads shards ``g, g + G, ...`` of that order.
+  With fewer shards than streams every stream reads all of them, keeping the samples whose index
+  is ``g mod G``. Every sample is seen exactly once per epoch over all ranks and workers, whatever
+  the shard count; streams whose epochs are longer (one shard more, bigger shards) simply reach
+  their next epoch later. (Splitting only the last ``S mod G`` shards per sample would even out
+  epoch lengths but make every stream read those shards: up to G times the I/O for them.)
+* ``resampled`` mode: in round ``e`` stream ``g`` draws ``ceil(S / G)`` shards with replacement,
+  seeded by (seed, source, e, g). Endless; no coordination between streams.
+
+Samples then pass a shuffle buffer seeded by (seed, source, e, g). Training streams are endless
+(epoch after epoch, so ranks never run dry at different times); evaluation streams make one pass.
+With several weighted sources each worker picks the source of every sample with its own seeded RNG.
+
+Every batch carries its worker's position: the number of source picks and, per source, (epoch,
+samples drawn). The :class:`Loader` records the position of the last batch it handed out per worker;
+restoring it makes each worker replay its streams to that point without decoding, so a resumed run
+sees exactly the batches an uninterrupted one would have seen. Augmentation randomness is seeded per
+sample from (seed, source, epoch, stream, index), so skipping needs no RNG replay.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 import json
 import logging
-import os
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset.shardlists import expand_urls
 
+from data_pipelines.sources import list_shards, read_shard, split_sources  # noqa: F401  (list_shards re-exported)
 from data_pipelines.tokenizer import ClipTokenizer
 from data_pipelines.transforms import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb, eval_transform, train_transform
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MODES = ("epoch", "resampled")
+# Every reason a sample or shard is skipped; the trainer sums these over ranks in this order.
+SKIP_REASONS = ("tar_error", "unknown_extension", "missing_image", "missing_caption", "empty_caption",
+                "bad_caption_encoding", "corrupt_image", "too_many_pixels")
 log = logging.getLogger(__name__)
 
 
@@ -55,73 +71,100 @@ class StreamConfig:
     rank: int = 0
     world_size: int = 1
     worker_timeout_s: float = 600.0  # a worker silent this long (a hung pipe:, a stuck mount) raises
-
-
-def list_shards(spec: str) -> list[str]:
-    """Expand a shard spec; local shards (plain or ``file://`` paths) must exist."""
-    urls = expand_urls(spec)
-    if not urls:
-        raise ValueError(f"shard spec {spec!r} names no shards")
-    local = [u.removeprefix("file://") for u in urls if "://" not in u.removeprefix("file://") and not u.startswith("pipe:")]
-    missing = [u for u in local if not os.path.exists(u)]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards in {spec!r} do not exist "
-                                f"(first: {missing[0]})")
-    return urls
+    weights: str = ""  # mixing weights of the "::" sources, e.g. "0.7,0.3"; "" = one concatenated source
+    mode: str = "epoch"  # "epoch" (each sample once per epoch) or "resampled" (shards drawn with replacement)
+    jpeg_draft: bool = False  # let libjpeg decode at a reduced scale that still covers the output size
+    # False: images leave the workers as uint8 (4x less to pass between processes and to copy to the
+    # device) and are normalized later in batch (transforms.normalize_images), e.g. on the GPU
+    normalize: bool = True
 
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-class ImageTextStream(torch.utils.data.IterableDataset):
-    """Yields collated batches: image (B,3,H,W) float32, text (B,L) int64, keys, position, skips."""
+def start_position(n_sources: int) -> dict:
+    return {"mix": 0, "src": [[0, 0] for _ in range(n_sources)]}
 
-    def __init__(self, cfg: StreamConfig, start: list[tuple[int, int]] | None = None, first_worker: int = 0,
-                 urls: list[str] | None = None) -> None:
+
+class ImageTextStream(torch.utils.data.IterableDataset):
+    """Yields collated batches: image (B,3,H,W) float32, text (B,L) int64, key, epoch and source per
+    sample, the worker's position and the skips since the previous batch."""
+
+    def __init__(self, cfg: StreamConfig, start: list[dict] | None = None, first_worker: int = 0,
+                 sources: tuple[list[list[str]], list[float]] | None = None) -> None:
         super().__init__()
+        if cfg.mode not in MODES:
+            raise ValueError(f"loader mode {cfg.mode!r}: allowed values are {', '.join(MODES)}")
         self.cfg = cfg
-        self.urls = urls if urls is not None else list_shards(cfg.shards)
-        self.start = start  # per worker (epoch, samples already drawn), or None for the beginning
+        self.sources, self.weights = sources if sources is not None else split_sources(cfg.shards, cfg.weights)
+        self.start = start  # per worker position, or None for the beginning
         # DataLoader takes batches from its workers round-robin starting at process 0; a resumed
         # stream must continue with the logical worker whose turn is next, so process i plays
         # logical worker (first_worker + i) mod W.
         self.first_worker = first_worker
 
-    # -- raw samples -------------------------------------------------------------------------
-    def _raw(self, epoch: int, g: int, n_streams: int, on_error) -> Iterator[dict]:
-        order = list(self.urls)
-        if self.cfg.train:
-            random.Random(_seed(self.cfg.seed, epoch)).shuffle(order)
-        per_sample_split = len(order) < n_streams
-        mine = order if per_sample_split else order[g::n_streams]
-        samples = self._read_shards(mine, on_error)
-        if per_sample_split:
-            samples = (s for i, s in enumerate(samples) if i % n_streams == g)
-        if self.cfg.train and self.cfg.shuffle_buffer > 1:
-            rng = random.Random(_seed(self.cfg.seed, epoch, g))
-            samples = wds.shuffle(self.cfg.shuffle_buffer, min(100, self.cfg.shuffle_buffer), rng=rng)(samples)
+    # -- raw samples of one source -------------------------------------------------------------
+    def _epoch_samples(self, s: int, epoch: int, g: int, n_streams: int, on_error) -> Iterator[dict]:
+        cfg, urls = self.cfg, self.sources[s]
+        if cfg.train and cfg.mode == "resampled":
+            rng = random.Random(_seed(cfg.seed, s, epoch, g, 1))
+            picks = [rng.choice(urls) for _ in range(-(-len(urls) // n_streams))]
+            samples = itertools.chain.from_iterable(read_shard(u, on_error) for u in picks)
+        else:
+            order = list(urls)
+            if cfg.train:
+                random.Random(_seed(cfg.seed, s, epoch)).shuffle(order)
+            if len(order) >= n_streams:  # whole shards dealt out; streams differ by one shard at most
+                samples = itertools.chain.from_iterable(read_shard(u, on_error) for u in order[g::n_streams])
+            else:  # fewer shards than streams: every stream reads all, keeping its share of samples
+                samples = self._shared(order, g, n_streams, on_error)
+        if cfg.train and cfg.shuffle_buffer > 1:
+            rng = random.Random(_seed(cfg.seed, s, epoch, g))
+            samples = wds.shuffle(cfg.shuffle_buffer, min(100, cfg.shuffle_buffer), rng=rng)(samples)
         return samples
 
     @staticmethod
-    def _read_shards(urls: list[str], on_error) -> Iterator[dict]:
-        """Samples of each shard in turn. A shard that fails to read (truncated, corrupt, missing)
-        yields what came before the failure and is reported once to ``on_error``; reading shards
-        one at a time also keeps a key at the end of one shard from merging with the next shard's."""
-        for url in urls:
-            errors: list[Exception] = []
+    def _shared(urls: list[str], g: int, n_streams: int, on_error) -> Iterator[dict]:
+        """Shards read by every stream, each keeping every ``n_streams``-th sample. A broken one is
+        reported by one stream only, so it counts once."""
+        i = 0
+        for j, url in enumerate(urls):
+            report = on_error if j % n_streams == g else (lambda url, exn: None)
+            for sample in read_shard(url, report):
+                if i % n_streams == g:
+                    yield sample
+                i += 1
 
-            def keep_going(exn: Exception, errors: list = errors) -> bool:
-                errors.append(exn)
-                return True
+    def _source(self, s: int, start: tuple[int, int], g: int, n_streams: int,
+                on_error: Callable[[int, str, Exception], None]) -> Iterator[tuple[int, int, dict]]:
+        """(epoch, index in epoch, sample) of source ``s`` from ``start``, epoch after epoch."""
+        first, drawn = start
+        replaying = [drawn > 0]
 
-            yield from wds.tarfile_to_samples(handler=keep_going)([{"url": url}])
-            if errors:
-                on_error(url, errors[0])
+        def report(url: str, exn: Exception) -> None:
+            if not replaying[0]:  # counted once, in the run that first met it
+                on_error(epoch, url, exn)
+
+        for epoch in itertools.count(first) if self.cfg.train else [first]:
+            index = 0
+            for sample in self._epoch_samples(s, epoch, g, n_streams, report):
+                index += 1
+                if index <= drawn:  # fast-forward to the restored position without decoding
+                    replaying[0] = index < drawn
+                    continue
+                yield epoch, index, sample
+            if index == 0 and drawn == 0 and self.cfg.train:
+                raise RuntimeError(f"loader stream {g} of {n_streams} found no samples in source {s} "
+                                   f"({len(self.sources[s])} shards of {self.cfg.shards!r}): fewer samples than "
+                                   "data-parallel ranks x workers, or every shard unreadable")
+            drawn = 0
 
     # -- one sample ----------------------------------------------------------------------------
     def _prepare(self, sample: dict, rng: np.random.Generator | None) -> tuple[np.ndarray, str]:
         image_bytes = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+        if image_bytes is None and "txt" not in sample:
+            raise DecodeError("unknown_extension")
         if image_bytes is None:
             raise DecodeError("missing_image")
         if "txt" not in sample:
@@ -132,93 +175,115 @@ class ImageTextStream(torch.utils.data.IterableDataset):
             raise DecodeError("bad_caption_encoding") from None
         if not text:
             raise DecodeError("empty_caption")
-        img = decode_rgb(image_bytes, self.cfg.max_pixels)
         size = self.cfg.image_size
-        return (train_transform(img, size, rng) if rng is not None else eval_transform(img, size)), text
+        # A random crop keeps >= 0.9 of the area at an aspect in [3/4, 4/3], so its shorter side is
+        # >= ~0.82 of the image's: decoding at >= size / 0.8 never makes the crop upsample.
+        draft = (size * 5 // 4 if rng is not None else size) if self.cfg.jpeg_draft else None
+        img = decode_rgb(image_bytes, self.cfg.max_pixels, draft)
+        norm = self.cfg.normalize
+        return (train_transform(img, size, rng, norm) if rng is not None else eval_transform(img, size, norm)), text
 
     # -- batches -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         w, n_workers = ((info.id + self.first_worker) % info.num_workers, info.num_workers) if info else (0, 1)
         g, n_streams = self.cfg.rank * n_workers + w, self.cfg.world_size * n_workers
-        epoch, drawn = self.start[w] if self.start else (0, 0)
+        n_src = len(self.sources)
+        start = self.start[w] if self.start else start_position(n_src)
         tokenizer = ClipTokenizer(context_length=self.cfg.context_length)
-        skips: Counter = Counter()  # since the last batch; handed out with the next one
-        replaying = drawn > 0
+        skips: Counter = Counter()  # (epoch, reason) since the last batch; handed out with the next one
 
-        def on_error(url: str, exn: Exception) -> None:  # a shard that broke off: count it, go on
-            if not replaying:  # counted once, in the run that first met it
-                skips["tar_error"] += 1
-                log.warning("shard %s is unreadable after its first samples (%s); skipping the rest", url, exn)
+        def on_error(epoch: int, url: str, exn: Exception) -> None:  # a shard that broke off: count it, go on
+            skips[epoch, "tar_error"] += 1
+            log.warning("shard %s is unreadable (%s); skipping the rest of it", url, exn)
 
-        images, texts, keys = [], [], []
-        epochs = itertools.count(epoch) if self.cfg.train else [0]
-        for epoch in epochs:
-            index = 0
-            for sample in self._raw(epoch, g, n_streams, on_error):
-                index += 1
-                if index <= drawn:  # fast-forward to the restored position without decoding
-                    continue
-                replaying = False
-                rng = np.random.default_rng([self.cfg.seed, epoch, g, index]) if self.cfg.train else None
-                try:
-                    image, text = self._prepare(sample, rng)
-                except DecodeError as e:
-                    skips[e.reason] += 1
-                    continue
-                images.append(image), texts.append(text), keys.append(sample["__key__"])
-                if len(images) == self.cfg.batch_size:
-                    yield self._collate(images, texts, keys, tokenizer, w, (epoch, index), skips)
-                    images, texts, keys = [], [], []
-                    skips.clear()
-            if index == 0 and drawn == 0 and self.cfg.train:
-                raise RuntimeError(f"loader stream {g} of {n_streams} found no samples in {self.cfg.shards!r}")
-            drawn = 0
-        if images and not self.cfg.train:
-            yield self._collate(images, texts, keys, tokenizer, w, (0, index), skips)
+        positions = [list(p) for p in start["src"]]
+        streams = [self._source(s, tuple(positions[s]), g, n_streams, on_error) for s in range(n_src)]
+        picks, mix_rng = start["mix"], random.Random(_seed(self.cfg.seed, g, 2))
+        cumulative = list(itertools.accumulate(self.weights))
+        for _ in range(picks):  # replay the source picks made before the restored position
+            mix_rng.random()
+
+        batch: dict[str, list] = {"image": [], "text": [], "key": [], "epoch": [], "source": []}
+        active = list(range(n_src))
+        while active:
+            if n_src > 1 and self.cfg.train:
+                s = min(bisect.bisect_right(cumulative, mix_rng.random() * cumulative[-1]), n_src - 1)
+                picks += 1
+            else:  # one source, or evaluation: the sources one after the other
+                s = active[0]
+            try:
+                epoch, index, sample = next(streams[s])
+            except StopIteration:  # evaluation streams end
+                active.remove(s)
+                continue
+            positions[s] = [epoch, index]
+            rng = np.random.default_rng([self.cfg.seed, s, epoch, g, index]) if self.cfg.train else None
+            try:
+                image, text = self._prepare(sample, rng)
+            except DecodeError as e:
+                skips[epoch, e.reason] += 1
+                continue
+            for k, v in (("image", image), ("text", text), ("key", sample["__key__"]), ("epoch", epoch),
+                         ("source", s)):
+                batch[k].append(v)
+            if len(batch["image"]) == self.cfg.batch_size:
+                yield self._collate(batch, tokenizer, w, {"mix": picks, "src": [list(p) for p in positions]}, skips)
+                batch = {k: [] for k in batch}
+                skips.clear()
+        if batch["image"]:
+            yield self._collate(batch, tokenizer, w, {"mix": picks, "src": positions}, skips)
 
     @staticmethod
-    def _collate(images, texts, keys, tokenizer, worker, position, skips) -> dict:
+    def _collate(batch: dict, tokenizer, worker: int, position: dict, skips: Counter) -> dict:
         return {
-            "image": torch.from_numpy(np.stack(images)),
-            "text": torch.from_numpy(tokenizer(texts)),
-            "key": list(keys),
+            "image": torch.from_numpy(np.stack(batch["image"])),
+            "text": torch.from_numpy(tokenizer(batch["text"])),
+            "key": batch["key"],
+            "epoch": batch["epoch"],
+            "source": batch["source"],
             "worker": worker,
             "position": position,
-            "skipped": dict(skips),
+            "skipped": dict(sum((Counter({r: n}) for (_, r), n in skips.items()), Counter())),
+            # the same per epoch of the skipped sample: a check of "one epoch" needs the skips of epoch 0
+            # that come after its last good sample, handed out with the first batch of epoch 1
+            "skipped_by_epoch": [[e, r, n] for (e, r), n in sorted(skips.items())],
         }
 
 
 class Loader:
     """Iterable over batches of one rank, with ``state_dict``/``load_state_dict`` for resume."""
 
-    def __init__(self, cfg: StreamConfig) -> None:
-        self.urls = list_shards(cfg.shards)  # fails here, in the main process, on a wrong spec or missing file
-        self.cfg = cfg
+    def __init__(self, cfg: StreamConfig, pin_memory: bool = False) -> None:
+        # Fails here, in the main process, on a wrong spec, weights or missing local file.
+        self.sources, self.weights = split_sources(cfg.shards, cfg.weights)
+        if cfg.mode not in MODES:
+            raise ValueError(f"loader mode {cfg.mode!r}: allowed values are {', '.join(MODES)}")
+        self.cfg, self.pin_memory = cfg, pin_memory
         self.n_workers = max(1, cfg.workers)
-        self.positions: list[tuple[int, int]] = [(0, 0)] * self.n_workers
+        self.positions: list[dict] = [start_position(len(self.sources))] * self.n_workers
         self.batches = 0
         self.skipped: Counter = Counter()
         self._identity = hashlib.sha256(json.dumps(
-            {k: v for k, v in asdict(cfg).items() if k not in ("workers", "worker_timeout_s")}, sort_keys=True
+            {k: v for k, v in asdict(cfg).items() if k not in ("workers", "worker_timeout_s", "normalize")}, sort_keys=True
         ).encode()).hexdigest()[:16]
 
     def __iter__(self) -> Iterator[dict]:
         dataset = ImageTextStream(self.cfg, list(self.positions), first_worker=self.batches % self.n_workers,
-                                  urls=self.urls)
+                                  sources=(self.sources, self.weights))
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self.cfg.workers,
-            persistent_workers=False, prefetch_factor=4 if self.cfg.workers else None,
-            pin_memory=torch.cuda.is_available(), timeout=self.cfg.worker_timeout_s if self.cfg.workers else 0,
+            persistent_workers=False, prefetch_factor=4 if self.cfg.workers else None, pin_memory=self.pin_memory,
+            timeout=self.cfg.worker_timeout_s if self.cfg.workers else 0,
         )
         for batch in loader:
-            self.positions[batch["worker"]] = tuple(batch["position"])
+            self.positions[batch["worker"]] = batch["position"]
             self.batches += 1
             self.skipped.update(batch["skipped"])
             yield batch
 
     def state_dict(self) -> dict:
-        return {"batches": self.batches, "positions": [list(p) for p in self.positions],
+        return {"batches": self.batches, "positions": [json.loads(json.dumps(p)) for p in self.positions],
                 "workers": self.n_workers, "world_size": self.cfg.world_size, "identity": self._identity,
                 "skipped": dict(self.skipped)}
 
@@ -230,8 +295,12 @@ class Loader:
                 "skip samples: keep data.workers and the data-parallel size of the saved run"
             )
         if state["identity"] != self._identity:
-            raise LoaderStateError("loader state was saved for different shards, batch size, seed or "
-                                   "transforms; exact resume is impossible")
-        self.positions = [tuple(p) for p in state["positions"]]
+            raise LoaderStateError("loader state was saved for different shards, weights, mode, batch size, seed "
+                                   "or transforms; exact resume is impossible")
+        positions = state["positions"]
+        if not all(isinstance(p, dict) and len(p.get("src", ())) == len(self.sources) for p in positions):
+            raise LoaderStateError("loader state has an unknown layout (saved by an older version); exact resume "
+                                   "is impossible")
+        self.positions = [{"mix": int(p["mix"]), "src": [[int(e), int(d)] for e, d in p["src"]]} for p in positions]
         self.batches = state["batches"]
         self.skipped = Counter(state.get("skipped", {}))

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterator
+
+import torch
+
 from data_pipelines.demo import DemoSpec, shard_spec, write_demo_split
 from data_pipelines.loader import Loader, StreamConfig
+from data_pipelines.sources import ShardSpecError
+from data_pipelines.transforms import normalize_images
 from mtx_dist.config import Config, ConfigError
 from mtx_dist.models.presets import get_preset
 
@@ -39,15 +46,102 @@ def resolve_shards(cfg: Config, local_rank: int) -> tuple[str, str]:
     return specs["train"], specs["val"]
 
 
-def build_loader(cfg: Config, shards: str, train: bool, rank: int, world_size: int) -> Loader:
+def build_loader(cfg: Config, shards: str, train: bool, rank: int, world_size: int, device: str = "cpu"):
+    """The loader of one data-parallel rank: a :class:`Loader` (cpu backend) or a ``DaliLoader``."""
     spec = get_preset(cfg.model.preset)
+    key = "data.train" if train else "data.val"
+    stream = StreamConfig(
+        shards=shards, batch_size=cfg.data.batch_size, image_size=spec.vision.image_size,
+        context_length=spec.text.context_length, train=train, seed=cfg.run.seed,
+        workers=cfg.data.workers if train else min(cfg.data.workers, 1),
+        shuffle_buffer=cfg.data.shuffle_buffer, max_pixels=cfg.data.max_pixels, rank=rank,
+        world_size=world_size, weights=cfg.data.train_weights if train else "", mode=cfg.data.mode,
+        jpeg_draft=cfg.data.jpeg_draft, normalize=not train,  # training batches are normalized by DevicePrefetcher
+    )
     try:
-        return Loader(StreamConfig(
-            shards=shards, batch_size=cfg.data.batch_size, image_size=spec.vision.image_size,
-            context_length=spec.text.context_length, train=train, seed=cfg.run.seed,
-            workers=cfg.data.workers if train else min(cfg.data.workers, 1),
-            shuffle_buffer=cfg.data.shuffle_buffer, max_pixels=cfg.data.max_pixels, rank=rank,
-            world_size=world_size,
-        ))
+        if cfg.data.backend == "dali" and train:  # held-out evaluation stays on the small, exact cpu path
+            from data_pipelines.dali_loader import DaliLoader
+
+            return DaliLoader(stream, device=device, index_dir=cfg.data.dali_index_dir)
+        return Loader(stream, pin_memory=device == "cuda" and cfg.data.prefetch)
+    except ImportError as e:  # the optional DALI extra
+        raise ConfigError(f"config key 'data.backend' = 'dali': {e}; install nvidia-dali-cuda130 (or use cpu)") from None
+    except ShardSpecError as e:
+        raise ConfigError(f"config key '{key}' / 'data.train_weights': {e}") from None
     except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"config key '{'data.train' if train else 'data.val'}' = {shards!r}: {e}") from None
+        raise ConfigError(f"config key '{key}' = {shards!r}: {e}") from None
+
+
+class DevicePrefetcher:
+    """Batches of a loader with ``image``/``text`` on ``device``, uint8 images CLIP-normalized there. On
+    CUDA the next batch is copied from pinned host memory on a side stream while the current step runs;
+    elsewhere it passes through.
+
+    Being one batch ahead, it keeps the loader state of the batches actually handed out:
+    checkpoints must use this object's ``state_dict``/``skipped``, not the loader's."""
+
+    def __init__(self, loader, device: torch.device, enabled: bool = True) -> None:
+        self.loader, self.device = loader, device
+        self.ahead = enabled and device.type == "cuda"
+        self._state, self._skipped = loader.state_dict(), Counter(loader.skipped)
+
+    def state_dict(self) -> dict:
+        return self._state if self.ahead else self.loader.state_dict()
+
+    @property
+    def skipped(self) -> Counter:
+        return self._skipped if self.ahead else self.loader.skipped
+
+    def __iter__(self) -> Iterator[dict]:
+        batches = iter(self.loader)
+        if not self.ahead:
+            for batch in batches:
+                if batch["image"].dtype == torch.uint8:
+                    batch["image"] = normalize_images(batch["image"])
+                yield batch
+            return
+        side = torch.cuda.Stream(self.device)
+
+        def fetch() -> dict | None:
+            batch = next(batches, None)
+            if batch is not None:
+                with torch.cuda.stream(side):
+                    for k in ("image", "text"):
+                        t = batch[k]
+                        if t.device.type == "cpu" and not t.is_pinned():
+                            t = t.pin_memory()
+                        batch[k] = t.to(self.device, non_blocking=True)
+                    if batch["image"].dtype == torch.uint8:
+                        batch["image"] = normalize_images(batch["image"])
+            return batch
+
+        upcoming = fetch()
+        while upcoming is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(side)
+            batch = upcoming
+            for k in ("image", "text"):
+                batch[k].record_stream(main)  # allocated on the side stream, used on the main one
+            self._state, self._skipped = self.loader.state_dict(), Counter(self.loader.skipped)
+            upcoming = fetch()
+            yield batch
+
+
+def skipped_totals(skipped: Counter, group, dp_size: int, device: torch.device) -> dict[str, int]:
+    """Skip counters of this rank summed over the data-parallel group (every rank must call it)."""
+    from data_pipelines.loader import SKIP_REASONS
+
+    counts = torch.tensor([skipped.get(r, 0) for r in SKIP_REASONS], dtype=torch.int64, device=device)
+    if dp_size > 1:
+        torch.distributed.all_reduce(counts, group=group)
+    return dict(zip(SKIP_REASONS, counts.tolist()))
+
+
+def record_keys(path: str, step: int, batch: dict) -> None:
+    """Append the batch's sample keys (and epochs) as one JSON line: a debugging aid for checking
+    which samples a run saw (``MTX_RECORD_KEYS=path``)."""
+    import json
+
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, "key": list(batch["key"]), "epoch": list(batch.get("epoch", [])),
+                            "skipped_by_epoch": batch.get("skipped_by_epoch", [])}) + "\n")
