@@ -1,28 +1,211 @@
-"""Held-out image<->text retrieval."""
+"""Held-out image<->text retrieval and zero-shot classification.
+
+The metric functions take features; :func:`evaluate_shards` reads WebDataset shards of
+``jpg``/``png``/``webp`` + ``txt`` (caption) [+ ``cls`` (integer label)] in one pass with the eval
+transform (shortest-side bicubic resize, center crop, CLIP mean/std) and the CLIP tokenizer.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Zero-shot prompt templates: a class embedding is the renormalized mean of the normalized text
+# embeddings of its name in every template (prompt ensembling). "openai" is a short ensemble in the
+# spirit of CLIP's ImageNet prompts; "simple" a single prompt.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "openai": (
+        "a photo of a {}.",
+        "a picture of a {}.",
+        "a close-up photo of the {}.",
+        "a blurry photo of a {}.",
+        "a bright photo of a {}.",
+        "a drawing of a {}.",
+        "a photo of a small {}.",
+        "a photo of a large {}.",
+        "an image that shows a {}.",
+        "a cropped photo of the {}.",
+    ),
+    "simple": ("a photo of a {}.",),
+}
+
+
+class EvalDataError(ValueError):
+    """Evaluation data that cannot give the requested metrics (no usable samples, bad class file)."""
+
+
+def _rank_of_true(scores: torch.Tensor, true_index: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each row's true candidate: how many others score at least as high (ties count
+    against the match, so a collapsed model with identical features scores 0, not 1)."""
+    true = scores.gather(1, true_index.unsqueeze(1))
+    return (scores >= true).sum(dim=1) - 1
 
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
                       ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@K of image->text and text->image, pair i being the match of item i."""
+    """Recall@K of image->text and text->image, pair i being the match of item i (K <= N only)."""
     sim = image_features.float() @ text_features.float().t()
     n = sim.shape[0]
     target = torch.arange(n)
     out = {}
     for name, scores in (("i2t", sim), ("t2i", sim.t())):
-        # rank of the true match = how many other candidates score at least as high (ties count
-        # against the match, so a collapsed model with identical features scores 0, not 1)
-        true = scores[target, target].unsqueeze(1)
-        rank = (scores >= true).sum(dim=1) - 1
+        rank = _rank_of_true(scores, target)
         for k in ks:
             if k <= n:
-                out[f"{name}_recall_at_{k}"] = (rank < k).float().mean().item()
+                out[f"{name}_recall_at_{k}"] = (rank < k).double().mean().item()
     return out
+
+
+def zero_shot_accuracy(image_features: torch.Tensor, class_features: torch.Tensor, labels: torch.Tensor,
+                       ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Top-K accuracy of classifying each image as its most similar class embedding (K <= classes);
+    a class tied with the true one counts against it."""
+    scores = image_features.float() @ class_features.float().t()
+    rank = _rank_of_true(scores, labels.long())
+    return {f"zeroshot_top{k}": (rank < k).double().mean().item() for k in ks if k <= class_features.shape[0]}
+
+
+def class_embeddings(encode_text: Callable[[torch.Tensor], torch.Tensor], tokenize: Callable[[list[str]], torch.Tensor],
+                     classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """(classes, dim): per class, the mean of the L2-normalized embeddings of its prompts, renormalized."""
+    out = []
+    for name in classnames:
+        feats = F.normalize(encode_text(tokenize([t.format(name) for t in templates])).float(), dim=-1)
+        out.append(F.normalize(feats.mean(dim=0), dim=-1))
+    return torch.stack(out)
+
+
+def read_classnames(path: str) -> list[str]:
+    """One class name per line (label i = line i); blank lines are not allowed in between."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f.read().splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalDataError(f"--classes {path}: cannot read it: {e}") from e
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise EvalDataError(f"--classes {path}: no class names (one per line expected)")
+    blank = [i + 1 for i, ln in enumerate(lines) if not ln]
+    if blank:
+        raise EvalDataError(f"--classes {path}: blank line(s) {blank[:5]}: label i is line i, so none may be empty")
+    return lines
+
+
+# -- reading shards -------------------------------------------------------------------------------
+
+def iter_samples(shards: str, image_size: int, skipped: Counter, max_pixels: int | None = None) -> Iterator[dict]:
+    """One pass over the shards: {"key", "image" (3,H,W float32), "caption" or None, "label" or None}.
+    Samples that cannot be used are skipped and counted in ``skipped`` by reason."""
+    import webdataset as wds
+
+    from data_pipelines.loader import IMAGE_EXTS, list_shards
+    from data_pipelines.transforms import (
+        DEFAULT_MAX_PIXELS,
+        DecodeError,
+        decode_rgb,
+        eval_transform,
+    )
+
+    for url in list_shards(shards):
+        errors: list[Exception] = []
+
+        def keep_going(exn: Exception, errors: list = errors) -> bool:
+            errors.append(exn)
+            return True
+
+        for sample in wds.tarfile_to_samples(handler=keep_going)([{"url": url}]):
+            image_bytes = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+            if image_bytes is None:
+                skipped["missing_image"] += 1
+                continue
+            caption = label = None
+            try:
+                if "txt" in sample:
+                    caption = sample["txt"].decode("utf-8").strip() or None
+                if "cls" in sample:
+                    label = int(sample["cls"].decode("ascii").strip())
+            except (UnicodeDecodeError, ValueError):
+                skipped["bad_text_or_label"] += 1
+                continue
+            if caption is None and label is None:
+                skipped["no_caption_or_label"] += 1
+                continue
+            try:
+                image = eval_transform(decode_rgb(image_bytes, max_pixels or DEFAULT_MAX_PIXELS), image_size)
+            except DecodeError as e:
+                skipped[e.reason] += 1
+                continue
+            yield {"key": sample["__key__"], "image": torch.from_numpy(image), "caption": caption, "label": label}
+        if errors:
+            skipped["tar_error"] += 1
+            log.warning("shard %s is unreadable after its first samples (%s); skipping the rest", url, errors[0])
+
+
+@torch.no_grad()
+def evaluate_shards(model: nn.Module, shards: str, tokenize: Callable[[list[str]], torch.Tensor],
+                    classnames: Sequence[str] | None = None, templates: Sequence[str] = TEMPLATES["openai"],
+                    batch_size: int = 64, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Retrieval over the samples with captions, zero-shot accuracy over those with labels (when
+    ``classnames`` are given). ``model`` has ``encode_image``/``encode_text`` returning normalized
+    features. Returns the metrics with counts (``n_retrieval``, ``n_zeroshot``, ``skipped_<reason>``)."""
+    spec = model.spec
+    skipped: Counter = Counter()
+    images, captions, labels, pending = [], [], [], []
+
+    def flush() -> None:
+        batch = torch.stack([s["image"] for s in pending]).to(device)
+        feats = model.encode_image(batch).float().cpu()
+        for s, f in zip(pending, feats):
+            images.append(f)
+            captions.append(s["caption"])
+            labels.append(s["label"])
+        pending.clear()
+
+    for sample in iter_samples(shards, spec.vision.image_size, skipped):
+        if sample["label"] is not None and classnames is not None and not 0 <= sample["label"] < len(classnames):
+            skipped["label_out_of_range"] += 1
+            sample["label"] = None
+            if sample["caption"] is None:
+                continue
+        pending.append(sample)
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    metrics: dict[str, float] = {f"skipped_{k}": float(v) for k, v in sorted(skipped.items())}
+
+    def encode_text(tokens: torch.Tensor) -> torch.Tensor:
+        return torch.cat([model.encode_text(tokens[i:i + batch_size].to(device)).float().cpu()
+                          for i in range(0, len(tokens), batch_size)])
+
+    with_caption = [i for i, c in enumerate(captions) if c is not None]
+    if with_caption:
+        img = torch.stack([images[i] for i in with_caption])
+        txt = encode_text(tokenize([captions[i] for i in with_caption]))
+        metrics.update(retrieval_metrics(img, txt))
+    metrics["n_retrieval"] = float(len(with_caption))
+    if classnames is not None:
+        with_label = [i for i, lab in enumerate(labels) if lab is not None]
+        if not with_label:
+            raise EvalDataError(f"--classes given, but no sample in {shards!r} has a usable .cls label "
+                                f"(0..{len(classnames) - 1})")
+        classes = class_embeddings(encode_text, tokenize, classnames, templates)
+        metrics.update(zero_shot_accuracy(torch.stack([images[i] for i in with_label]), classes,
+                                          torch.tensor([labels[i] for i in with_label])))
+        metrics["n_zeroshot"] = float(len(with_label))
+    elif not with_caption:
+        raise EvalDataError(f"no sample in {shards!r} has a caption (.txt); for zero-shot classification pass "
+                            f"--classes")
+    return metrics
 
 
 @torch.no_grad()

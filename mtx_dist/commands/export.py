@@ -1,0 +1,52 @@
+"""``mtx-dist export``: the frozen encoder of a run or checkpoint, as Meta-Transformer and/or OpenCLIP files."""
+
+from __future__ import annotations
+
+import argparse
+
+from mtx_dist.export.common import DTYPES, FORMATS, ExportError
+from mtx_dist.export.source import SourceError
+from mtx_dist.interop.openclip import OpenClipImportError
+from mtx_dist.parallel.consolidate import CheckpointLayoutError
+
+ERRORS = (ExportError, SourceError, CheckpointLayoutError, OpenClipImportError)
+
+
+def _formats(text: str) -> list[str]:
+    formats = [f.strip() for f in text.split(",") if f.strip()]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(FORMATS)} (comma-separated for several)")
+    return formats
+
+
+def _run(args: argparse.Namespace) -> int:
+    import os
+
+    from mtx_dist.export.source import load_checkpoint
+    from mtx_dist.export.writers import write_export
+
+    source = load_checkpoint(args.source, args.preset)
+    path = write_export(source.state_dict, source.spec, source.preset, args.out, source.info, args.format,
+                        DTYPES[args.dtype])
+    names = sorted(f for f in os.listdir(args.out) if not f.endswith(".tmp"))
+    print(f"exported {source.preset} ({', '.join(args.format)}, {args.dtype}) from {source.info['checkpoint']} "
+          f"(step {source.info['step']}) to {os.path.abspath(args.out)}: {', '.join(names)}")
+    print(f"manifest: {path}")
+    return 0
+
+
+def register(sub) -> None:
+    e = sub.add_parser("export", help="export the frozen encoder of a run or checkpoint",
+                       description="Consolidate a checkpoint (any ZeRO stage, any tensor-parallel size) and write "
+                                   "the encoder: 'metatransformer' = the image blocks as Meta-Transformer loads them "
+                                   "(encoder.safetensors, encoder.pth); 'open_clip' = both towers as an OpenCLIP "
+                                   "model (open_clip_model.safetensors + open_clip_config.json). manifest.json "
+                                   "records geometry, preprocessing, provenance and file hashes.")
+    e.add_argument("source", help="run directory (its latest checkpoint) or a checkpoint directory")
+    e.add_argument("--format", type=_formats, required=True, metavar="F",
+                   help=f"{' | '.join(FORMATS)}, or both comma-separated")
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="tensor dtype of the files (default fp32)")
+    e.add_argument("--preset", help="model preset, only for checkpoints saved without their config.toml")
+    e.set_defaults(func=_run)

@@ -1,0 +1,122 @@
+"""Write the export formats from a full (unsharded) state dict.
+
+``metatransformer``: the image tower's blocks alone as a bare state dict, keys ``0.norm1.weight`` ...
+``{depth-1}.mlp.fc2.bias`` -- the layout Meta-Transformer loads with ``strict=True`` into
+``nn.Sequential(*[timm Block(dim, heads, mlp_ratio=4., qkv_bias=True, norm_layer=nn.LayerNorm,
+act_layer=nn.GELU)])`` -- as ``encoder.safetensors`` and ``encoder.pth`` (a plain dict of tensors
+for ``torch.load(weights_only=True)``).
+
+``open_clip``: both towers as an OpenCLIP ``CLIP`` state dict in ``open_clip_model.safetensors``,
+with ``open_clip_config.json`` (``model_cfg`` + ``preprocess_cfg``) beside it, so that
+``open_clip.create_model('local-dir:DIR')`` builds and loads it; for the vit-b16/vit-l14 presets
+``open_clip.create_model('ViT-B-16' / 'ViT-L-14', pretrained=DIR/open_clip_model.safetensors)`` works
+too, and for other geometries ``mtx-<preset>.json`` is a model config for ``open_clip.add_model_config``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from data_pipelines.transforms import CLIP_MEAN, CLIP_STD
+from mtx_dist.export.common import (
+    ENCODER_FILE,
+    ENCODER_PTH,
+    FORMATS,
+    MANIFEST_FILE,
+    OPENCLIP_CONFIG,
+    OPENCLIP_FILE,
+    ExportError,
+    manifest,
+    prepare,
+    write_json,
+    write_safetensors,
+    write_torch,
+)
+from mtx_dist.interop.openclip import OPENCLIP_ARCH, model_config, to_openclip
+from mtx_dist.models.presets import ModelSpec
+
+BLOCK_PREFIX = "visual.blocks."
+
+
+def encoder_blocks(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The image tower's blocks, renamed ``visual.blocks.N.x`` -> ``N.x`` (a pure slice: names match timm)."""
+    blocks = {k[len(BLOCK_PREFIX):]: v for k, v in state_dict.items() if k.startswith(BLOCK_PREFIX)}
+    if not blocks:
+        raise KeyError(f"no '{BLOCK_PREFIX}*' tensors in the state dict: not a mtx-dist contrastive model")
+    return blocks
+
+
+def openclip_arch(preset: str) -> str:
+    """The OpenCLIP model name to build this export with (built-in, or the config we write)."""
+    return OPENCLIP_ARCH.get(preset, f"mtx-{preset}")
+
+
+def _write_metatransformer(state_dict, out_dir: str, dtype: torch.dtype) -> dict[str, int]:
+    blocks = prepare(encoder_blocks(state_dict), dtype)
+    write_safetensors(blocks, os.path.join(out_dir, ENCODER_FILE), "metatransformer-blocks")
+    write_torch(blocks, os.path.join(out_dir, ENCODER_PTH))
+    return {ENCODER_FILE: len(blocks), ENCODER_PTH: len(blocks)}
+
+
+def _write_openclip(state_dict, spec: ModelSpec, preset: str, out_dir: str, dtype: torch.dtype
+                    ) -> tuple[dict[str, int | None], dict]:
+    tensors = prepare(to_openclip(state_dict, spec), dtype)
+    write_safetensors(tensors, os.path.join(out_dir, OPENCLIP_FILE), "open_clip")
+    cfg = model_config(spec, logit_bias="logit_bias" in tensors)
+    preprocess = {"size": spec.vision.image_size, "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
+                  "interpolation": "bicubic", "resize_mode": "shortest"}
+    write_json({"model_cfg": cfg, "preprocess_cfg": preprocess}, os.path.join(out_dir, OPENCLIP_CONFIG))
+    files: dict[str, int | None] = {OPENCLIP_FILE: len(tensors), OPENCLIP_CONFIG: None}
+    arch = openclip_arch(preset)
+    # Load hints name the export folder symbolically: a copied export stays byte-identical.
+    weights = f"DIR/{OPENCLIP_FILE}"
+    if preset not in OPENCLIP_ARCH:
+        write_json(cfg, os.path.join(out_dir, f"{arch}.json"))
+        files[f"{arch}.json"] = None
+        by_name = f"open_clip.add_model_config('DIR'); open_clip.create_model('{arch}', pretrained='{weights}')"
+    elif "logit_bias" in tensors:  # the built-in config has no logit bias
+        by_name = f"open_clip.create_model('{arch}', pretrained='{weights}', init_logit_bias=0.0)"
+    else:
+        by_name = f"open_clip.create_model('{arch}', pretrained='{weights}')"
+    info = {"open_clip": {"arch": arch, "model_cfg": cfg, "load": "open_clip.create_model('local-dir:DIR')",
+                          "load_by_name": by_name, "DIR": "the folder holding this manifest"}}
+    return files, info
+
+
+def write_export(state_dict: dict[str, torch.Tensor], spec: ModelSpec, preset: str, out_dir: str, source: dict,
+                 formats: list[str] | tuple[str, ...] = ("metatransformer",),
+                 dtype: torch.dtype = torch.float32) -> str:
+    """Write the requested formats and ``manifest.json`` (last) into ``out_dir``; returns the manifest path."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ExportError(f"export format {unknown or formats!r}: choose from {', '.join(FORMATS)}")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ExportError(f"export dtype {dtype}: fp32 or bf16")
+    formats = [f for f in FORMATS if f in formats]  # a fixed order, whatever order they were asked in
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    # A previous export here goes first, manifest before files: an interrupted export then fails
+    # verification plainly, and files of a format not asked for this time do not linger.
+    for name in [MANIFEST_FILE, ENCODER_FILE, ENCODER_PTH, OPENCLIP_FILE, OPENCLIP_CONFIG,
+                 *(f for f in sorted(os.listdir(out_dir)) if f.startswith("mtx-") and f.endswith(".json"))]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, name))
+    files: dict[str, int | None] = {}
+    extra: dict = {}
+    if "metatransformer" in formats:
+        files.update(_write_metatransformer(state_dict, out_dir, dtype))
+    if "open_clip" in formats:
+        more, extra = _write_openclip(state_dict, spec, preset, out_dir, dtype)
+        files.update(more)
+    path = os.path.join(out_dir, MANIFEST_FILE)
+    write_json(manifest(formats, spec, preset, source, dtype, out_dir, files, extra), path)
+    return path
+
+
+def export_encoder(state_dict: dict[str, torch.Tensor], spec: ModelSpec, preset: str, out_dir: str,
+                   source: dict, dtype: torch.dtype = torch.float32) -> str:
+    """The Meta-Transformer export (encoder.safetensors, encoder.pth, manifest.json); returns the manifest path."""
+    return write_export(state_dict, spec, preset, out_dir, source, ("metatransformer",), dtype)

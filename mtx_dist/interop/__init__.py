@@ -1,0 +1,1 @@
+"""Name mappings between our state dicts and other projects' formats."""
