@@ -1,0 +1,213 @@
+"""Folder modalities: audio (.wav), point clouds (.npy) and images (.png/.jpg/.npy).
+
+Labels come from ``labels.csv`` in the folder (a ``file`` column with paths relative to the folder,
+plus the target column), or else from class sub-folders (``<folder>/<class>/<sample>``). Files of
+other types are left out and counted. A file that cannot be used stops reading with a
+:class:`DataError` naming it, or, with ``skip_bad``, is left out and counted (``bad_files_skipped``).
+Steps as in ``data.py``: read, fit (training split), transform.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mtx_dist.adapt.audio import fit_clip, fixed_length, log_mel, mel_filterbank, read_wav
+from mtx_dist.adapt.data import DataError, Raw, is_missing, read_table
+from mtx_dist.adapt.pointcloud import normalize_cloud, resample_cloud
+
+LABELS_FILE = "labels.csv"
+log = logging.getLogger(__name__)
+
+
+def list_samples(path: str, suffixes: tuple[str, ...], target: str, labelled: bool) -> Raw:
+    """-> Raw with ``items`` = file paths and ``targets`` = labels (None when the folder has none)."""
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: not a folder (this modality reads a folder of {'/'.join(suffixes)} files)")
+    labels = os.path.join(path, LABELS_FILE)
+    info = {}
+    if os.path.isfile(labels):
+        columns, rows = read_table(labels)
+        if "file" not in columns:
+            raise DataError(f"{labels}: needs a 'file' column (paths relative to {path}); columns: {columns}")
+        has_target = target in columns
+        if labelled and not has_target:
+            raise DataError(f"{labels}: no column {target!r} (the target); columns are: {', '.join(columns)}")
+        if labelled:
+            info["rows_without_target_skipped"] = sum(is_missing(r[target]) for r in rows)
+            rows = [r for r in rows if not is_missing(r[target])]
+        files = [os.path.join(path, r["file"]) for r in rows]
+        for f in files:
+            if not os.path.isfile(f):
+                raise DataError(f"{labels}: lists {f}, which does not exist")
+        targets = [r[target] for r in rows] if has_target else None
+    else:
+        files, ignored = [], 0
+        for root, dirs, names in os.walk(path):
+            dirs.sort()
+            for n in sorted(names):
+                if n.lower().endswith(suffixes):
+                    files.append(os.path.join(root, n))
+                else:
+                    ignored += 1
+        info["other_files_ignored"] = ignored
+        classes = [os.path.relpath(f, path).split(os.sep)[0] if os.sep in os.path.relpath(f, path) else None
+                   for f in files]
+        unlabelled = [f for f, c in zip(files, classes) if c is None]
+        if labelled and unlabelled:
+            raise DataError(f"{path}: {unlabelled[0]} (and {len(unlabelled) - 1} more) lie outside class "
+                            f"sub-folders and there is no {LABELS_FILE}: the labels are unknown")
+        targets = None if unlabelled else classes
+    if not files:
+        raise DataError(f"{path}: no {'/'.join(suffixes)} files")
+    return Raw(files, targets, [os.path.relpath(f, path) for f in files], info)
+
+
+def load_each(raw: Raw, load, skip_bad: bool) -> Raw:
+    """Replace each file path in ``raw.items`` by ``load(path)``; a file ``load`` rejects with a
+    DataError stops reading, or with ``skip_bad`` is dropped (with its target and id) and counted."""
+    keep, items, bad = [], [], []
+    for k, f in enumerate(raw.items):
+        try:
+            items.append(load(f))
+            keep.append(k)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            bad.append(str(e))
+    if not items:
+        raise DataError(f"no usable file among {len(raw.items)}; the first problem: {bad[0]}")
+    raw.items, raw.ids = items, [raw.ids[k] for k in keep]
+    raw.targets = None if raw.targets is None else [raw.targets[k] for k in keep]
+    if bad:
+        raw.info.update(bad_files_skipped=len(bad), bad_files_first=bad[:3])
+        log.warning("left out %d unusable files, e.g. %s", len(bad), bad[0])
+    return raw
+
+
+class AudioIO:
+    @staticmethod
+    def read(path, cfg, labelled, pre=None) -> Raw:
+        raw = list_samples(path, (".wav",), cfg.target, labelled)
+        rate = pre["sample_rate"] if pre else (cfg.sample_rate or None)
+
+        def load(f: str) -> np.ndarray:
+            nonlocal rate
+            w, rate = read_wav(f, rate)  # the first file fixes the rate when none is configured
+            return w
+
+        load_each(raw, load, cfg.skip_bad)
+        raw.info["sample_rate"] = rate
+        return raw
+
+    @staticmethod
+    def fit(raw, train_idx, cfg, manifest) -> tuple[dict, dict]:
+        rate = raw.info["sample_rate"]
+        clip = cfg.clip_samples or fit_clip([raw.items[i] for i in train_idx], cfg.hop)
+        fbank = mel_filterbank(rate, cfg.n_fft, cfg.n_mels)
+        waves, _ = fixed_length([raw.items[i] for i in train_idx], clip)
+        feats = torch.cat([log_mel(chunk, fbank, cfg.n_fft, cfg.hop).flatten() for chunk in waves.split(64)])
+        settings = {"sample_rate": rate, "clip_samples": clip, "n_fft": cfg.n_fft, "hop": cfg.hop,
+                    "n_mels": cfg.n_mels, "patch": cfg.patch or 16, "mean": float(feats.mean()),
+                    "std": float(feats.std().clamp_min(1e-6))}
+        return {"sample_rate": rate, "clip_samples": clip}, settings
+
+    @staticmethod
+    def transform(raw, pre, settings) -> torch.Tensor:
+        x, cropped = fixed_length(raw.items, pre["clip_samples"])
+        raw.info["clips_cropped"] = cropped
+        return x
+
+
+class PointCloudIO:
+    @staticmethod
+    def read(path, cfg, labelled, pre=None) -> Raw:
+        raw = list_samples(path, (".npy",), cfg.target, labelled)
+
+        def load(f: str) -> np.ndarray:
+            try:
+                a = np.load(f, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise DataError(f"{f}: not a readable .npy array ({e})") from e
+            if a.ndim != 2 or a.shape[1] < 3 or not np.issubdtype(a.dtype, np.number):
+                raise DataError(f"{f}: shape {a.shape} {a.dtype}; a point cloud is a numeric (N, 3+features) array")
+            if not np.isfinite(a).all():
+                raise DataError(f"{f}: contains NaN or infinite coordinates")
+            return a.astype(np.float32)
+
+        load_each(raw, load, cfg.skip_bad)
+        channels = {c.shape[1] for c in raw.items}
+        if len(channels) > 1:
+            raise DataError(f"{path}: clouds have different numbers of channels per point: {sorted(channels)}")
+        return raw
+
+    @staticmethod
+    def fit(raw, train_idx, cfg, manifest) -> tuple[dict, dict]:
+        n = cfg.points
+        pre = {"points": n, "normalize": cfg.normalize_points, "seed": cfg.seed}
+        return pre, {"channels": int(raw.items[0].shape[1]), "groups": min(cfg.groups, n),
+                     "neighbours": min(cfg.neighbours, n)}
+
+    @staticmethod
+    def transform(raw, pre, settings) -> torch.Tensor:
+        out = []
+        for cloud, key in zip(raw.items, raw.ids):
+            c = normalize_cloud(cloud) if pre["normalize"] else cloud
+            # Seeded by the file name, so a file gets the same points wherever it sits in a folder.
+            out.append(resample_cloud(c, pre["points"], pre["seed"] ^ zlib.crc32(key.encode())))
+        return torch.from_numpy(np.stack(out))
+
+
+class ImageIO:
+    """Images are resized (bicubic, no crop: the aspect ratio is not kept) to the tokenizer's size and
+    normalised with the encoder's preprocessing mean/std. ``.npy``: (H, W) or (H, W, 3), uint8 0..255
+    or float 0..1."""
+
+    @staticmethod
+    def read(path, cfg, labelled, pre=None) -> Raw:
+        from PIL import Image
+
+        raw = list_samples(path, (".png", ".jpg", ".jpeg", ".npy"), cfg.target, labelled)
+
+        def load(f: str) -> np.ndarray:
+            try:
+                if f.lower().endswith(".npy"):
+                    a = np.load(f, allow_pickle=False)
+                else:
+                    with Image.open(f) as im:
+                        a = np.asarray(im.convert("RGB"))
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise DataError(f"{f}: not a readable image ({e})") from e
+            if a.ndim == 2:
+                a = np.repeat(a[..., None], 3, axis=2)
+            if a.ndim != 3 or a.shape[2] != 3 or not np.issubdtype(a.dtype, np.number):
+                raise DataError(f"{f}: shape {a.shape} {a.dtype}; expected numeric (H, W) or (H, W, 3)")
+            return a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
+
+        return load_each(raw, load, cfg.skip_bad)
+
+    @staticmethod
+    def fit(raw, train_idx, cfg, manifest) -> tuple[dict, dict]:
+        enc, prep = manifest.get("encoder", {}), manifest.get("preprocessing", {})
+        size = cfg.image_size or int(enc.get("image_size", 224))
+        pre = {"mean": list(prep.get("mean", (0.5, 0.5, 0.5))), "std": list(prep.get("std", (0.5, 0.5, 0.5)))}
+        return pre, {"image_size": size, "patch": cfg.patch or int(enc.get("patch_size", 16))}
+
+    @staticmethod
+    def transform(raw, pre, settings) -> torch.Tensor:
+        size = settings["image_size"]
+        mean = torch.tensor(pre["mean"]).view(3, 1, 1)
+        std = torch.tensor(pre["std"]).view(3, 1, 1)
+        out = []
+        for a in raw.items:
+            x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
+            if x.shape[1:] != (size, size):
+                x = F.interpolate(x[None], size=(size, size), mode="bicubic", antialias=True,
+                                  align_corners=False)[0].clamp(0, 1)
+            out.append((x - mean) / std)
+        return torch.stack(out)
