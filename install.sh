@@ -36,3 +36,21 @@ fi
 
 # DS_BUILD_OPS=0: DeepSpeed JIT-builds the few ops it needs; the pure-Python wheel builds in seconds.
 DS_BUILD_OPS=0 "$py" -m pip install -c "$constraints" -e "$here[$extras]"
+
+# tests/slurm start a real two-node SLURM cluster on this host (munged, slurmctld, two slurmd).
+if [ "${1:-}" = test ]; then
+  missing=()
+  for b in sbatch slurmctld slurmd munged; do
+    command -v "$b" >/dev/null 2>&1 || [ -x "/usr/sbin/$b" ] || missing+=("$b")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "install.sh: SLURM not found (${missing[*]}): installing slurm-wlm and munge with apt-get for tests/slurm"
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq && apt-get install -y -qq --no-install-recommends slurm-wlm munge
+    else
+      echo "install.sh: SLURM not found (${missing[*]}); tests/slurm need it. As root on Debian/Ubuntu:" \
+           "apt-get install -y --no-install-recommends slurm-wlm munge" >&2
+    fi
+  fi
+fi

@@ -1,5 +1,8 @@
-"""Launch-environment discovery. A leaf package: standard library only (+ torch.distributed)."""
+"""Launch environment: discovery, launcher commands, preemption signals. A leaf package: standard
+library only (+ torch.distributed for the preemption all-reduce)."""
 
-from launchers.env import DistEnv, LaunchEnvError, discover
+from launchers.env import DistEnv, LaunchEnvError, RendezvousError, discover
+from launchers.slurm import NodelistError, parse_nodelist, parse_tasks_per_node
 
-__all__ = ["DistEnv", "LaunchEnvError", "discover"]
+__all__ = ["DistEnv", "LaunchEnvError", "NodelistError", "RendezvousError", "discover", "parse_nodelist",
+           "parse_tasks_per_node"]
