@@ -3,79 +3,398 @@
 Default store: ``sqlite:///mlflow.db`` in the working directory (MLflow's own default), unless
 ``tracking.uri`` or ``$MLFLOW_TRACKING_URI`` says otherwise. MLflow's telemetry is switched off
 unless the user has set ``MLFLOW_DISABLE_TELEMETRY`` / ``DO_NOT_TRACK`` themselves.
+
+Tracking never stops training. Every MLflow call goes through one guard: a failure (server down,
+store locked, network) is warned about (rate-limited), metric points stay in a bounded buffer and
+the whole pending work (creating the run, params, metrics, artifacts, model registration) is tried
+again on a later call after a backoff, and once more at the end. What still could not be delivered
+is counted and written to ``<run.dir>/mlflow_undelivered.jsonl``.
+
+A requeued job continues its MLflow run: the run id travels in the checkpoint, and rank 0 also keeps
+it in ``<run.dir>/mlflow_run_id`` (with the store's URI) for a job stopped before its first checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
+import subprocess
+import time
+from collections import deque
 from typing import Any
 
 from mtx_dist.config import TrackingConfig
 
 log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"
+RUN_ID_FILE = "mlflow_run_id"
+UNDELIVERED_FILE = "mlflow_undelivered.jsonl"
+WARN_EVERY_S = 300.0  # while the store stays unreachable, repeat the warning at most this often
+MAX_BACKOFF = 8  # the wait between attempts doubles up to this multiple of tracking.retry_s
+# MLflow's batch limits (log_batch): 1000 metrics, 100 params, 100 tags per request.
+METRICS_PER_BATCH, PARAMS_PER_BATCH = 1000, 100
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
     return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
-def _import_mlflow():
+def _same_store(a: str, b: str) -> bool:
+    """URIs equal after making a relative sqlite path absolute (sqlite:///mlflow.db)."""
+    def norm(u: str) -> str:
+        if u.startswith("sqlite:///") and not u.startswith("sqlite:////"):
+            return "sqlite:///" + os.path.abspath(u[len("sqlite:///"):])
+        return u.rstrip("/")
+    return norm(a) == norm(b)
+
+
+def _import_mlflow(cfg: TrackingConfig):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow's REST client retries a failed request 7 times with exponential backoff and waits up to
+    # 120 s for an answer: minutes of a stalled training step per call. Our guard retries instead.
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(cfg.request_timeout_s)
+    for name in ("mlflow", "alembic", "urllib3.connectionpool"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     import mlflow
     return mlflow
 
 
-class Tracker:
-    """A thin MLflow run handle. ``active`` is False off rank 0 or when tracking is disabled."""
+# -- run tags: code version and where the job ran -----------------------------------------------
 
-    def __init__(self, cfg: TrackingConfig, active: bool) -> None:
+def git_info(path: str | None = None, timeout_s: float = 5.0) -> tuple[str, str]:
+    """(commit, dirty) of the git checkout holding ``path`` (default: this package), or ("unknown", "unknown").
+
+    Read with git itself: MLflow's own git tag describes the entry script's repository, which is not
+    necessarily where this package's code lives, and it records no uncommitted changes."""
+    cwd = path or os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                                timeout=timeout_s)
+        # An installed package can sit inside some unrelated repository (a virtualenv in a project):
+        # the commit only describes this code if git tracks files here.
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "--", "."], cwd=cwd, capture_output=True,
+                                 text=True, timeout=timeout_s)
+        if commit.returncode != 0 or tracked.returncode != 0:
+            return "unknown", "unknown"
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                capture_output=True, text=True, timeout=timeout_s)
+        dirty = "unknown" if status.returncode != 0 else str(bool(status.stdout.strip())).lower()
+        return commit.stdout.strip(), dirty
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown", "unknown"
+
+
+def host_ranges(hosts: list[str]) -> str:
+    """Rank-ordered host names as ``a:0-7,b:8-15`` (one entry per contiguous block of ranks)."""
+    parts, start = [], 0
+    for r in range(1, len(hosts) + 1):
+        if r == len(hosts) or hosts[r] != hosts[start]:
+            parts.append(f"{hosts[start]}:{start}" + (f"-{r - 1}" if r - 1 > start else ""))
+            start = r
+    return ",".join(parts)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("mtx-dist")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+SLURM_TAGS = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_ARRAY_JOB_ID": "slurm.array_job_id",
+              "SLURM_ARRAY_TASK_ID": "slurm.array_task_id", "SLURM_RESTART_COUNT": "slurm.restart_count",
+              "SLURM_JOB_NODELIST": "slurm.nodelist", "SLURM_JOB_PARTITION": "slurm.partition"}
+
+
+def launcher_name(source: str, environ=None) -> str:
+    """The discovery's source, naming the launcher behind plain RANK/WORLD_SIZE variables where its own
+    marker variables show it (only for the record: discovery treats both the same)."""
+    env = os.environ if environ is None else environ
+    if source == "env" and "TORCHELASTIC_RUN_ID" in env:
+        return "torchrun"
+    if source == "env" and "CROSS_RANK" in env and "LOCAL_SIZE" in env:
+        return "deepspeed"
+    return source
+
+
+def cluster_tags(env, tp_size: int, dp_size: int, enabled: bool = True) -> dict[str, str]:
+    """Tags describing this job. A collective when the world has more than one rank (every rank must
+    call it; only rank 0's result is used): the host names of all ranks are gathered once."""
+    if not enabled:
+        return {}
+    hosts = [socket.gethostname()]
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        hosts = [None] * dist.get_world_size()
+        dist.all_gather_object(hosts, socket.gethostname())
+    if env.rank != 0:
+        return {}
+    commit, dirty = git_info()
+    tags = {"world_size": env.world_size, "tensor_parallel": tp_size, "data_parallel": dp_size,
+            "launcher": launcher_name(env.source), "hosts": host_ranges(hosts)[:5000], "num_hosts": len(set(hosts)),
+            "mtx_dist.version": _version(), "mtx_dist.git_commit": commit, "mtx_dist.git_dirty": dirty}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit  # shown by MLflow's UI
+    tags.update({tag: os.environ[var] for var, tag in SLURM_TAGS.items() if os.environ.get(var)})
+    return {k: str(v) for k, v in tags.items()}
+
+
+# -- the tracker ---------------------------------------------------------------------------------
+
+class Tracker:
+    """An MLflow run handle that never raises on the training path. ``active`` is False off rank 0
+    or when tracking is disabled; then every method does nothing."""
+
+    def __init__(self, cfg: TrackingConfig, active: bool, run_dir: str | None = None) -> None:
         self.cfg = cfg
         self.active = active and cfg.enabled
         self.uri = tracking_uri(cfg)
+        self.run_dir = run_dir
         self.run_id: str | None = None
-        self._mlflow = None
+        self.delivered = 0  # metric points the store accepted
+        self.dropped = 0  # metric points pushed out of the full buffer
+        self._client = None
+        self._start: dict[str, Any] | None = None
+        self._setup_done = False
+        self._buffer: deque = deque()
+        self._artifacts: list[tuple[str, str]] = []
+        self._registrations: list[str] = []
+        self._failures = 0
+        self._next_try = 0.0
+        self._last_warn = -float("inf")
+
+    # public API ------------------------------------------------------------------------------
 
     def start(self, run_name: str, params: dict[str, Any], config_toml: str, run_id: str | None = None,
-              step: int = 0) -> str | None:
-        """Start a run, or continue ``run_id`` (a resumed training run keeps its MLflow run)."""
+              step: int = 0, tags: dict[str, str] | None = None, resume: bool = False) -> str | None:
+        """Start a run, or continue ``run_id`` (a resumed training run keeps its MLflow run). With
+        ``resume`` and no ``run_id``, the run recorded in ``<run_dir>/mlflow_run_id`` for the same store
+        continues. Returns the run id, or None while the store cannot be reached (creating the run is
+        then retried with the next metrics)."""
         if not self.active:
             return None
-        mlflow = self._mlflow = _import_mlflow()
-        mlflow.set_tracking_uri(self.uri)
-        run = None
-        if run_id is not None:
-            try:
-                run = mlflow.start_run(run_id=run_id)
-            except mlflow.exceptions.MlflowException as e:  # e.g. the store changed since the checkpoint
-                log.warning("cannot continue MLflow run %s in %s (%s); starting a new run", run_id, self.uri, e)
-                run_id = None
-        if run is None:
-            mlflow.set_experiment(self.cfg.experiment)
-            run = mlflow.start_run(run_name=run_name)
-        self.run_id = run.info.run_id
-        logged = run.data.params
-        fresh = {k: str(v) for k, v in params.items() if k not in logged}
-        changed = {k: str(v) for k, v in params.items() if k in logged and logged[k] != str(v)}
-        if fresh:
-            mlflow.log_params(fresh)
-        if changed:  # MLflow params are immutable: record what a resumed run changed as tags
-            mlflow.set_tags({f"resumed_override.{k}": v for k, v in changed.items()})
-        mlflow.log_text(config_toml, "config.toml" if run_id is None else f"config-resumed-step{step}.toml")
+        if run_id is None and resume:
+            run_id = self._recorded_run_id()
+        self._start = {"name": run_name, "params": params, "toml": config_toml, "run_id": run_id, "step": step,
+                       "tags": dict(tags or {})}
+        self._attempt(force=True)
         return self.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.active and self._mlflow is not None:
-            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        if not self.active or self._start is None:
+            return
+        now = int(time.time() * 1000)  # the time of the measurement, also for points delivered later
+        for k, v in metrics.items():
+            if len(self._buffer) >= self.cfg.buffer:
+                self._buffer.popleft()  # keep the newest points
+                self.dropped += 1
+                if self.dropped == 1:
+                    log.warning("MLflow: the buffer of %d metric points is full; dropping the oldest (counted, "
+                                "reported at the end)", self.cfg.buffer)
+            self._buffer.append((k, float(v), now, int(step)))
+        self._attempt()
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
-        if self.active and self._mlflow is not None:
-            self._mlflow.log_artifacts(local_dir, artifact_path)
+        if self.active and self._start is not None:
+            self._artifacts.append((local_dir, artifact_path))
+            self._attempt()
+
+    def register_model(self, artifact_path: str) -> None:
+        """Register ``runs:/<run>/<artifact_path>`` as a new version of model ``tracking.register_as``
+        (after those artifacts are uploaded). A store without a model registry only warns."""
+        if self.active and self._start is not None and self.cfg.register_as:
+            self._registrations.append(artifact_path)
+            self._attempt()
+
+    @property
+    def undelivered(self) -> int:
+        return len(self._buffer) + self.dropped
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.active and self._mlflow is not None and self._mlflow.active_run() is not None:
-            self._mlflow.end_run(status=status)
+        """Last delivery attempt (whatever the backoff), end the run, report what was not delivered."""
+        if not self.active or self._start is None:
+            return
+        if self._attempt(force=True) and self.run_id is not None:
+            try:
+                self._client.set_terminated(self.run_id, status)
+            except Exception as e:  # noqa: BLE001 - the run stays RUNNING in the store; training is done
+                self._fail(e, "ending the run")
+        lost = self.undelivered
+        if self.run_id is None:
+            log.warning("MLflow: no run could be created in %s; nothing was tracked", self.uri)
+        if lost or self._artifacts:
+            where = self._write_undelivered()
+            log.warning("MLflow: %d metric points (%d dropped from the full buffer of %d) and %d artifact "
+                        "uploads were not delivered to %s%s", lost, self.dropped, self.cfg.buffer,
+                        len(self._artifacts), self.uri, f"; the points kept are in {where}" if where else "")
+        self._start = None
+
+    # the guard -------------------------------------------------------------------------------
+
+    def _attempt(self, force: bool = False) -> bool:
+        """Deliver everything pending unless waiting out a backoff. True when nothing is pending."""
+        if not force and time.monotonic() < self._next_try:
+            return False
+        try:
+            self._deliver()
+        except Exception as e:  # noqa: BLE001 - anything the store or the network throws; training goes on
+            self._fail(e, "logging")
+            return False
+        if self._failures:
+            log.warning("MLflow: %s reachable again after %d failed attempts; buffered points delivered",
+                        self.uri, self._failures)
+            self._failures, self._last_warn = 0, -float("inf")
+        return True
+
+    def _fail(self, e: Exception, what: str) -> None:
+        self._failures += 1
+        now = time.monotonic()
+        wait = self.cfg.retry_s * min(2 ** (self._failures - 1), MAX_BACKOFF)
+        self._next_try = now + wait
+        if now - self._last_warn >= WARN_EVERY_S:
+            self._last_warn = now
+            msg = str(e).strip().splitlines()[0][:400] if str(e).strip() else ""
+            log.warning("MLflow: %s in %s failed (%s: %s); training continues, metrics are buffered "
+                        "(%d now) and sent again in %.0f s", what, self.uri, type(e).__name__, msg,
+                        len(self._buffer), wait)
+
+    def _deliver(self) -> None:
+        if self._client is None:
+            mlflow = _import_mlflow(self.cfg)
+            self._client = mlflow.tracking.MlflowClient(self.uri)
+        if self.run_id is None:
+            self.run_id = self._open_run()
+        if not self._setup_done:
+            self._setup_run()
+        from mlflow.entities import Metric
+        while self._buffer:
+            chunk = [Metric(*self._buffer[i]) for i in range(min(METRICS_PER_BATCH, len(self._buffer)))]
+            self._client.log_batch(self.run_id, metrics=chunk)
+            for _ in chunk:
+                self._buffer.popleft()
+            self.delivered += len(chunk)
+        while self._artifacts:
+            local_dir, path = self._artifacts[0]
+            self._client.log_artifacts(self.run_id, local_dir, path)
+            self._artifacts.pop(0)
+        while self._registrations:
+            self._register(self._registrations.pop(0))
+
+    def _open_run(self) -> str:
+        from mlflow.exceptions import MlflowException
+        s, client = self._start, self._client
+        if s["run_id"]:
+            try:
+                run = client.get_run(s["run_id"])
+                if run.info.lifecycle_stage == "active":
+                    client.update_run(run.info.run_id, status="RUNNING")
+                    return run.info.run_id
+                log.warning("MLflow run %s in %s was deleted; starting a new run", s["run_id"], self.uri)
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise  # the store is unreachable: try again later
+                log.warning("cannot continue MLflow run %s in %s (it does not exist there); starting a new run",
+                            s["run_id"], self.uri)
+            s["run_id"] = None
+        exp = client.get_experiment_by_name(self.cfg.experiment)
+        if exp is None:
+            try:
+                exp_id = client.create_experiment(self.cfg.experiment)
+            except MlflowException as e:  # another job created it meanwhile
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                exp_id = client.get_experiment_by_name(self.cfg.experiment).experiment_id
+        else:
+            exp_id = exp.experiment_id
+        from mlflow.tracking.context.registry import resolve_tags
+        run = client.create_run(exp_id, run_name=s["name"], tags=resolve_tags({}))
+        return run.info.run_id
+
+    def _setup_run(self) -> None:
+        from mlflow.entities import Param, RunTag
+        s, client = self._start, self._client
+        logged = client.get_run(self.run_id).data.params
+        fresh = [Param(k, str(v)) for k, v in s["params"].items() if k not in logged]
+        changed = {k: str(v) for k, v in s["params"].items() if k in logged and logged[k] != str(v)}
+        tags = dict(s["tags"])
+        if s["run_id"]:
+            tags["resumed_at_step"] = str(s["step"])
+        # MLflow params are immutable: record what a resumed run changed as tags
+        tags.update({f"resumed_override.{k}": v for k, v in changed.items()})
+        for i in range(0, len(fresh), PARAMS_PER_BATCH):
+            client.log_batch(self.run_id, params=fresh[i:i + PARAMS_PER_BATCH])
+        items = [RunTag(k, v) for k, v in tags.items()]
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            client.log_batch(self.run_id, tags=items[i:i + PARAMS_PER_BATCH])
+        client.log_text(self.run_id, s["toml"],
+                        f"config-resumed-step{s['step']}.toml" if s["run_id"] else "config.toml")
+        self._record_run_id()
+        self._setup_done = True
+
+    def _register(self, artifact_path: str) -> None:
+        from mlflow.exceptions import MlflowException
+        name = self.cfg.register_as
+        try:
+            try:
+                self._client.create_registered_model(name)
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            mv = self._client.create_model_version(name, f"runs:/{self.run_id}/{artifact_path}", run_id=self.run_id)
+            log.info("MLflow: registered %s version %s", name, mv.version)
+        except Exception as e:  # noqa: BLE001 - e.g. a store without a model registry
+            log.warning("MLflow: could not register %s/%s as model %r in %s (%s: %s)", self.run_id, artifact_path,
+                        name, self.uri, type(e).__name__, str(e).strip()[:300])
+
+    # files in the run directory --------------------------------------------------------------
+
+    def _recorded_run_id(self) -> str | None:
+        path = os.path.join(self.run_dir or "", RUN_ID_FILE)
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("MLflow: ignoring unreadable %s (%s)", path, e)
+            return None
+        if not isinstance(rec, dict) or not rec.get("run_id"):
+            log.warning("MLflow: ignoring %s: no run id in it", path)
+            return None
+        if not _same_store(str(rec.get("tracking_uri", "")), self.uri):
+            log.warning("MLflow: %s names run %s in %s, not in %s: starting a new run", path, rec["run_id"],
+                        rec.get("tracking_uri"), self.uri)
+            return None
+        return str(rec["run_id"])
+
+    def _record_run_id(self) -> None:
+        if not self.run_dir:
+            return
+        path = os.path.join(self.run_dir, RUN_ID_FILE)
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump({"run_id": self.run_id, "tracking_uri": self.uri, "experiment": self.cfg.experiment}, f)
+            os.replace(path + ".tmp", path)
+        except OSError as e:
+            log.warning("MLflow: cannot record the run id in %s (%s)", path, e)
+
+    def _write_undelivered(self) -> str | None:
+        if not self._buffer or not self.run_dir:
+            return None
+        path = os.path.join(self.run_dir, UNDELIVERED_FILE)
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(path, "a") as f:
+                for key, value, timestamp, step in self._buffer:
+                    f.write(json.dumps({"run_id": self.run_id, "key": key, "value": value, "step": step,
+                                        "timestamp": timestamp}) + "\n")
+        except OSError as e:
+            log.warning("MLflow: cannot write undelivered metrics to %s (%s)", path, e)
+            return None
+        return path

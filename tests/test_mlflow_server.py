@@ -1,0 +1,213 @@
+"""Tracking into a real MLflow server (sqlite backend, proxied artifacts), started and stopped by PID:
+a two-rank torchrun job logs everything there; the server dying and coming back loses nothing and
+never stops training."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from launchers.env import free_port
+from mtx_dist.config import TrackingConfig
+from mtx_dist.tracking import RUN_ID_FILE, UNDELIVERED_FILE, Tracker, git_info
+from tests.helpers import DIST_VARS, REPO
+
+pytestmark = pytest.mark.slow
+
+MICRO = ["model.preset=micro", "optim.warmup_steps=2", "run.log_every=1", "data.demo_train_samples=256",
+         "data.demo_val_samples=32", "data.batch_size=16", "data.workers=1", "checkpoint.every=100"]
+START_TIMEOUT_S = 120
+
+
+class MlflowServer:
+    """``mlflow server`` on a loopback port in its own process group; restartable on the same port and DB."""
+
+    def __init__(self, root: str) -> None:
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+        self.log = open(os.path.join(self.root, "server.log"), "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+             "--artifacts-destination", f"{self.root}/artifacts"],
+            cwd=self.root, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}: {self._log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"mlflow server gave no /health in {START_TIMEOUT_S} s: {self._log_tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)  # the server and its worker processes
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=20)
+        except ProcessLookupError:  # the group is gone already
+            pass
+        self.proc = None
+        self.log.close()
+
+    def ensure(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            self.stop()  # exited by itself: reap its group, close the log
+        if self.proc is None:
+            self.start()
+
+    def _log_tail(self) -> str:
+        with open(os.path.join(self.root, "server.log"), "rb") as f:
+            return f.read()[-2000:].decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = MlflowServer(str(tmp_path_factory.mktemp("mlflow-server")))
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("demo"))
+
+
+def client(server):
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(server.url)
+
+
+def clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and k != "MLFLOW_TRACKING_URI"}
+    return {**env, "PYTHONPATH": REPO, "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def test_two_rank_torchrun_job_logs_to_server(tmp_path, server, demo_dir):
+    server.ensure()
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "mtx_dist", "train", *MICRO, "run.steps=4", f"data.demo_dir={demo_dir}", "run.name=two-ranks",
+         f"tracking.uri={server.url}", "tracking.experiment=server-test", "tracking.register_as=server-encoder"],
+        cwd=str(tmp_path), env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "trained to step 4 of 4" in res.stdout
+    assert "MLflow" not in res.stderr  # no tracking warning on a healthy server
+
+    run_dir = tmp_path / "runs/quickstart"
+    recorded = json.loads((run_dir / RUN_ID_FILE).read_text())
+    assert recorded["tracking_uri"] == server.url
+    c = client(server)
+    run = c.get_run(recorded["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "two-ranks"
+    assert run.data.params["model.preset"] == "micro" and run.data.params["run.steps"] == "4"
+    tags = run.data.tags
+    assert (tags["world_size"], tags["data_parallel"], tags["tensor_parallel"]) == ("2", "2", "1")
+    assert tags["hosts"] == f"{socket.gethostname()}:0-1" and tags["num_hosts"] == "1"  # gathered from both ranks
+    assert tags["mtx_dist.git_commit"] == git_info()[0] and tags["mtx_dist.git_dirty"] in ("true", "false")
+    assert tags["mtx_dist.version"] and tags["launcher"] == "torchrun"
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert "val/i2t_recall_at_1" in run.data.metrics
+
+    # the export went through the server's artifact proxy, byte for byte
+    listed = {os.path.basename(a.path) for a in c.list_artifacts(run.info.run_id, "export")}
+    local = set(os.listdir(run_dir / "export"))
+    assert {"encoder.safetensors", "manifest.json"} <= local and listed == local
+    got = c.download_artifacts(run.info.run_id, "export/encoder.safetensors", str(tmp_path / "dl"))
+    with open(got, "rb") as f:
+        assert f.read() == (run_dir / "export/encoder.safetensors").read_bytes()
+    manifest = json.loads((run_dir / "export/manifest.json").read_text())
+    assert manifest["source"]["mlflow_run_id"] == run.info.run_id
+    # ... and registered as a model version pointing at those artifacts
+    versions = c.search_model_versions("name = 'server-encoder'")
+    assert [(v.run_id, v.source) for v in versions] == [(run.info.run_id, f"runs:/{run.info.run_id}/export")]
+
+
+def test_buffered_points_reach_a_restarted_server(tmp_path, server, caplog):
+    """Log, stop the server, keep logging (buffered, one warning), start it again on the same port and
+    database: the next attempt delivers every buffered point at its own step."""
+    caplog.set_level(logging.WARNING, logger="mtx_dist.tracking")
+    server.ensure()
+    t = Tracker(TrackingConfig(uri=server.url, experiment="restart", retry_s=0.0, request_timeout_s=5),
+                active=True, run_dir=str(tmp_path))
+    run_id = t.start("restart", {"run.steps": 6}, "")
+    for step in (1, 2):
+        t.log_metrics({"loss": float(step)}, step=step)
+    server.stop()
+    for step in (3, 4, 5):
+        t.log_metrics({"loss": float(step)}, step=step)
+    assert t.undelivered == 3 and t.delivered == 2
+    failed = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failed) == 1 and server.url in failed[0]
+    server.start()
+    t.log_metrics({"loss": 6.0}, step=6)
+    assert t.undelivered == 0 and t.delivered == 6
+    t.finish()
+    c = client(server)
+    assert c.get_run(run_id).info.status == "FINISHED"
+    assert [(m.step, m.value) for m in c.get_metric_history(run_id, "loss")] == [(s, float(s)) for s in range(1, 7)]
+
+
+def test_server_killed_mid_run_does_not_stop_training(tmp_path, server, demo_dir):
+    server.ensure()
+    steps = 24
+    run_dir = tmp_path / "runs/quickstart"
+    out, err = open(tmp_path / "stdout", "w"), open(tmp_path / "stderr", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mtx_dist", "train", *MICRO, f"run.steps={steps}", f"data.demo_dir={demo_dir}",
+         "run.eval_at_end=false", f"tracking.uri={server.url}", "tracking.experiment=kill-test",
+         "tracking.retry_s=1", "tracking.request_timeout_s=5"],
+        cwd=str(tmp_path), env=clean_env(), stdout=out, stderr=err, start_new_session=True)
+    try:
+        # wait for the run to exist and its first loss to arrive, then kill the server (SIGKILL: no goodbye)
+        c, deadline, seen = client(server), time.monotonic() + 240, []
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (run_dir / RUN_ID_FILE).exists():
+                run_id = json.loads((run_dir / RUN_ID_FILE).read_text())["run_id"]
+                seen = c.get_metric_history(run_id, "loss")
+                if seen:
+                    break
+            time.sleep(0.2)
+        assert seen, "no loss arrived at the server"
+        server.stop(signal.SIGKILL)
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        out.close()
+        err.close()
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert code == 0, stderr[-3000:]
+    assert f"trained to step {steps} of {steps}" in stdout
+    assert f"MLflow: logging in {server.url} failed" in stderr and "training continues" in stderr
+    assert "were not delivered" in stderr
+    # what the dead server did not take is on disk, up to the last step, nothing silently lost
+    rows = [json.loads(line) for line in (run_dir / UNDELIVERED_FILE).read_text().splitlines()]
+    loss_steps = [r["step"] for r in rows if r["key"] == "loss"]
+    assert rows and {r["run_id"] for r in rows} == {run_id}
+    assert loss_steps == list(range(loss_steps[0], steps + 1)) and loss_steps[0] > seen[0].step
+    assert (run_dir / "export/encoder.safetensors").exists()
