@@ -47,6 +47,7 @@ from mtx_dist.export import sha256_file
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
+CONFIG_FILE = "config.toml"
 MANIFEST = "checkpoint.json"
 MANIFEST_FORMAT = "mtx-dist-checkpoint"
 TMP_SUFFIX = ".tmp"  # a save in progress, or one that was killed
@@ -185,12 +186,14 @@ def _recording_writes(engine):
             ce.save = shadowed
 
 
-def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3) -> str:
+def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3, config_toml: str | None = None) -> str:
     """Write a checkpoint of the current step atomically, on every rank; returns its directory.
 
     ``keep``: complete checkpoints kept (this one included); rank 0 deletes older ones once
-    ``latest`` names the new one. A write that fails (e.g. the disk is full) removes the unfinished
-    directory and raises :class:`CheckpointError`; the previous checkpoint and ``latest`` are untouched.
+    ``latest`` names the new one. ``config_toml``: the run's config, written by rank 0 as
+    ``config.toml`` (listed in the manifest) so that the checkpoint says what model it holds. A write
+    that fails (e.g. the disk is full) removes the unfinished directory and raises
+    :class:`CheckpointError`; the previous checkpoint and ``latest`` are untouched.
     """
     root = checkpoint_root(run_dir)
     tag, step = tag_for(state.step), state.step
@@ -206,6 +209,8 @@ def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3) -> s
         faults.hit("save-model", step, rank)
         state.capture_rng()
         _write_text(_state_file(tmp, rank), json.dumps(asdict(state)))
+        if rank == 0 and config_toml is not None:
+            _write_text(os.path.join(tmp, CONFIG_FILE), config_toml)  # before the manifest lists the files
         for path in (written if written is not None else [os.path.join(tmp, f) for f in _files(tmp)]):
             _fsync(path)
         faults.hit("save-state", step, rank)

@@ -41,12 +41,20 @@ class RunConfig:
     log_every: int = _opt(10, "steps between metric logs", min=1)
     eval_at_end: bool = _opt(True, "held-out retrieval on data.val at the end of training")
     export_at_end: bool = _opt(True, "export the frozen image encoder to <run.dir>/export at the end")
+    preemption_signals: str = _opt("USR1,TERM", "signals that ask for a checkpoint and a clean stop (exit code "
+                                   "75), comma-separated; '' = none handled")
+    preemption_check_every: int = _opt(1, "steps between the all-ranks check for a preemption signal (one "
+                                       "integer all-reduce)", min=1)
+    requeue: bool = _opt(True, "after a preemption checkpoint under SLURM, rank 0 runs `scontrol requeue "
+                         "$SLURM_JOB_ID` (the job restarts and resumes with --resume latest)")
 
 
 @dataclass
 class ModelConfig:
     preset: str = _opt("tiny", "model geometry", tuple(PRESETS))
     attention: str = _opt("auto", "attention backend (kernels.attention)", ATTENTION_BACKENDS)
+    init_from: str = _opt("", "start from an OpenCLIP checkpoint file (.safetensors/.pt/.bin; plain, or "
+                          "{'state_dict': ...} with 'module.' prefixes) of the preset's geometry; '' = random init")
 
 
 @dataclass
@@ -57,6 +65,19 @@ class DataConfig:
     workers: int = _opt(2, "loader worker processes per rank", min=0, max=256)
     shuffle_buffer: int = _opt(1000, "samples in the shuffle buffer of each worker", min=0)
     max_pixels: int = _opt(89_478_485, "images with more pixels are skipped (decompression bombs)", min=1)
+    train_weights: str = _opt("", "mixing weights of the '::'-separated sources of data.train, e.g. '0.7,0.3' "
+                              "(each worker picks every sample's source with a seeded RNG); '' = read all "
+                              "sources as one")
+    mode: str = _opt("epoch", "epoch: every sample once per epoch over all ranks and workers; resampled: each "
+                     "worker draws shards with replacement (endless, no coordination)", ("epoch", "resampled"))
+    backend: str = _opt("cpu", "decode/augment backend: cpu (PIL worker processes) or dali (NVIDIA DALI; GPU "
+                        "decode when training on cuda)", ("cpu", "dali"))
+    jpeg_draft: bool = _opt(False, "cpu backend: decode large JPEGs at a reduced scale (libjpeg draft) that still "
+                            "covers the output size; faster, slightly different low-pass filtering")
+    prefetch: bool = _opt(True, "on cuda: copy the next batch to the device (pinned memory, side stream) while "
+                          "the current step runs")
+    dali_index_dir: str = _opt("", "dali: folder for index files of shards without one beside them ('' = "
+                               "~/.cache/mtx-dist/dali-index)")
     demo_dir: str = _opt("data/demo", "where demo shards are generated when train/val are empty")
     demo_train_samples: int = _opt(8192, "training samples in the generated demo shards", min=1)
     demo_val_samples: int = _opt(128, "held-out samples in the generated demo shards (distinct scenes)",
@@ -119,6 +140,14 @@ class TrackingConfig:
     experiment: str = _opt("mtx-dist", "MLflow experiment name")
     peak_tflops: float = _opt(0.0, "peak TFLOP/s per device for MFU; 0 = known by device name and precision",
                               min=0)
+    register_as: str = _opt("mtx-dist-encoder", "register the exported encoder as a version of this MLflow model "
+                            "('' = do not register); a store without a model registry only warns")
+    retry_s: float = _opt(30.0, "after a failed MLflow call, wait this long before trying again (doubles up to "
+                          "8x while failures continue); training never waits for the store", min=0)
+    buffer: int = _opt(100_000, "metric points kept while the store is unreachable (the oldest are dropped "
+                       "and counted beyond this)", min=1)
+    request_timeout_s: int = _opt(10, "seconds one MLflow HTTP request may take (no retries inside MLflow)",
+                                  min=1)
 
 
 @dataclass
@@ -209,6 +238,13 @@ def validate(cfg: Config) -> Config:
     if cfg.optim.decay_steps and cfg.optim.decay_steps < cfg.optim.warmup_steps:
         raise ConfigError(f"config key 'optim.decay_steps' = {cfg.optim.decay_steps}: must be >= "
                           f"optim.warmup_steps ({cfg.optim.warmup_steps})")
+    if cfg.data.backend == "dali":  # DALI's reader has neither a per-sample source choice nor shard draws
+        if cfg.data.train_weights:
+            raise ConfigError(f"config key 'data.train_weights' = {cfg.data.train_weights!r}: mixing weights need "
+                              "data.backend = 'cpu'")
+        if cfg.data.mode != "epoch":
+            raise ConfigError(f"config key 'data.mode' = {cfg.data.mode!r}: data.backend = 'dali' reads in "
+                              "epoch mode only")
     tp = cfg.parallel.tensor_parallel
     if tp > 1:
         spec = PRESETS[cfg.model.preset]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from launchers import DistEnv, discover
+from launchers import DistEnv, RendezvousError, discover
 from mtx_dist.config import Config, ConfigError
 from mtx_dist.loss import logit_init
 from mtx_dist.models import ContrastiveModel, get_preset
@@ -70,11 +70,18 @@ def setup_runtime(cfg: Config) -> Runtime:
     env.export()
     import torch.distributed as dist
     if not dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False, verbose=False,
-            timeout=datetime.timedelta(seconds=cfg.parallel.dist_timeout_s), rank=env.rank,
-            world_size=env.world_size,
-        )
+        try:  # the TCPStore rendezvous waits parallel.dist_timeout_s for missing peers, not torch's 30 min
+            deepspeed.init_distributed(
+                dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False, verbose=False,
+                timeout=datetime.timedelta(seconds=cfg.parallel.dist_timeout_s), rank=env.rank,
+                world_size=env.world_size,
+            )
+        except dist.DistError as e:
+            raise RendezvousError(
+                f"rank {env.rank} of {env.world_size} (from {env.source}) could not form the process group at "
+                f"{env.master_addr}:{env.master_port} within parallel.dist_timeout_s = "
+                f"{cfg.parallel.dist_timeout_s:g} s: {str(e).splitlines()[0].rstrip('.')}. Check that every rank "
+                f"was started and can reach MASTER_ADDR") from None
     try:
         groups = init_groups(cfg.parallel.tensor_parallel, cfg.parallel.dist_timeout_s)
     except ParallelLayoutError:
@@ -88,11 +95,15 @@ def build_model(cfg: Config, runtime: Runtime) -> nn.Module:
     """The contrastive model on the runtime's device, tensor-parallel and checkpointed as configured.
 
     Seeded identically on every rank: the full model is built the same everywhere and TP ranks
-    keep their slices, so any TP size starts from the same weights.
+    keep their slices, so any TP size starts from the same weights. With ``model.init_from`` every
+    rank loads the same OpenCLIP checkpoint instead (raises OpenClipImportError when it does not fit).
     """
     torch.manual_seed(cfg.run.seed)
     scale_init, bias_init = logit_init(cfg.loss.kind)
     model = ContrastiveModel(get_preset(cfg.model.preset), cfg.model.attention, scale_init, bias_init)
+    if cfg.model.init_from:  # into the whole model, before TP slices it and DeepSpeed partitions it
+        from mtx_dist.interop.openclip import load_into
+        load_into(model, cfg.model.init_from, get_preset(cfg.model.preset), cfg.model.preset)
     return parallelize(model.to(runtime.device), runtime.groups, cfg.parallel.activation_checkpointing)
 
 

@@ -7,6 +7,8 @@
     kill=save-model:4    SIGKILL during the checkpoint of step 4 at a named point of the write
                          (the points are the names passed to :func:`hit` in mtx_dist.checkpoint)
     nan=loss:5:0         make rank 0's loss NaN at step 5 (1-based: the 5th optimizer step)
+    signal=USR1:3:1      rank 1 sends itself SIGUSR1 right after optimizer step 3 (a preemption notice
+                         that reached one rank only); the first field names the signal
 
 With the variable unset, :func:`hit` and :func:`poison` cost one dictionary lookup.
 """
@@ -41,6 +43,14 @@ def hit(point: str, step: int, rank: int) -> None:
     """SIGKILL this process if ``kill=point:step[:rank]`` is switched on."""
     if ENV in os.environ and _matches("kill", point, step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def send_signal(step: int, rank: int) -> None:
+    """``os.kill(self, SIG<name>)`` for each ``signal=<name>:step[:rank]`` that matches."""
+    if ENV in os.environ:
+        for name, s, r in _entries("signal"):
+            if s == step and r in (None, rank):
+                os.kill(os.getpid(), getattr(signal, f"SIG{name.upper().removeprefix('SIG')}"))
 
 
 def poison(point: str, step: int, rank: int, value: torch.Tensor) -> torch.Tensor:

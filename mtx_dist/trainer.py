@@ -13,8 +13,10 @@ from tqdm import tqdm
 from mtx_dist import checkpoint as ckpt
 from mtx_dist import faults
 from data_pipelines.loader import LoaderStateError
+from launchers.signals import Preempted, Preemption, parse_signals
+from launchers.slurm import requeue as slurm_requeue
 from mtx_dist.config import Config, ConfigError
-from mtx_dist.data import build_loader, resolve_shards
+from mtx_dist.data import DevicePrefetcher, build_loader, record_keys, resolve_shards, skipped_totals
 from mtx_dist.engine import (Runtime, build_engine, build_model, consolidated_state_dict, global_grad_norm,
                              setup_runtime)
 from mtx_dist.evaluate import embed_split, retrieval_metrics
@@ -24,7 +26,7 @@ from mtx_dist.loss import build_loss
 from mtx_dist.models import get_preset
 from mtx_dist.optim import TrainingDiverged
 from mtx_dist.parallel import destroy_groups, grad_norm
-from mtx_dist.tracking import Tracker
+from mtx_dist.tracking import Tracker, cluster_tags
 
 
 
@@ -39,6 +41,8 @@ class TrainResult:
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
     throughput: dict[str, float] = field(default_factory=dict)  # the last logged window's rates
+    preempted: str | None = None  # the signal that stopped this invocation early (after a checkpoint)
+    requeued: str | None = None  # what `scontrol requeue` answered (rank 0, under SLURM)
 
 
 def _say(runtime: Runtime, msg: str) -> None:
@@ -46,14 +50,46 @@ def _say(runtime: Runtime, msg: str) -> None:
         tqdm.write(msg)
 
 
-def train(cfg: Config) -> TrainResult:
+def preemption_handler(cfg: Config) -> Preemption:
+    """The installed handler of ``run.preemption_signals`` (a signal is only recorded from now on)."""
+    try:
+        signals = parse_signals(cfg.run.preemption_signals)
+    except ValueError as e:
+        raise ConfigError(f"config key 'run.preemption_signals' = {cfg.run.preemption_signals!r}: {e}") from None
+    return Preemption(signals).install()
+
+
+def train(cfg: Config, preemption: Preemption | None = None) -> TrainResult:
+    """Train to ``run.steps``. A preemption signal (``run.preemption_signals``) on any rank stops every rank
+    at the next step boundary with a checkpoint; then :class:`Preempted` is raised (exit code 75), after
+    rank 0 requeued the SLURM job when ``run.requeue`` is set. ``preemption``: a handler installed earlier
+    by the caller (the CLI installs one before its slow imports, so an early signal is not lost)."""
+    # Installed before the loader forks its workers, which inherit it: a signal sent to the whole
+    # process group (SLURM does) must not kill them.
+    preemption = preemption or preemption_handler(cfg)
+    try:
+        result = _train(cfg, preemption)
+    except BaseException:
+        preemption.uninstall()
+        raise
+    if result.preempted:
+        # Ignored until the process has left: once one rank exits, torchrun and the deepspeed launcher
+        # SIGTERM the others, and `scontrol requeue` SIGTERMs the whole job; each still exits with 75.
+        preemption.ignore_further()
+        raise Preempted(_preempted_line(result), result, restore=preemption.uninstall)
+    preemption.uninstall()
+    return result
+
+
+def _train(cfg: Config, preemption: Preemption) -> TrainResult:
     runtime = setup_runtime(cfg)
     groups = runtime.groups
     os.makedirs(cfg.run.dir, exist_ok=True)
     engine = build_engine(cfg, build_model(cfg, runtime), runtime)
     train_shards, val_shards = resolve_shards(cfg, runtime.env.local_rank)
     # Tensor-parallel peers read the same batches: the data stream is split over data-parallel ranks.
-    loader = build_loader(cfg, train_shards, train=True, rank=groups.dp_rank, world_size=groups.dp_size)
+    loader = build_loader(cfg, train_shards, train=True, rank=groups.dp_rank, world_size=groups.dp_size,
+                          device=runtime.device.type)
 
     state = ckpt.TrainState()
     if cfg.checkpoint.resume:
@@ -68,14 +104,19 @@ def train(cfg: Config) -> TrainResult:
                 raise ConfigError(f"cannot resume {tag}: {e}") from e
             _say(runtime, f"resumed from {os.path.join(ckpt.checkpoint_root(cfg.run.dir), tag)} at step {state.step}")
 
-    tracker = Tracker(cfg.tracking, active=runtime.is_main)
+    tracker = Tracker(cfg.tracking, active=runtime.is_main, run_dir=cfg.run.dir)
+    # A collective (host names of all ranks): every rank calls it, rank 0 logs the tags.
+    tags = cluster_tags(runtime.env, groups.tp_size, groups.dp_size, enabled=cfg.tracking.enabled)
+    # None while the store is unreachable (the run is created later; training does not wait for it):
+    # then the checkpoint's run id is kept for the next resume.
     state.mlflow_run_id = tracker.start(cfg.run.name or os.path.basename(os.path.abspath(cfg.run.dir)),
-                                        cfg.flat(), cfg.to_toml(), run_id=state.mlflow_run_id, step=state.step)
+                                        cfg.flat(), cfg.to_toml(), run_id=state.mlflow_run_id, step=state.step,
+                                        tags=tags, resume=bool(cfg.checkpoint.resume)) or state.mlflow_run_id
     try:
-        result = _loop(cfg, runtime, engine, loader, state, tracker)
-        if cfg.run.eval_at_end:
+        result = _loop(cfg, runtime, engine, loader, state, tracker, preemption)
+        if cfg.run.eval_at_end and not result.preempted:
             result.eval = _evaluate(cfg, runtime, engine, val_shards, tracker, state.step)
-        if cfg.run.export_at_end:
+        if cfg.run.export_at_end and not result.preempted:
             result.export_dir = _export(cfg, runtime, engine, state, tracker)
     except KeyboardInterrupt:
         tracker.finish("KILLED")
@@ -85,7 +126,17 @@ def train(cfg: Config) -> TrainResult:
         raise
     finally:
         destroy_groups(groups)
-    tracker.finish()
+    job = os.environ.get("SLURM_JOB_ID")
+    if result.preempted and runtime.is_main and cfg.run.requeue and job:
+        # First thing once every rank has checkpointed: a rank that has already left may get the step
+        # stopped (srun --kill-on-bad-exit). The requeue ends this job too: SIGTERM (recorded, see
+        # train), SIGKILL after SLURM's KillWait -- time enough for what follows, though the job's output
+        # file may no longer receive it: say what happened first.
+        print(f"preempted at step {result.step} by {result.preempted} on some rank; every rank checkpointed; "
+              f"requeueing SLURM job {job}", flush=True)
+        ok, said = slurm_requeue(job)
+        result.requeued = f"requeued SLURM job {job}" if ok else f"requeue of SLURM job {job} failed: {said}"
+    tracker.finish("KILLED" if result.preempted else "FINISHED")  # a requeued run continues this MLflow run
     result.mlflow_run_id, result.tracking_uri = tracker.run_id, tracker.uri if tracker.active else None
     if runtime.is_main:
         _summary(cfg, result)
@@ -100,7 +151,8 @@ def _peak(cfg: Config, runtime: Runtime) -> float | None:
     return peak_tflops(torch.cuda.get_device_name(runtime.device), cfg.parallel.precision)
 
 
-def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState, tracker: Tracker) -> TrainResult:
+def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState, tracker: Tracker,
+          preemption: Preemption | None = None) -> TrainResult:
     groups, world = runtime.groups, runtime.env.world_size
     loss_fn = build_loss(cfg.loss.kind, groups.dp_group, cfg.loss.gather_with_grad, cfg.loss.local_loss,
                          cfg.loss.tile_size)
@@ -109,19 +161,24 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
     flops_per_sample, peak = train_flops_per_sample(get_preset(cfg.model.preset)), _peak(cfg, runtime)
     first_step, losses, pending = state.step, [], []
     last_ckpt = None
-    batches = iter(loader)
+    feed = DevicePrefetcher(loader, runtime.device, cfg.data.prefetch)  # holds the state of batches handed out
+    batches = iter(feed)
+    keys_log = os.environ.get("MTX_RECORD_KEYS") if runtime.env.rank == 0 else None  # debug: sample keys per step
     engine.train()
     bar = tqdm(total=cfg.run.steps, initial=state.step, disable=not runtime.is_main, unit="step",
                dynamic_ncols=True, mininterval=1.0, desc="train")
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     norm_s0, throughput = None, {}
     optimizer, rank, in_a_row = engine.client_optimizer, runtime.env.rank, 0  # our GuardedAdamW
+    check_every, stop = cfg.run.preemption_check_every, None
     while state.step < cfg.run.steps:
         log_now = (state.step + 1) % cfg.run.log_every == 0 or state.step + 1 == cfg.run.steps
         for _ in range(accum):
             t0 = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - t0
+            if keys_log:
+                record_keys(keys_log, state.step, batch)
             image = batch["image"].to(runtime.device, runtime.dtype, non_blocking=True)
             text = batch["text"].to(runtime.device, non_blocking=True)
             img, txt, scale, bias = engine(image, text)
@@ -138,6 +195,7 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
         state.step += 1
         state.samples += samples_per_step
         faults.hit("step", state.step, rank)
+        faults.send_signal(state.step, rank)
         if optimizer.skipped_last:  # non-finite loss or gradients on some rank: nobody updated
             state.skipped_steps += 1
             in_a_row += 1
@@ -182,22 +240,30 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
             norm = global_grad_norm(engine) if engine.zero_optimization_stage() else norm_s0
             if norm is not None:
                 metrics["grad_norm"] = norm
-            metrics.update({f"data/skipped_{k}": v for k, v in loader.skipped.items()})
+            # Summed over workers (in the loader) and data-parallel ranks (a collective: every rank logs).
+            metrics.update({f"data/skipped_{k}": v for k, v in
+                            skipped_totals(feed.skipped, groups.dp_group, groups.dp_size, runtime.device).items()})
             tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=state.step)
             throughput = {k: metrics[k] for k in ("samples_per_s", "samples_per_s_per_device", "tflops_per_device",
                                                   "mfu") if k in metrics}
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", sps=f"{metrics['samples_per_s']:.0f}",
                             lr=f"{metrics['lr']:.2e}", refresh=False)
             window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-        if state.step % cfg.checkpoint.every == 0 or state.step == cfg.run.steps:
-            state.loader = loader.state_dict()
-            last_ckpt = ckpt.save(engine, cfg.run.dir, state, runtime.env.rank, keep=cfg.checkpoint.keep)
+        # A preemption signal on some rank: every rank checkpoints this step and leaves.
+        if preemption is not None and state.step < cfg.run.steps and state.step % check_every == 0:
+            stop = preemption.agreed(runtime.device)  # a collective: every rank asks at the same steps
+        if stop or state.step % cfg.checkpoint.every == 0 or state.step == cfg.run.steps:
+            state.loader = feed.state_dict()
+            last_ckpt = ckpt.save(engine, cfg.run.dir, state, runtime.env.rank, keep=cfg.checkpoint.keep,
+                                  config_toml=cfg.to_toml())
+        if stop:
+            break
     bar.close()
     if last_ckpt is None:
         tag = ckpt.resolve(cfg.run.dir, "latest")
         last_ckpt = os.path.join(ckpt.checkpoint_root(cfg.run.dir), tag) if tag else None
     return TrainResult(step=state.step, losses=losses, first_step=first_step, checkpoint=last_ckpt, export_dir=None,
-                       throughput=throughput)
+                       throughput=throughput, preempted=stop.name if stop else None)
 
 
 def _evaluate(cfg: Config, runtime: Runtime, engine, shards: str, tracker: Tracker, step: int) -> dict[str, float]:
@@ -218,14 +284,25 @@ def _export(cfg: Config, runtime: Runtime, engine, state: ckpt.TrainState, track
     out_dir = os.path.join(cfg.run.dir, "export")
     if runtime.is_main:
         source = {"run_dir": os.path.abspath(cfg.run.dir), "step": state.step, "samples": state.samples,
-                  "mlflow_run_id": state.mlflow_run_id, "tracking_uri": tracker.uri if tracker.active else None}
+                  "mlflow_run_id": tracker.run_id or state.mlflow_run_id,
+                  "tracking_uri": tracker.uri if tracker.active else None}
         export_encoder(full, get_preset(cfg.model.preset), cfg.model.preset, out_dir, source)
         tracker.log_artifacts(out_dir, "export")
+        tracker.register_model("export")  # a version of tracking.register_as pointing at these artifacts
     return out_dir
+
+
+def _preempted_line(result: TrainResult) -> str:
+    where = os.path.abspath(result.checkpoint) if result.checkpoint else "none"
+    return f"preempted at step {result.step} by {result.preempted}; checkpoint {where}; " + (
+        result.requeued or "not requeued (resume with --resume latest)")
 
 
 def _summary(cfg: Config, result: TrainResult) -> None:
     lines = [f"trained to step {result.step} of {cfg.run.steps}"]
+    if result.preempted:
+        lines[0] += (f": preempted at step {result.step} by {result.preempted} on some rank; every rank "
+                     f"checkpointed; " + (result.requeued or "not requeued (resume with --resume latest)"))
     if result.losses:
         lines.append(f"loss: {result.losses[0]:.4f} (step {result.first_step + 1}) -> {result.losses[-1]:.4f}")
     if result.throughput:
@@ -245,5 +322,6 @@ def _summary(cfg: Config, result: TrainResult) -> None:
         uri = result.tracking_uri or ""
         if uri.startswith("sqlite:///"):
             uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
-        lines.append(f"mlflow:     {uri} (run {result.mlflow_run_id}; view with `mlflow ui --backend-store-uri {uri}`)")
+        view = f"open {uri}" if uri.startswith(("http://", "https://")) else f"view with `mlflow ui --backend-store-uri {uri}`"
+        lines.append(f"mlflow:     {uri} (run {result.mlflow_run_id}; {view})")
     tqdm.write("\n".join(lines))

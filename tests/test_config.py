@@ -44,6 +44,8 @@ def test_file_then_overrides(tmp_path):
     (["nosuch.key=1"], "unknown config key 'nosuch'"),
     (["run"], "not of the form section.key=value"),
     (["run.steps=10"], "config key 'optim.warmup_steps' = 30: must be <= run.steps (10)"),
+    (["data.backend=dali", "data.mode=resampled"], "config key 'data.mode' = 'resampled': data.backend = 'dali'"),
+    (["data.backend=dali", "data.train_weights=0.7,0.3"], "config key 'data.train_weights' = '0.7,0.3': mixing"),
 ])
 def test_bad_keys_and_values_name_the_key(overrides, needle):
     with pytest.raises(ConfigError) as e:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from mtx_dist.config import describe, load_config
+from launchers import LaunchEnvError
+from mtx_dist.config import ConfigError, describe, load_config
+
+ERRORS = (LaunchEnvError,)  # launcher variables that contradict each other, a peer that never joined
 
 DEFAULT_CONFIG_HELP = "defaults = configs/tiny-cpu.toml (a CPU quickstart on generated demo shards)"
 
@@ -22,8 +25,16 @@ def _run(args: argparse.Namespace) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_config(config, overrides)  # raises ConfigError before anything starts
 
+    # Record preemption signals from here on: the imports below take seconds, and a SIGUSR1 from
+    # SLURM in that window would otherwise kill the process instead of asking for a checkpoint.
+    from launchers.signals import Preemption, parse_signals
+    try:
+        early = Preemption(parse_signals(cfg.run.preemption_signals)).install()
+    except ValueError as e:
+        raise ConfigError(f"config key 'run.preemption_signals' = {cfg.run.preemption_signals!r}: {e}") from None
+
     from mtx_dist.trainer import train
-    train(cfg)
+    train(cfg, early)
     return 0
 
 
