@@ -9,7 +9,6 @@ name is then always ``archive`` rather than taken from the file name; zip entrie
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from data_pipelines.transforms import CLIP_MEAN, CLIP_STD
+from data_pipelines.writer.sink import sha256_file  # one file hash for shards, checkpoints and exports
 from mtx_dist.models.presets import ModelSpec
 
 ENCODER_FILE = "encoder.safetensors"
@@ -31,14 +31,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 class ExportError(ValueError):
     """An exported encoder that does not match its manifest, or cannot be read or written."""
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def natural_key(name: str) -> list:
