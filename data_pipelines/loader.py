@@ -33,6 +33,7 @@ import itertools
 import json
 import logging
 import random
+import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -251,6 +252,19 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         }
 
 
+def _keep_sigterm_handler(worker_id: int) -> None:
+    """Give a worker back the SIGTERM handling its parent had when it forked.
+
+    torch resets SIGTERM in loader workers to "die". A cluster that preempts a job sends SIGTERM to
+    every process of it; when the training process handles SIGTERM (to checkpoint first), its
+    workers must survive it too, or the main process fails on the dead worker before it can save.
+    Workers still stop when the loader is done with them (torch's end-of-data message), and when the
+    main process dies (torch's parent watchdog)."""
+    handler = signal.getsignal(signal.SIGTERM)  # Python's record of the parent's handler, kept across fork
+    if callable(handler) or handler == signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, handler)
+
+
 class Loader:
     """Iterable over batches of one rank, with ``state_dict``/``load_state_dict`` for resume."""
 
@@ -274,7 +288,7 @@ class Loader:
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self.cfg.workers,
             persistent_workers=False, prefetch_factor=4 if self.cfg.workers else None, pin_memory=self.pin_memory,
-            timeout=self.cfg.worker_timeout_s if self.cfg.workers else 0,
+            timeout=self.cfg.worker_timeout_s if self.cfg.workers else 0, worker_init_fn=_keep_sigterm_handler,
         )
         for batch in loader:
             self.positions[batch["worker"]] = batch["position"]

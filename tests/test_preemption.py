@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -106,3 +108,33 @@ def test_bad_preemption_signal_is_a_config_error():
     with pytest.raises(ConfigError, match="config key 'run.preemption_signals' = 'USR1,KILL': 'KILL' is not a signal "
                                           "that can be handled"):
         train(load_config(None, ["run.preemption_signals=USR1,KILL"]))  # before any process group starts
+
+
+def test_sigterm_to_the_whole_process_group_checkpoints_with_loader_workers(demo_shards, tmp_path):
+    """A cluster's SIGTERM reaches every process of the job, loader workers included (torch makes its
+    workers die on SIGTERM): the workers must outlive it so that the trainer can checkpoint and exit 75."""
+    run_dir = tmp_path / "run"
+    args = _args(demo_shards, run_dir)
+    args = [a for a in args if not a.startswith(("run.steps=", "data.workers=", "checkpoint.every="))]
+    args += ["run.steps=100000", "data.workers=2", "checkpoint.every=5"]
+    proc = subprocess.Popen([sys.executable, "-m", "mtx_dist.cli", *args], cwd=tmp_path, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        latest = run_dir / "checkpoints" / "latest"
+        deadline = time.monotonic() + 240
+        while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert latest.exists(), "no first checkpoint"
+        workers = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) >= 3  # the trainer and its two loader workers share the process group
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == EXIT_CODE, err[-3000:]
+    step = int(re.search(r"preempted at step (\d+) by SIGTERM", out + err).group(1))
+    assert (run_dir / "checkpoints" / f"step{step:08d}").is_dir()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step{step:08d}"
+    assert "DataLoader worker" not in err
