@@ -27,11 +27,15 @@ sample from (seed, source, epoch, stream, index), so skipping needs no RNG repla
 
 from __future__ import annotations
 
+import atexit
 import bisect
+import functools
 import hashlib
 import itertools
 import json
 import logging
+import multiprocessing
+import os
 import random
 import signal
 from collections import Counter
@@ -252,17 +256,30 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         }
 
 
-def _keep_sigterm_handler(worker_id: int) -> None:
-    """Give a worker back the SIGTERM handling its parent had when it forked.
+# Released loaders: their workers may now die on SIGTERM. Set for every live loader at interpreter
+# exit too: this atexit hook is registered after multiprocessing's (torch imported it above), so it
+# runs first, before multiprocessing SIGTERMs and joins the remaining workers.
+_unreleased: set = set()
+atexit.register(lambda: [e.set() for e in list(_unreleased)])
 
-    torch resets SIGTERM in loader workers to "die". A cluster that preempts a job sends SIGTERM to
-    every process of it; when the training process handles SIGTERM (to checkpoint first), its
-    workers must survive it too, or the main process fails on the dead worker before it can save.
-    Workers still stop when the loader is done with them (torch's end-of-data message), and when the
-    main process dies (torch's parent watchdog)."""
-    handler = signal.getsignal(signal.SIGTERM)  # Python's record of the parent's handler, kept across fork
-    if callable(handler) or handler == signal.SIG_IGN:
-        signal.signal(signal.SIGTERM, handler)
+
+def _worker_sigterm(released, worker_id: int) -> None:
+    """Keep a loader worker alive through a job-wide SIGTERM while its trainer handles SIGTERM.
+
+    torch makes loader workers die on SIGTERM. A cluster that preempts a job sends SIGTERM to every
+    process of it; when the training process handles SIGTERM (to checkpoint first), a dead worker
+    would make it fail before it can save. So a worker ignores SIGTERM until its loader is released
+    (the loader is done, or the main process is exiting), after which SIGTERM stops it as before:
+    torch's shutdown of a stuck worker and multiprocessing's exit still work."""
+    if not callable(signal.getsignal(signal.SIGTERM)):  # the parent's handler at fork: none, keep torch's
+        return
+
+    def on_sigterm(signum, frame) -> None:
+        if released.is_set():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 class Loader:
@@ -285,16 +302,25 @@ class Loader:
     def __iter__(self) -> Iterator[dict]:
         dataset = ImageTextStream(self.cfg, list(self.positions), first_worker=self.batches % self.n_workers,
                                   sources=(self.sources, self.weights))
+        released = multiprocessing.Event()
+        _unreleased.add(released)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self.cfg.workers,
             persistent_workers=False, prefetch_factor=4 if self.cfg.workers else None, pin_memory=self.pin_memory,
-            timeout=self.cfg.worker_timeout_s if self.cfg.workers else 0, worker_init_fn=_keep_sigterm_handler,
+            timeout=self.cfg.worker_timeout_s if self.cfg.workers else 0,
+            worker_init_fn=functools.partial(_worker_sigterm, released),
         )
-        for batch in loader:
-            self.positions[batch["worker"]] = batch["position"]
-            self.batches += 1
-            self.skipped.update(batch["skipped"])
-            yield batch
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                self.positions[batch["worker"]] = batch["position"]
+                self.batches += 1
+                self.skipped.update(batch["skipped"])
+                yield batch
+        finally:
+            released.set()  # before torch shuts the workers down (a stuck one by SIGTERM)
+            _unreleased.discard(released)
+            del batches
 
     def state_dict(self) -> dict:
         return {"batches": self.batches, "positions": [json.loads(json.dumps(p)) for p in self.positions],
