@@ -16,6 +16,7 @@ from typing import Any
 import tomli_w
 
 from kernels import BACKENDS as ATTENTION_BACKENDS
+from launchers.signals import parse_signals
 from mtx_dist.models.presets import PRESETS
 
 
@@ -238,6 +239,10 @@ def validate(cfg: Config) -> Config:
     if cfg.optim.decay_steps and cfg.optim.decay_steps < cfg.optim.warmup_steps:
         raise ConfigError(f"config key 'optim.decay_steps' = {cfg.optim.decay_steps}: must be >= "
                           f"optim.warmup_steps ({cfg.optim.warmup_steps})")
+    try:
+        parse_signals(cfg.run.preemption_signals)
+    except ValueError as e:
+        raise ConfigError(f"config key 'run.preemption_signals' = {cfg.run.preemption_signals!r}: {e}") from None
     if cfg.data.backend == "dali":  # DALI's reader has neither a per-sample source choice nor shard draws
         if cfg.data.train_weights:
             raise ConfigError(f"config key 'data.train_weights' = {cfg.data.train_weights!r}: mixing weights need "

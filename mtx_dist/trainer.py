@@ -51,12 +51,9 @@ def _say(runtime: Runtime, msg: str) -> None:
 
 
 def preemption_handler(cfg: Config) -> Preemption:
-    """The installed handler of ``run.preemption_signals`` (a signal is only recorded from now on)."""
-    try:
-        signals = parse_signals(cfg.run.preemption_signals)
-    except ValueError as e:
-        raise ConfigError(f"config key 'run.preemption_signals' = {cfg.run.preemption_signals!r}: {e}") from None
-    return Preemption(signals).install()
+    """The installed handler of ``run.preemption_signals`` (checked by the config): a signal is only
+    recorded from now on."""
+    return Preemption(parse_signals(cfg.run.preemption_signals)).install()
 
 
 def train(cfg: Config, preemption: Preemption | None = None) -> TrainResult:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from launchers import LaunchEnvError
-from mtx_dist.config import ConfigError, describe, load_config
+from mtx_dist.config import describe, load_config
 
 ERRORS = (LaunchEnvError,)  # launcher variables that contradict each other, a peer that never joined
 
@@ -28,10 +28,7 @@ def _run(args: argparse.Namespace) -> int:
     # Record preemption signals from here on: the imports below take seconds, and a SIGUSR1 from
     # SLURM in that window would otherwise kill the process instead of asking for a checkpoint.
     from launchers.signals import Preemption, parse_signals
-    try:
-        early = Preemption(parse_signals(cfg.run.preemption_signals)).install()
-    except ValueError as e:
-        raise ConfigError(f"config key 'run.preemption_signals' = {cfg.run.preemption_signals!r}: {e}") from None
+    early = Preemption(parse_signals(cfg.run.preemption_signals)).install()
 
     from mtx_dist.trainer import train
     train(cfg, early)
