@@ -3,8 +3,9 @@
 Both sides train the same ViT geometry (a model preset, GELU, CLIP vocabulary of 49408) on the
 same synthetic batch, in one process:
 
-  ours      ContrastiveModel inside the DeepSpeed engine (ZeRO stage 0, world size 1), our ClipLoss,
-            torch AdamW with weight-decay groups; ``engine.backward`` / ``engine.step``.
+  ours      the trainer's production step, ``mtx_dist.step.train_step``: ContrastiveModel inside the
+            DeepSpeed engine (ZeRO stage 0, world size 1), our ClipLoss, our guarded fused AdamW with
+            weight-decay groups.
   openclip  ``open_clip.model.CLIP`` built from CLIPVisionCfg/CLIPTextCfg equal to the preset,
             ``open_clip.loss.ClipLoss``, torch AdamW with OpenCLIP's weight-decay groups, then the
             ``logit_scale.clamp_`` of OpenCLIP's training loop.
@@ -40,7 +41,8 @@ GRAD_CLIP = 1.0
 def build_ours(args):
     from mtx_dist.config import load_config
     from mtx_dist.engine import build_engine, build_model, setup_runtime
-    from mtx_dist.loss import build_loss
+    from mtx_dist.step import train_step
+    from mtx_dist.trainer import step_setup
 
     cfg = load_config(None, [f"model.preset={args.preset}", "parallel.zero_stage=0", f"run.device={args.device}",
                              f"parallel.precision={'bf16' if args.device == 'cuda' else 'fp32'}",
@@ -50,13 +52,11 @@ def build_ours(args):
     if runtime.env.world_size != 1:
         raise SystemExit("run this benchmark as a single process (no launcher variables)")
     engine = build_engine(cfg, build_model(cfg, runtime), runtime)
-    loss_fn = build_loss("clip", runtime.groups.dp_group)
+    setup, steps = step_setup(cfg, runtime, engine), [0]
 
-    def step(image, text):
-        img, txt, scale, bias = engine(image.to(runtime.dtype), text)
-        loss = loss_fn(img, txt, scale, bias)
-        engine.backward(loss)
-        engine.step()
+    def step(image, text):  # the trainer's own step (mtx_dist.step.train_step), not a copy of it
+        train_step(setup, iter([{"image": image, "text": text}]), steps[0])
+        steps[0] += 1
 
     return engine.module, step
 

@@ -29,17 +29,16 @@ What it handles, and what it does not (DALI 2.4):
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
-import json
 import os
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict
 
 import numpy as np
 import torch
 
-from data_pipelines.loader import LoaderStateError, StreamConfig
+from data_pipelines.loader import LoaderStateError, StreamConfig, stream_identity
 from data_pipelines.sources import scheme, split_sources
 from data_pipelines.tokenizer import ClipTokenizer
 from data_pipelines.transforms import CLIP_MEAN, CLIP_STD, TRAIN_RATIO, TRAIN_SCALE
@@ -135,9 +134,7 @@ class DaliLoader:
         self.batches, self.skipped = 0, Counter(self.startup_skips)
         self._resume: dict | None = None
         self._state = self._position(None, 0, 0, 0)
-        self._identity = hashlib.sha256(json.dumps(
-            {k: v for k, v in asdict(cfg).items() if k not in ("workers", "worker_timeout_s", "normalize")}, sort_keys=True
-        ).encode()).hexdigest()[:16]
+        self._identity = stream_identity(cfg)
 
     # -- pipeline ------------------------------------------------------------------------------
     def _pipeline(self, checkpoint: bytes | None):
@@ -200,7 +197,8 @@ class DaliLoader:
         total, n, r = pipe.reader_meta("reader")["epoch_size"], self.cfg.world_size, self.cfg.rank
         mine = total * (r + 1) // n - total * r // n  # DALI's contiguous share of this rank in epoch 0
         share = max(1, total // n)
-        tokenizer = ClipTokenizer(context_length=self.cfg.context_length)
+        tokenizer = functools.partial(ClipTokenizer(context_length=self.cfg.context_length),
+                                      pad_multiple=self.cfg.text_pad_multiple)
         raw, offset, counted = start["raw"], start["offset"], start["counted"]
         pending: list[tuple[dict, torch.Tensor, str, str, int]] = []  # (resume point, image, text, key, epoch)
         skips: Counter = Counter()

@@ -82,6 +82,17 @@ class StreamConfig:
     # False: images leave the workers as uint8 (4x less to pass between processes and to copy to the
     # device) and are normalized later in batch (transforms.normalize_images), e.g. on the GPU
     normalize: bool = True
+    # > 0: each batch's text is padded only to its longest caption, rounded up to this multiple
+    # (tokenizer.trimmed_length); the samples are the same, so it is not part of the resume identity
+    text_pad_multiple: int = 0
+
+
+def stream_identity(cfg: StreamConfig) -> str:
+    """What a saved stream position is valid for: the fields that decide which samples come in which
+    order and how they are transformed (not how many workers read them or how text is padded)."""
+    same = {k: v for k, v in asdict(cfg).items()
+            if k not in ("workers", "worker_timeout_s", "normalize", "text_pad_multiple")}
+    return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _seed(*parts: int) -> int:
@@ -195,7 +206,8 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         g, n_streams = self.cfg.rank * n_workers + w, self.cfg.world_size * n_workers
         n_src = len(self.sources)
         start = self.start[w] if self.start else start_position(n_src)
-        tokenizer = ClipTokenizer(context_length=self.cfg.context_length)
+        tokenizer = functools.partial(ClipTokenizer(context_length=self.cfg.context_length),
+                                      pad_multiple=self.cfg.text_pad_multiple)
         skips: Counter = Counter()  # (epoch, reason) since the last batch; handed out with the next one
 
         def on_error(epoch: int, url: str, exn: Exception) -> None:  # a shard that broke off: count it, go on
@@ -295,9 +307,7 @@ class Loader:
         self.positions: list[dict] = [start_position(len(self.sources))] * self.n_workers
         self.batches = 0
         self.skipped: Counter = Counter()
-        self._identity = hashlib.sha256(json.dumps(
-            {k: v for k, v in asdict(cfg).items() if k not in ("workers", "worker_timeout_s", "normalize")}, sort_keys=True
-        ).encode()).hexdigest()[:16]
+        self._identity = stream_identity(cfg)
 
     def __iter__(self) -> Iterator[dict]:
         dataset = ImageTextStream(self.cfg, list(self.positions), first_worker=self.batches % self.n_workers,

@@ -24,6 +24,7 @@ import regex
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # CLIP uses the first 48894 merges of the file
 SOT, EOT = "<start_of_text>", "<end_of_text>"
+TEXT_PAD_MULTIPLE = 8  # trimmed batches are padded to a multiple of this (few distinct shapes)
 
 # Contractions, runs of letters, single digits, runs of other non-space symbols.
 _PATTERN = regex.compile(
@@ -109,12 +110,24 @@ class ClipTokenizer:
         words = (bytes(inv[c] for c in word) for word in text.split("</w>"))
         return b" ".join(words).decode("utf-8", "replace").strip()
 
-    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None,
+                 pad_multiple: int = 0) -> np.ndarray:
+        """Token ids, zero padded. ``pad_multiple`` > 0 pads only to the longest row (EOT included) rounded
+        up to that multiple, capped at the context length (:func:`trimmed_length`)."""
         if isinstance(texts, str):
             texts = [texts]
         n = context_length or self.context_length
-        out = np.zeros((len(texts), n), dtype=np.int64)
-        for row, text in zip(out, texts):
-            ids = [self.sot_id, *self.encode(text)][: n - 1] + [self.eot_id]
+        rows = [[self.sot_id, *self.encode(text)][: n - 1] + [self.eot_id] for text in texts]
+        width = trimmed_length(max((len(r) for r in rows), default=1), n, pad_multiple) if pad_multiple else n
+        out = np.zeros((len(texts), width), dtype=np.int64)
+        for row, ids in zip(out, rows):
             row[: len(ids)] = ids
         return out
+
+
+def trimmed_length(longest: int, context_length: int, multiple: int) -> int:
+    """Padded width of a batch whose longest row (EOT included) has ``longest`` tokens: rounded up to
+    ``multiple`` (few distinct shapes, so compiled graphs and kernels are reused) and capped at the
+    context length. Features are unchanged: the text tower is causal and pools at EOT, so the padding
+    after a row's EOT never reaches it."""
+    return min(context_length, -(-longest // multiple) * multiple)

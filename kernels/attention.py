@@ -8,7 +8,8 @@ Backends (``model.attention``):
     fused kernel for the device and dtype; the math kernel otherwise).
   * ``math``       -- the explicit softmax(QK^T / sqrt(d)) V reference, used by tests.
   * ``auto``       -- flash_attn when it can run (installed, CUDA, fp16/bf16), else triton on CUDA,
-    else sdpa.
+    else sdpa. Inside ``torch.compile`` auto never picks triton (our kernel is launched from a
+    custom autograd function that the compiler does not trace): sdpa, which inductor knows.
 
 The backend that runs is logged once per process for each (requested, chosen) pair, so a log
 shows what actually ran. An explicitly requested backend that cannot run on the given inputs
@@ -77,14 +78,14 @@ def resolve_backend(backend: str, q: torch.Tensor | None = None) -> str:
         if q is not None and q.device.type == "cuda":
             if _flash_attn_problem(q) is None:
                 chosen = "flash_attn"
-            elif _triton_problem(q) is None:
+            elif not torch.compiler.is_compiling() and _triton_problem(q) is None:
                 chosen = "triton"
     else:
         chosen = backend
         problem = _PROBLEMS[backend](q) if backend in _PROBLEMS and q is not None else None
         if problem:
             raise AttentionBackendError(f"attention backend {backend!r} cannot run here: {problem}")
-    if (backend, chosen) not in _announced:
+    if (backend, chosen) not in _announced and not torch.compiler.is_compiling():  # no side effect in a graph
         _announced.add((backend, chosen))
         where = "" if q is None else f" on {q.device.type} {str(q.dtype).removeprefix('torch.')}"
         log.info("attention backend: %s (requested %s%s)", chosen, backend, where)

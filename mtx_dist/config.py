@@ -46,6 +46,8 @@ class RunConfig:
                                    "75), comma-separated; '' = none handled")
     preemption_check_every: int = _opt(1, "steps between the all-ranks check for a preemption signal (one "
                                        "integer all-reduce)", min=1)
+    compile: bool = _opt(False, "torch.compile the model inside the DeepSpeed engine (compile time is reported "
+                         "apart from step time)")
     requeue: bool = _opt(True, "after a preemption checkpoint under SLURM, rank 0 runs `scontrol requeue "
                          "$SLURM_JOB_ID` (the job restarts and resumes with --resume latest)")
 
@@ -54,6 +56,10 @@ class RunConfig:
 class ModelConfig:
     preset: str = _opt("tiny", "model geometry", tuple(PRESETS))
     attention: str = _opt("auto", "attention backend (kernels.attention)", ATTENTION_BACKENDS)
+    patch_dropout: float = _opt(0.0, "FLIP: fraction of each image's patch tokens dropped in training (a random "
+                                "subset per sample; class token kept; never in evaluation or export)", min=0, max=0.95)
+    patch_dropout_final_steps: int = _opt(0, "FLIP's unmasked tail: the last N training steps keep every patch",
+                                          min=0)
     init_from: str = _opt("", "start from an OpenCLIP checkpoint file (.safetensors/.pt/.bin; plain, or "
                           "{'state_dict': ...} with 'module.' prefixes) of the preset's geometry; '' = random init")
 
@@ -75,6 +81,8 @@ class DataConfig:
                         "decode when training on cuda)", ("cpu", "dali"))
     jpeg_draft: bool = _opt(False, "cpu backend: decode large JPEGs at a reduced scale (libjpeg draft) that still "
                             "covers the output size; faster, slightly different low-pass filtering")
+    text_trim: bool = _opt(True, "pad each batch's text only to its longest caption (EOT included), rounded up to "
+                           "a multiple of 8; features equal full-length padding exactly")
     prefetch: bool = _opt(True, "on cuda: copy the next batch to the device (pinned memory, side stream) while "
                           "the current step runs")
     dali_index_dir: str = _opt("", "dali: folder for index files of shards without one beside them ('' = "
@@ -114,6 +122,9 @@ class OptimConfig:
     min_lr_ratio: float = _opt(0.0, "final learning rate as a fraction of lr", min=0, max=1)
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 = off)", min=0)
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step", min=1)
+    implementation: str = _opt("auto", "AdamW kernel: fused (one kernel over all tensors), foreach (batched ops) "
+                               "or for-loop; auto = the one measured fastest on the device",
+                               ("auto", "fused", "foreach", "for-loop"))
     max_skipped_steps: int = _opt(10, "stop after this many consecutive steps skipped for a non-finite loss or "
                                   "gradient norm", min=1)
 
@@ -250,6 +261,13 @@ def validate(cfg: Config) -> Config:
         if cfg.data.mode != "epoch":
             raise ConfigError(f"config key 'data.mode' = {cfg.data.mode!r}: data.backend = 'dali' reads in "
                               "epoch mode only")
+    if cfg.model.patch_dropout_final_steps > cfg.run.steps:
+        raise ConfigError(f"config key 'model.patch_dropout_final_steps' = {cfg.model.patch_dropout_final_steps}: "
+                          f"must be <= run.steps ({cfg.run.steps})")
+    if cfg.run.compile and cfg.model.attention == "triton":
+        raise ConfigError("config key 'run.compile' = true: model.attention = 'triton' (our kernel, launched from a "
+                          "custom autograd function) is not traced by torch.compile; use 'auto', 'sdpa' or "
+                          "'flash_attn' with compile, or run.compile = false")
     tp = cfg.parallel.tensor_parallel
     if tp > 1:
         spec = PRESETS[cfg.model.preset]

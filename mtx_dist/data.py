@@ -10,6 +10,7 @@ import torch
 from data_pipelines.demo import DemoSpec, shard_spec, write_demo_split
 from data_pipelines.loader import Loader, StreamConfig
 from data_pipelines.sources import ShardSpecError
+from data_pipelines.tokenizer import TEXT_PAD_MULTIPLE
 from data_pipelines.transforms import normalize_images
 from mtx_dist.config import Config, ConfigError
 from mtx_dist.models.presets import get_preset
@@ -57,6 +58,7 @@ def build_loader(cfg: Config, shards: str, train: bool, rank: int, world_size: i
         shuffle_buffer=cfg.data.shuffle_buffer, max_pixels=cfg.data.max_pixels, rank=rank,
         world_size=world_size, weights=cfg.data.train_weights if train else "", mode=cfg.data.mode,
         jpeg_draft=cfg.data.jpeg_draft, normalize=not train,  # training batches are normalized by DevicePrefetcher
+        text_pad_multiple=TEXT_PAD_MULTIPLE if cfg.data.text_trim else 0,
     )
     try:
         if cfg.data.backend == "dali" and train:  # held-out evaluation stays on the small, exact cpu path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -17,15 +18,15 @@ from launchers.signals import Preempted, Preemption, parse_signals
 from launchers.slurm import requeue as slurm_requeue
 from mtx_dist.config import Config, ConfigError
 from mtx_dist.data import DevicePrefetcher, build_loader, record_keys, resolve_shards, skipped_totals
-from mtx_dist.engine import (Runtime, build_engine, build_model, consolidated_state_dict, global_grad_norm,
-                             setup_runtime)
+from mtx_dist.engine import Runtime, build_engine, build_model, consolidated_state_dict, global_grad_norm, setup_runtime
 from mtx_dist.evaluate import embed_split, retrieval_metrics
 from mtx_dist.export import export_encoder
 from mtx_dist.flops import peak_tflops, train_flops_per_sample
 from mtx_dist.loss import build_loss
 from mtx_dist.models import get_preset
 from mtx_dist.optim import TrainingDiverged
-from mtx_dist.parallel import destroy_groups, grad_norm
+from mtx_dist.parallel import destroy_groups
+from mtx_dist.step import StepSetup, train_step
 from mtx_dist.tracking import Tracker, cluster_tags
 
 
@@ -148,14 +149,28 @@ def _peak(cfg: Config, runtime: Runtime) -> float | None:
     return peak_tflops(torch.cuda.get_device_name(runtime.device), cfg.parallel.precision)
 
 
+def patch_dropout_at(cfg: Config, step: int) -> float:
+    """The patch-dropout fraction of optimizer step ``step + 1``: ``model.patch_dropout`` except in FLIP's
+    unmasked tail (the last ``model.patch_dropout_final_steps`` steps)."""
+    return cfg.model.patch_dropout if step < cfg.run.steps - cfg.model.patch_dropout_final_steps else 0.0
+
+
+def step_setup(cfg: Config, runtime: Runtime, engine) -> StepSetup:
+    groups = runtime.groups
+    loss_fn = build_loss(cfg.loss.kind, groups.dp_group, cfg.loss.gather_with_grad, cfg.loss.local_loss,
+                         cfg.loss.tile_size)
+    return StepSetup(engine, loss_fn, runtime.device, runtime.dtype, accum=cfg.optim.grad_accum, seed=cfg.run.seed,
+                     dp_rank=groups.dp_rank, rank=runtime.env.rank,
+                     patches=get_preset(cfg.model.preset).vision.grid ** 2, groups=groups)
+
+
 def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState, tracker: Tracker,
           preemption: Preemption | None = None) -> TrainResult:
     groups, world = runtime.groups, runtime.env.world_size
-    loss_fn = build_loss(cfg.loss.kind, groups.dp_group, cfg.loss.gather_with_grad, cfg.loss.local_loss,
-                         cfg.loss.tile_size)
+    setup = step_setup(cfg, runtime, engine)
     accum = cfg.optim.grad_accum
     samples_per_step = cfg.data.batch_size * accum * groups.dp_size
-    flops_per_sample, peak = train_flops_per_sample(get_preset(cfg.model.preset)), _peak(cfg, runtime)
+    spec, peak = get_preset(cfg.model.preset), _peak(cfg, runtime)
     first_step, losses, pending = state.step, [], []
     last_ckpt = None
     feed = DevicePrefetcher(loader, runtime.device, cfg.data.prefetch)  # holds the state of batches handed out
@@ -164,36 +179,26 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
     engine.train()
     bar = tqdm(total=cfg.run.steps, initial=state.step, disable=not runtime.is_main, unit="step",
                dynamic_ncols=True, mininterval=1.0, desc="train")
-    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-    norm_s0, throughput = None, {}
-    optimizer, rank, in_a_row = engine.client_optimizer, runtime.env.rank, 0  # our GuardedAdamW
-    check_every, stop = cfg.run.preemption_check_every, None
+    window_start, window_steps, data_wait, window_flops = time.perf_counter(), 0, 0.0, 0.0
+    throughput, in_a_row, check_every, stop = {}, 0, cfg.run.preemption_check_every, None
     while state.step < cfg.run.steps:
         log_now = (state.step + 1) % cfg.run.log_every == 0 or state.step + 1 == cfg.run.steps
-        for _ in range(accum):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            data_wait += time.perf_counter() - t0
-            if keys_log:
-                record_keys(keys_log, state.step, batch)
-            image = batch["image"].to(runtime.device, runtime.dtype, non_blocking=True)
-            text = batch["text"].to(runtime.device, non_blocking=True)
-            img, txt, scale, bias = engine(image, text)
-            loss = faults.poison("loss", state.step + 1, rank, loss_fn(img, txt, scale, bias))
-            optimizer.request_skip(~torch.isfinite(loss.detach()))  # decided with every rank at the step
-            engine.backward(loss)
-            if log_now and engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
-                norm_s0 = grad_norm(engine.module, groups)  # DeepSpeed reports none at stage 0
-            if engine.is_gradient_accumulation_boundary():
-                optimizer.expect_step()
-            engine.step()
-            pending.append(loss.detach())
-        optimizer.end_step()
+        # A preemption signal on some rank travels with this step's one collective: every rank learns it
+        # at the same step, checkpoints and leaves.
+        ask = preemption is not None and state.step + 1 < cfg.run.steps and (state.step + 1) % check_every == 0
+        drop = patch_dropout_at(cfg, state.step)
+        on_batch = (lambda b, s=state.step: record_keys(keys_log, s, b)) if keys_log else None
+        result = train_step(setup, batches, state.step, drop, int(preemption.received or 0) if ask else 0,
+                            want_grad_norm=log_now, on_batch=on_batch)
+        pending.append(result.losses)
+        data_wait += result.data_wait_s
+        kept = max(1, int(setup.patches * (1 - drop))) if drop else setup.patches
+        window_flops += train_flops_per_sample(spec, 1 + kept, result.last_batch["text"].shape[1])
         state.step += 1
         state.samples += samples_per_step
-        faults.hit("step", state.step, rank)
-        faults.send_signal(state.step, rank)
-        if optimizer.skipped_last:  # non-finite loss or gradients on some rank: nobody updated
+        faults.hit("step", state.step, runtime.env.rank)
+        faults.send_signal(state.step, runtime.env.rank)
+        if result.skipped:  # non-finite loss or gradients on some rank: nobody updated
             state.skipped_steps += 1
             in_a_row += 1
             _say(runtime, f"step {state.step}: non-finite loss or gradient norm on some rank; update skipped on all "
@@ -209,7 +214,7 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
         bar.update(1)
         if log_now:
             # With a local loss each data-parallel rank holds its share: the global loss is the mean.
-            step_losses = torch.stack(pending).float().view(-1, accum).mean(dim=1)
+            step_losses = torch.stack(pending).float().mean(dim=1)
             if groups.dp_size > 1:
                 torch.distributed.all_reduce(step_losses, group=groups.dp_group)
                 step_losses /= groups.dp_size
@@ -223,18 +228,18 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
                 "loss": sum(finite) / len(finite) if finite else float("nan"),
                 "skipped_steps": state.skipped_steps,
                 "lr": engine.get_lr()[0],
-                "logit_scale": float(scale.detach()),
+                "logit_scale": float(result.scale),
                 "samples_per_s": sps,
                 "samples_per_s_per_device": sps / world,
-                "tflops_per_device": sps / world * flops_per_sample / 1e12,
+                "tflops_per_device": window_flops / window_steps * sps / world / 1e12,
                 "data_wait_frac": data_wait / elapsed,
                 "samples": state.samples,
             }
-            if bias is not None:
-                metrics["logit_bias"] = float(bias.detach())
+            if result.bias is not None:
+                metrics["logit_bias"] = float(result.bias)
             if peak:
                 metrics["mfu"] = metrics["tflops_per_device"] / peak
-            norm = global_grad_norm(engine) if engine.zero_optimization_stage() else norm_s0
+            norm = global_grad_norm(engine) if engine.zero_optimization_stage() else result.grad_norm
             if norm is not None:
                 metrics["grad_norm"] = norm
             # Summed over workers (in the loader) and data-parallel ranks (a collective: every rank logs).
@@ -245,10 +250,8 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
                                                   "mfu") if k in metrics}
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", sps=f"{metrics['samples_per_s']:.0f}",
                             lr=f"{metrics['lr']:.2e}", refresh=False)
-            window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-        # A preemption signal on some rank: every rank checkpoints this step and leaves.
-        if preemption is not None and state.step < cfg.run.steps and state.step % check_every == 0:
-            stop = preemption.agreed(runtime.device)  # a collective: every rank asks at the same steps
+            window_start, window_steps, data_wait, window_flops = time.perf_counter(), 0, 0.0, 0.0
+        stop = signal.Signals(result.signal) if result.signal else None
         if stop or state.step % cfg.checkpoint.every == 0 or state.step == cfg.run.steps:
             state.loader = feed.state_dict()
             last_ckpt = ckpt.save(engine, cfg.run.dir, state, runtime.env.rank, keep=cfg.checkpoint.keep,

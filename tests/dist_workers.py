@@ -37,6 +37,17 @@ def global_batch(spec: ModelSpec, n: int, step: int, seed: int = 1234) -> tuple[
     return image, text
 
 
+def short_text(spec: ModelSpec, n: int, longest: int = 6, seed: int = 5) -> torch.Tensor:
+    """(n, context length) ids of captions of at most ``longest`` tokens (EOT included), zero padded:
+    a batch that text trimming pads to 8 tokens only."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, longest + 1, (n,), generator=g)
+    text = torch.randint(1, 49000, (n, spec.text.context_length), generator=g)
+    text = torch.where(torch.arange(text.shape[1]) < lengths[:, None], text, torch.zeros_like(text))
+    text[torch.arange(n), lengths - 1] = EOT
+    return text
+
+
 def local_slice(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     return t.chunk(size, dim=0)[rank]
 
@@ -75,7 +86,11 @@ def tp_forward_backward(activation_checkpointing: bool) -> dict[str, float]:
     grads_tp = gather_tensor_parallel({n: p.grad for n, p in tp.named_parameters()}, groups)
     grads_full = dict(full.named_parameters())
     sharded = sum(1 for p in tp.parameters() if getattr(p, "tensor_model_parallel", False))
+    with torch.no_grad():  # text trimming under TP: a batch padded to 8 tokens == the same padded to 16
+        short = short_text(full.spec, 6)
+        trimmed = float((tp.encode_text(short) - tp.encode_text(short[:, :8])).abs().max())
     return {
+        "trimmed_text": trimmed,
         "features": max(float((a - b).abs().max()) for a, b in zip(out_full[:2], out_tp[:2])),
         "loss": abs(float(loss_full - loss_tp)),
         "grads": max(float((grads_full[n].grad - g).abs().max()) for n, g in grads_tp.items()),
@@ -209,3 +224,67 @@ def train_with_faults(overrides: list[str], faults_spec: str) -> dict:
     finally:
         os.environ.pop("MTX_FAULTS", None)
     return {"losses": result.losses, "step": result.step}
+
+
+# -- collectives of one production training step ----------------------------------------------------
+
+def count_collectives(overrides: list[str], steps: int) -> dict:
+    """Collectives per :func:`mtx_dist.step.train_step` of the micro model on 2 ranks, by who issues them:
+    DeepSpeed (gradient reduction), the loss (feature all-gather and its backward) or anything else.
+    Rank 1 shares preemption signal 10 with the last step; both must learn it from that step's result."""
+    import traceback
+
+    from mtx_dist.engine import build_engine, build_model, setup_runtime
+    from mtx_dist.parallel import destroy_groups
+    from mtx_dist.step import train_step
+    from mtx_dist.trainer import step_setup
+
+    cfg = micro_cfg(*overrides)
+    runtime = setup_runtime(cfg)
+    groups = runtime.groups
+    engine = build_engine(cfg, build_model(cfg, runtime), runtime)
+    setup = step_setup(cfg, runtime, engine)
+    spec = get_preset(cfg.model.preset)
+    calls: list[tuple[str, str, int]] = []  # (issuer, collective, elements)
+    names = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+             "broadcast", "barrier", "reduce", "all_to_all_single", "all_gather_object", "broadcast_object_list")
+    originals = {n: getattr(dist, n) for n in names}
+
+    def issuer() -> str:  # the file that called torch.distributed
+        caller = traceback.extract_stack()[-3].filename.replace(os.sep, "/")
+        if caller.endswith("/mtx_dist/parallel/collectives.py"):
+            return "loss"
+        if "/deepspeed/" in caller:
+            return "deepspeed"
+        return "/".join(caller.rsplit("/", 2)[-2:])
+
+    def counted(name):
+        def call(*args, **kwargs):
+            t = args[0] if args else next(iter(kwargs.values()))
+            calls.append((issuer(), name, t.numel() if isinstance(t, torch.Tensor) else -1))
+            return originals[name](*args, **kwargs)
+        return call
+
+    def batches():
+        for step in range(steps):
+            image, text = global_batch(spec, cfg.data.batch_size * groups.dp_size, step)
+            yield {"image": local_slice(image, groups.dp_rank, groups.dp_size),
+                   "text": local_slice(text, groups.dp_rank, groups.dp_size)}
+
+    feed, out = batches(), {"ours": [], "deepspeed": [], "loss": [], "signal": []}
+    try:
+        for n in names:
+            setattr(dist, n, counted(n))
+        for step in range(steps):
+            calls.clear()
+            shared = 10 if step == steps - 1 and dist.get_rank() == 1 else 0
+            result = train_step(setup, feed, step, signal=shared)
+            for who in ("deepspeed", "loss"):
+                out[who].append(sorted({n for i, n, _ in calls if i == who}))
+            out["ours"].append([(i, n, k) for i, n, k in calls if i not in ("deepspeed", "loss")])
+            out["signal"].append(result.signal)
+    finally:
+        for n, f in originals.items():
+            setattr(dist, n, f)
+    destroy_groups(groups)
+    return out

@@ -26,6 +26,9 @@ from tests.helpers import DIST_VARS, REPO
 pytestmark = pytest.mark.slow
 
 STEPS, SIGNAL_STEP = 8, 3
+# The signal arrives after step 3's collective; it travels with the next step's one all-reduce (the
+# optimizer's non-finite flag), so every rank learns it in step 4 and checkpoints there.
+STOP_STEP = SIGNAL_STEP + 1
 
 
 def _env(**extra):
@@ -72,17 +75,17 @@ def test_signal_on_one_rank_checkpoints_both_and_resume_is_exact(demo_shards, tm
     # torchrun reports each rank's exit code; both left with the preemption code
     codes = re.findall(r"rank\s*:\s*(\d+)[^\n]*\n(?:[^\n]*\n){0,3}?\s*exitcode\s*:\s*(-?\d+)", p.stderr)
     assert sorted(codes) == [("0", str(EXIT_CODE)), ("1", str(EXIT_CODE))], p.stderr[-3000:]
-    assert (f"trained to step {SIGNAL_STEP} of {STEPS}: preempted at step {SIGNAL_STEP} by SIGUSR1 on some rank; "
+    assert (f"trained to step {STOP_STEP} of {STEPS}: preempted at step {STOP_STEP} by SIGUSR1 on some rank; "
             f"every rank checkpointed") in p.stdout, p.stdout[-3000:]
     assert "every rank checkpointed; not requeued (resume with --resume latest)" in p.stdout  # not under SLURM
-    assert (run / "checkpoints" / "latest").read_text().strip() == f"step{SIGNAL_STEP:08d}"
-    assert [s["step"] for s in _states(run, SIGNAL_STEP)] == [SIGNAL_STEP, SIGNAL_STEP]
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step{STOP_STEP:08d}"
+    assert [s["step"] for s in _states(run, STOP_STEP)] == [STOP_STEP, STOP_STEP]
     assert not (run / "checkpoints" / f"step{STEPS:08d}").exists()
 
     p = _torchrun(hostfile, [*_args(demo_shards, run), "--resume", "latest"], str(tmp_path))
     assert p.returncode == 0, p.stderr[-3000:]
-    assert f"at step {SIGNAL_STEP}" in p.stdout and "resumed from" in p.stdout, p.stdout[-3000:]
-    assert "loss: " in p.stdout and f"(step {SIGNAL_STEP + 1})" in p.stdout  # the resumed segment starts at 4
+    assert f"at step {STOP_STEP}" in p.stdout and "resumed from" in p.stdout, p.stdout[-3000:]
+    assert "loss: " in p.stdout and f"(step {STOP_STEP + 1})" in p.stdout  # the resumed segment starts at 5
     ref, got = _weights(whole, STEPS), _weights(run, STEPS)
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     assert [(s["step"], s["samples"]) for s in _states(run, STEPS)] == [(STEPS, STEPS * 16)] * 2

@@ -85,13 +85,15 @@ def test_train_checkpoints_exports_and_tracks(tmp_path, demo_dir):
 
 
 def test_resume_continues_exactly(tmp_path, demo_dir):
-    """4 steps, stop, --resume latest to 8 == 8 uninterrupted steps (same losses, bit for bit)."""
+    """4 steps, stop, --resume latest to 8 == 8 uninterrupted steps (same losses, bit for bit), with text
+    trimming (the default) and FLIP patch dropout on."""
+    speed = ("data.text_trim=true", "model.patch_dropout=0.5")
     whole = train(micro(tmp_path, demo_dir, "optim.decay_steps=8", "run.eval_at_end=false",
-                        "run.export_at_end=false", run="whole"))
+                        "run.export_at_end=false", *speed, run="whole"))
     first = train(micro(tmp_path, demo_dir, "optim.decay_steps=8", "run.steps=4", "run.eval_at_end=false",
-                        "run.export_at_end=false", run="split"))
+                        "run.export_at_end=false", *speed, run="split"))
     resumed_cfg = micro(tmp_path, demo_dir, "optim.decay_steps=8", "checkpoint.resume=latest",
-                        "run.eval_at_end=false", "run.export_at_end=false", run="split")
+                        "run.eval_at_end=false", "run.export_at_end=false", *speed, run="split")
 
     # model + optimizer state right after resume equal what was saved at step 4
     from mtx_dist.engine import build_engine, setup_runtime

@@ -24,7 +24,7 @@ def _run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from data_pipelines.tokenizer import ClipTokenizer
+    from data_pipelines.tokenizer import TEXT_PAD_MULTIPLE, ClipTokenizer
     from mtx_dist.config import TrackingConfig
     from mtx_dist.evaluate import evaluate_shards, read_classnames
     from mtx_dist.export.source import load_any
@@ -41,8 +41,12 @@ def _run(args: argparse.Namespace) -> int:
                           "cpu" if args.device == "auto" else args.device)
     model = source.model().to(device)
     tokenizer = ClipTokenizer(context_length=source.spec.text.context_length)
-    metrics = evaluate_shards(model, args.data, lambda texts: torch.from_numpy(tokenizer(texts)), classnames,
-                              TEMPLATES[args.templates], args.batch_size, device)
+
+    def tokenize(texts: list[str]) -> torch.Tensor:  # trimmed: the same features as full-length padding
+        return torch.from_numpy(tokenizer(texts, pad_multiple=TEXT_PAD_MULTIPLE))
+
+    metrics = evaluate_shards(model, args.data, tokenize, classnames, TEMPLATES[args.templates], args.batch_size,
+                              device)
 
     what = source.info.get("checkpoint") or os.path.basename(os.path.normpath(args.source))
     print(f"eval of {source.preset} from {os.path.abspath(args.source)} ({what}) on {args.data}")

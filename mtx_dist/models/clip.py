@@ -33,19 +33,21 @@ class ContrastiveModel(nn.Module):
     def from_preset(cls, name: str, attn_backend: str = "auto") -> "ContrastiveModel":
         return cls(get_preset(name), attn_backend)
 
-    def encode_image(self, image: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        feats = self.visual(image)
+    def encode_image(self, image: torch.Tensor, normalize: bool = True,
+                     patch_keep: torch.Tensor | None = None) -> torch.Tensor:
+        feats = self.visual(image, patch_keep)
         return F.normalize(feats, dim=-1) if normalize else feats
 
     def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         feats = self.text(text)
         return F.normalize(feats, dim=-1) if normalize else feats
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor):
-        """-> (image features, text features, logit scale, logit bias or None); features L2-normalized."""
+    def forward(self, image: torch.Tensor, text: torch.Tensor, patch_keep: torch.Tensor | None = None):
+        """-> (image features, text features, logit scale, logit bias or None); features L2-normalized.
+        ``patch_keep``: the patches each image keeps (FLIP patch dropout, training only)."""
         # The scale is clamped here rather than by an in-place clamp after the optimizer step (as
         # OpenCLIP does) so that it works unchanged when ZeRO-3 partitions the parameter; it is used
         # inside this top-level forward, which ZeRO-3 needs for parameters outside submodules.
         scale = self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX).squeeze(0)
         bias = None if self.logit_bias is None else self.logit_bias.squeeze(0)
-        return self.encode_image(image), self.encode_text(text), scale, bias
+        return self.encode_image(image, patch_keep=patch_keep), self.encode_text(text), scale, bias

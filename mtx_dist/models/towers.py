@@ -39,11 +39,26 @@ class VisionTower(nn.Module):
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
         return torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = self.ln_pre(self.tokens(image))
+    def forward(self, image: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``keep``: (B, K) indices of the patch tokens each image keeps (FLIP patch dropout, training
+        only; :func:`patch_keep_indices`); the class token is always kept."""
+        x = self.tokens(image)
+        if keep is not None:
+            patches = x[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            x = torch.cat([x[:, :1], patches], dim=1)
+        x = self.ln_pre(x)
         for blk in self.blocks:
             x = blk(x)
         return self.ln_post(x[:, 0]) @ self.proj
+
+
+def patch_keep_indices(batch: int, patches: int, drop: float, generator: torch.Generator,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
+    """(batch, K) sorted indices of the patches each image keeps under FLIP patch dropout: a uniform
+    random subset of K = max(1, int(patches * (1 - drop))) per row, drawn from ``generator``."""
+    keep = max(1, int(patches * (1 - drop)))
+    noise = torch.rand(batch, patches, generator=generator, device=device)
+    return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
 
 
 class TextTower(nn.Module):
@@ -69,9 +84,13 @@ class TextTower(nn.Module):
         init_blocks(self.blocks, self.spec.width)
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
-        if text.shape[1] != self.spec.context_length:
-            raise ValueError(f"text has {text.shape[1]} tokens; the tower expects {self.spec.context_length}")
-        x = self.token_embedding(text) + self.pos_embed
+        """``text``: (B, L) ids, L <= context length. Batches padded only to their longest caption give the
+        features of full-length padding: attention is causal and the features are read at EOT, so the
+        padding after EOT never reaches them."""
+        n = text.shape[1]
+        if n > self.spec.context_length:
+            raise ValueError(f"text has {n} tokens; the tower takes at most {self.spec.context_length}")
+        x = self.token_embedding(text) + self.pos_embed[:n]
         for blk in self.blocks:
             x = blk(x)
         x = self.ln_final(x)

@@ -1,0 +1,126 @@
+"""Speed techniques keep the numbers: exact text trimming, FLIP patch dropout, torch.compile, one
+small collective per step (CPU, fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data_pipelines.tokenizer import ClipTokenizer, trimmed_length
+from mtx_dist.config import ConfigError, load_config
+from mtx_dist.models import ContrastiveModel, get_preset, patch_keep_indices
+from tests import dist_workers as w
+from tests.dist import run_ranks
+
+
+def test_trimmed_length_rounds_up_to_the_multiple_and_caps_at_the_context():
+    assert [trimmed_length(n, 77, 8) for n in (1, 8, 9, 16, 17, 72, 73, 77)] == [8, 8, 16, 16, 24, 72, 77, 77]
+    assert trimmed_length(12, 16, 8) == 16
+
+
+def test_tokenizer_pads_to_the_longest_caption_only():
+    tok = ClipTokenizer(context_length=77)
+    texts = ["a red circle", "a small blue square in the top left corner of the picture"]
+    full, trimmed = tok(texts), tok(texts, pad_multiple=8)
+    longest = int((full != 0).sum(dim=1).max()) if isinstance(full, torch.Tensor) else int((full != 0).sum(1).max())
+    assert trimmed.shape == (2, trimmed_length(longest, 77, 8)) and trimmed.shape[1] % 8 == 0
+    assert (trimmed == full[:, : trimmed.shape[1]]).all() and (full[:, trimmed.shape[1]:] == 0).all()
+
+
+def test_trimmed_text_features_equal_full_length_padding():
+    torch.manual_seed(0)
+    model = ContrastiveModel.from_preset("tiny").eval()
+    text = w.short_text(model.spec, 12, longest=6)  # context 32, trimmed to 8
+    with torch.no_grad():
+        full, trimmed = model.encode_text(text), model.encode_text(text[:, :8])
+    # unit vectors: an absolute 1e-6 is relative to their magnitude
+    assert float((full - trimmed).abs().max()) <= 1e-6
+    with pytest.raises(ValueError, match="at most 32"):
+        model.encode_text(torch.ones(2, 33, dtype=torch.long))
+
+
+def test_patch_keep_indices_are_a_seeded_random_subset_per_image():
+    g = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    keep = patch_keep_indices(16, 64, 0.5, g(1))
+    assert keep.shape == (16, 32)
+    for row in keep:  # sorted, distinct, in range
+        assert row.tolist() == sorted(set(row.tolist())) and 0 <= int(row.min()) and int(row.max()) < 64
+    assert len({tuple(r.tolist()) for r in keep}) == 16  # a different subset per image
+    assert torch.equal(keep, patch_keep_indices(16, 64, 0.5, g(1)))
+    assert not torch.equal(keep, patch_keep_indices(16, 64, 0.5, g(2)))
+    assert patch_keep_indices(2, 10, 0.95, g(0)).shape == (2, 1)  # at least one patch survives
+
+
+def test_keeping_every_patch_is_the_plain_forward_and_dropout_sees_fewer_tokens():
+    torch.manual_seed(0)
+    model = ContrastiveModel.from_preset("micro")
+    image = torch.randn(3, 3, 32, 32)
+    every = torch.arange(16).expand(3, 16)
+    assert torch.equal(model.encode_image(image), model.encode_image(image, patch_keep=every))
+    seen = []
+    model.visual.ln_pre.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    model.encode_image(image, patch_keep=every[:, :8])
+    model.encode_image(image)
+    assert seen == [1 + 8, 1 + 16]
+
+
+def test_patch_dropout_tail_and_config_checks():
+    from mtx_dist.trainer import patch_dropout_at
+    cfg = load_config(None, ["run.steps=10", "optim.warmup_steps=1", "model.patch_dropout=0.5",
+                             "model.patch_dropout_final_steps=3"])
+    assert [patch_dropout_at(cfg, s) for s in range(10)] == [0.5] * 7 + [0.0] * 3
+    with pytest.raises(ConfigError, match="patch_dropout_final_steps"):
+        load_config(None, ["run.steps=10", "optim.warmup_steps=1", "model.patch_dropout_final_steps=11"])
+    with pytest.raises(ConfigError, match="model.patch_dropout"):
+        load_config(None, ["model.patch_dropout=1.0"])
+    with pytest.raises(ConfigError, match="run.compile"):
+        load_config(None, ["run.compile=true", "model.attention=triton"])
+
+
+def _engine_losses(overrides: list[str], steps: int, drop: float = 0.0) -> dict:
+    """``steps`` production train_steps of the micro model on synthetic batches (world size 1)."""
+    from mtx_dist.engine import build_engine, build_model, setup_runtime
+    from mtx_dist.parallel import destroy_groups
+    from mtx_dist.step import train_step
+    from mtx_dist.trainer import step_setup
+
+    cfg = w.micro_cfg(*overrides)
+    runtime = setup_runtime(cfg)
+    engine = build_engine(cfg, build_model(cfg, runtime), runtime)
+    setup = step_setup(cfg, runtime, engine)
+    spec = get_preset("micro")
+
+    def batches():
+        for step in range(steps):
+            image, text = w.global_batch(spec, cfg.data.batch_size, step)
+            yield {"image": image, "text": text}
+
+    feed = batches()
+    results = [train_step(setup, feed, s, drop) for s in range(steps)]
+    destroy_groups(runtime.groups)
+    return {"losses": [float(r.losses.mean()) for r in results], "skipped": [r.skipped for r in results]}
+
+
+@pytest.mark.slow
+def test_compiled_losses_equal_eager_over_five_steps(monkeypatch):
+    from tests.helpers import DIST_VARS
+    for k in DIST_VARS:
+        monkeypatch.delenv(k, raising=False)
+    eager = _engine_losses(["run.device=cpu"], 5, drop=0.5)
+    compiled = _engine_losses(["run.device=cpu", "run.compile=true"], 5, drop=0.5)
+    assert not any(eager["skipped"] + compiled["skipped"])
+    for a, b in zip(eager["losses"], compiled["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(a), (eager, compiled)
+    assert eager["losses"][-1] < eager["losses"][0]  # it trains
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2])
+def test_one_small_all_reduce_per_step_beside_the_gradients(stage):
+    r0, r1 = run_ranks(2, w.count_collectives, [f"parallel.zero_stage={stage}"], 3)
+    for r in (r0, r1):
+        # beside DeepSpeed's gradient reduction and the loss's feature gather: exactly one collective per
+        # step, the optimizer's 2-element all-reduce of (non-finite, preemption signal)
+        assert r["ours"] == [[("mtx_dist/optim.py", "all_reduce", 2)]] * 3, r
+        assert all(r["deepspeed"]) and all(r["loss"]), r  # both present at every step
+        assert r["signal"] == [0, 0, 10], r  # a signal shared by one rank at step 3 reached both
