@@ -1,0 +1,449 @@
+"""Race: OpenCLIP's own trainer against ``mtx-dist train``, to the same held-out accuracy.
+
+What is compared. Both sides train the same geometry (the ``tiny`` preset; OpenCLIP gets it as
+``--model local-dir:DIR``, a folder holding only the ``open_clip_config.json`` that our open_clip
+export writes, so it starts from its own random init) on the same shards, one run after the other,
+with the same batch (64), AdamW (lr, wd 0.1, betas 0.9/0.98, eps 1e-6), linear warmup then cosine
+to zero over the same number of steps, gradient clipping at 1.0, fp32, 2 loader workers, resampled
+shards, seed 0, and 2 torch threads (``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` for both, plus
+``torch.set_num_threads`` in OpenCLIP's launcher). OpenCLIP runs in its own venv (webdataset 0.2.86,
+which its WebDataset pipeline needs; torch, torchvision and open_clip are this environment's,
+seen through ``--system-site-packages``). Ours runs as ``python -m mtx_dist.cli train`` in variants:
+``baseline`` (every speed technique off), each technique alone, and ``all`` (see ``TECHNIQUES``).
+
+Data sets (``bench/race_data.py``): ``demo`` (the quickstart's shards; held out: 4 pools of its 240
+distinct scenes) and ``hard`` (two objects per image, compositional captions; 3 pools of 400 distinct
+scenes).
+
+The judge. Every checkpoint of every side is scored by OpenCLIP's own code in the OpenCLIP venv
+(``bench/race_openclip_env.py judge``): ours exported to an OpenCLIP folder (the code path of
+``mtx-dist export CKPT --format open_clip``) and built with ``open_clip.create_model('local-dir:..')``,
+OpenCLIP's ``epoch_K.pt`` loaded into the same geometry with ``open_clip.load_checkpoint``; OpenCLIP's
+eval preprocessing and tokenizer, then ``open_clip_train.train.get_clip_metrics`` within each pool
+(no two captions of a pool describe the same scene). The metric is the mean of image->text and
+text->image recall@1, averaged over the pools.
+
+How time is counted. ``wall s`` is the trainer process from ``Popen`` to exit (interpreter start,
+imports, model build, loader start, training, checkpoint writes). A checkpoint's time is its file's
+mtime minus that ``Popen`` time: ours ``checkpoints/stepN/checkpoint.json`` (written last, just
+before the directory is renamed into place), OpenCLIP's ``checkpoints/epoch_K.pt``; so it includes
+start-up and every earlier checkpoint write, on both sides. OpenCLIP checkpoints once per "epoch",
+so an epoch is made K steps long (``--train-num-samples 64*K --epochs steps/K``); its loader
+restarts its shuffle buffer each epoch, which is part of its time. Exports and judging happen after
+a run has ended and are not counted. ``time to target`` is when a side first reaches OpenCLIP's final
+metric, linearly interpolated between the two checkpoints around the crossing ("<=" when already the
+first checkpoint is past it, "-" when never reached); speed-up = OpenCLIP's time to its own final
+metric / that time (">=" when that time is a "<=" bound). ``samples/s`` is steady state: the median
+of the logged per-window rates (ours: the trainer's ``sps`` every 10 steps; OpenCLIP: 64 / its window
+``Batch (t)`` average), leaving out ours' first window and OpenCLIP's first line of each epoch (one
+batch, loader start).
+
+    PYTHONPATH=. python bench/bench_race.py --quick                       # smoke run of everything
+    PYTHONPATH=. python bench/bench_race.py [--datasets demo,hard] [--variants baseline,all] \
+        [--steps 200] [--every 40] [--json race.json] [--markdown race.md]
+
+Numbers on a shared machine move with its load; the sides run one after the other, so compare runs
+of one invocation only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
+sys.path[:0] = [REPO, BENCH]
+
+from race_data import make_dataset  # noqa: E402
+
+from tests.helpers import DIST_VARS  # noqa: E402
+
+OPENCLIP_WEBDATASET = "0.2.86"  # open_clip_train's group_by_keys_nothrow breaks on webdataset 1.x
+BATCH, WORKERS, PRESET = 64, 2, "tiny"
+# speed technique -> (config key, value when on, value when off)
+TECHNIQUES: dict[str, tuple[str, str, str]] = {
+    "text_trim": ("data.text_trim", "true", "false"),
+    "patch_dropout": ("model.patch_dropout", "0.5", "0.0"),
+    "compile": ("run.compile", "true", "false"),
+}
+# our variant -> the techniques it turns on (every other one is explicitly off)
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "baseline": (),
+    "text_trim": ("text_trim",),
+    "patch_dropout": ("patch_dropout",),
+    "compile": ("compile",),
+    "all": tuple(TECHNIQUES),
+}
+DATASETS = {  # name -> (train samples, distinct scenes per held-out pool, pools)
+    "demo": (8192, 240, 4),
+    "hard": (8192, 400, 3),
+}
+
+
+@dataclass
+class Point:
+    step: int
+    time_s: float  # checkpoint written, seconds after the trainer process started
+    path: str  # what the judge loads
+    metric: float | None = None
+    i2t_r1: float | None = None
+    t2i_r1: float | None = None
+
+
+@dataclass
+class Side:
+    dataset: str
+    name: str  # "openclip" or "ours:<variant>"
+    overrides: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    samples_per_s: float | None = None
+    points: list[Point] = field(default_factory=list)
+    time_to_target_s: float | None = None
+    target_bound: str = ""  # "<=" when the first checkpoint already passes the target
+    speedup: float | None = None
+    error: str = ""
+
+    @property
+    def final(self) -> float | None:
+        return self.points[-1].metric if self.points else None
+
+
+def say(msg: str) -> None:
+    print(f"[race {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def child_env(threads: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=REPO,
+               MLFLOW_DISABLE_TELEMETRY="true", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+# --- the OpenCLIP venv ---------------------------------------------------------------------------
+
+def ensure_venv(path: str) -> str:
+    """The venv's python: created once (``--system-site-packages``, so torch is ours by construction)
+    with webdataset==0.2.86 inside, shadowing ours; whatever OpenCLIP's trainer needs and this
+    environment lacks is installed with torch pinned to our version (torchvision without deps: its
+    PyPI wheel is a CUDA build, only its Python side is used)."""
+    py = os.path.join(path, "bin", "python")
+    want = {"torch": version("torch"), "webdataset": OPENCLIP_WEBDATASET}
+    marker = os.path.join(path, "race-ready.json")
+    if os.path.exists(marker) and os.path.exists(py):
+        with open(marker) as f:
+            if json.load(f) == want:
+                return py
+    say(f"creating the OpenCLIP venv at {path}")
+    shutil.rmtree(path, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", path], check=True)
+    pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    constraints = os.path.join(path, "constraints.txt")
+    with open(constraints, "w") as f:
+        f.write(f"torch=={want['torch']}\n")  # any other torch spec would pull CUDA wheels
+    subprocess.run(pip + ["--no-deps", f"webdataset=={OPENCLIP_WEBDATASET}"], check=True)
+    needs = {"open_clip_train": "open_clip_torch", "pandas": "pandas", "braceexpand": "braceexpand",
+             "yaml": "pyyaml", "ftfy": "ftfy", "regex": "regex"}
+    probe = "import importlib.util, sys; print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))"
+    missing = subprocess.run([py, "-c", probe, "torchvision", *needs], capture_output=True, text=True,
+                             check=True).stdout.split()
+    if "torchvision" in missing:
+        major, minor = want["torch"].split("+")[0].split(".")[:2]
+        tv = f"0.{int(minor) + 15}.*" if major == "2" else ""  # torchvision 0.(m+15) goes with torch 2.m
+        subprocess.run(pip + ["--no-deps", f"torchvision=={tv}" if tv else "torchvision"], check=True)
+    rest = [needs[m] for m in missing if m in needs]
+    if rest:
+        subprocess.run(pip + ["-c", constraints, *rest], check=True)
+    got = json.loads(subprocess.run([py, os.path.join(BENCH, "race_openclip_env.py"), "versions"],
+                                    capture_output=True, text=True, check=True).stdout)
+    if got["torch"] != want["torch"] or got["webdataset"] != OPENCLIP_WEBDATASET:
+        raise SystemExit(f"OpenCLIP venv {path}: got {got}, need {want}")
+    with open(marker, "w") as f:
+        json.dump(want, f)
+    return py
+
+
+# --- the two trainers ----------------------------------------------------------------------------
+
+def geometry_dir(root: str) -> str:
+    """A folder with only our open_clip export's ``open_clip_config.json`` for the preset: OpenCLIP
+    builds the geometry from it and, finding no weights, keeps its own random init."""
+    out = os.path.join(root, "geometry")
+    if not os.path.exists(os.path.join(out, "open_clip_config.json")):
+        from mtx_dist.export.writers import write_export
+        from mtx_dist.models import ContrastiveModel, get_preset
+
+        spec = get_preset(PRESET)
+        full = os.path.join(root, "geometry-export")
+        write_export(ContrastiveModel(spec).state_dict(), spec, PRESET, full, {}, ["open_clip"])
+        os.makedirs(out, exist_ok=True)
+        shutil.copy(os.path.join(full, "open_clip_config.json"), out)
+        shutil.rmtree(full)
+    return out
+
+
+def timed(cmd: list[str], log: str, env: dict[str, str], cwd: str) -> tuple[float, float, int]:
+    """Run ``cmd`` with stdout+stderr into ``log``; returns (start time, wall seconds, exit code)."""
+    with open(log, "w") as f:
+        t0 = time.time()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd).returncode
+    return t0, time.time() - t0, rc
+
+
+def tail(path: str, n: int = 15) -> str:
+    with open(path, errors="replace") as f:
+        return "\n".join(f.read().replace("\r", "\n").splitlines()[-n:])
+
+
+def run_openclip(side: Side, py: str, a: argparse.Namespace, train: str, geometry: str, work: str) -> None:
+    logs = os.path.join(work, "logs")
+    shutil.rmtree(logs, ignore_errors=True)
+    epochs = a.steps // a.every
+    cmd = [py, os.path.join(BENCH, "race_openclip_env.py"), "train", "--threads", str(a.threads), "--",
+           "--model", f"local-dir:{geometry}", "--train-data", train, "--dataset-type", "webdataset",
+           "--dataset-resampled", "--train-num-samples", str(BATCH * a.every), "--epochs", str(epochs),
+           "--batch-size", str(BATCH), "--workers", str(WORKERS), "--precision", "fp32", "--device", "cpu",
+           "--lr", str(a.lr), "--warmup", str(a.warmup), "--lr-scheduler", "cosine", "--wd", "0.1",
+           "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--grad-clip-norm", "1.0",
+           "--local-loss", "--gather-with-grad", "--seed", "0", "--save-frequency", "1",
+           "--log-every-n-steps", "10", "--zeroshot-frequency", "0", "--logs", logs, "--name", "openclip"]
+    t0, side.wall_s, rc = timed(cmd, os.path.join(work, "train.log"), child_env(a.threads), work)
+    if rc != 0:
+        side.error = f"exit {rc}: {tail(os.path.join(work, 'train.log'))}"
+        return
+    ckpts = os.path.join(logs, "openclip", "checkpoints")
+    side.points = [Point(k * a.every, os.path.getmtime(p) - t0, p) for k in range(1, epochs + 1)
+                   if os.path.exists(p := os.path.join(ckpts, f"epoch_{k}.pt"))]
+    # "Train Epoch: E [n/N (p%)] Data (t): d Batch (t): avg, ..." -- avg over the window since the last line
+    rates, last_epoch = [], None
+    with open(os.path.join(logs, "openclip", "out.log")) as f:
+        for m in re.finditer(r"Train Epoch: (\d+) .*?Batch \(t\): ([\d.]+),", f.read()):
+            if m.group(1) == last_epoch:
+                rates.append(BATCH / float(m.group(2)))
+            last_epoch = m.group(1)
+    side.samples_per_s = statistics.median(rates) if rates else None
+
+
+def ours_overrides(variant: str, known: set[str]) -> list[str]:
+    on = set(VARIANTS[variant])
+    return [f"{key}={value_on if name in on else value_off}" for name, (key, value_on, value_off) in TECHNIQUES.items()
+            if key in known]
+
+
+def known_keys() -> set[str]:
+    """Technique keys that this build's config accepts."""
+    from mtx_dist.config import ConfigError, load_config
+
+    known = set()
+    for key, _, off in TECHNIQUES.values():
+        try:
+            load_config(None, [f"{key}={off}"])
+            known.add(key)
+        except ConfigError:
+            pass
+    return known
+
+
+def run_ours(side: Side, a: argparse.Namespace, train: str, val: str, work: str) -> None:
+    run_dir = os.path.join(work, "run")
+    for stale in (run_dir, os.path.join(work, "export")):
+        shutil.rmtree(stale, ignore_errors=True)
+    cmd = [sys.executable, "-m", "mtx_dist.cli", "train", f"model.preset={PRESET}", f"data.train={train}",
+           f"data.val={val}", "data.mode=resampled", f"data.batch_size={BATCH}", f"data.workers={WORKERS}",
+           f"run.steps={a.steps}", "run.seed=0", "run.device=cpu", f"run.dir={run_dir}", "run.log_every=10",
+           "run.eval_at_end=false", "run.export_at_end=false", "tracking.enabled=false",
+           f"optim.lr={a.lr}", f"optim.warmup_steps={a.warmup}", "optim.schedule=cosine", "optim.weight_decay=0.1",
+           "optim.beta1=0.9", "optim.beta2=0.98", "optim.eps=1e-6", "optim.grad_clip=1.0",
+           "parallel.precision=fp32", "parallel.zero_stage=0", f"checkpoint.every={a.every}",
+           "checkpoint.keep=100000", *side.overrides]
+    log = os.path.join(work, "train.log")
+    t0, side.wall_s, rc = timed(cmd, log, child_env(a.threads), work)
+    if rc != 0:
+        side.error = f"exit {rc}: {tail(log)}"
+        return
+    from mtx_dist.export.source import load_checkpoint
+    from mtx_dist.export.writers import write_export
+
+    root = os.path.join(run_dir, "checkpoints")
+    for tag in sorted(t for t in os.listdir(root) if re.fullmatch(r"step\d+", t)):
+        tag_dir = os.path.join(root, tag)
+        written = os.path.getmtime(os.path.join(tag_dir, "checkpoint.json")) - t0
+        out = os.path.join(work, "export", tag)
+        source = load_checkpoint(tag_dir)  # what `mtx-dist export TAG_DIR --format open_clip` runs
+        write_export(source.state_dict, source.spec, source.preset, out, source.info, ["open_clip"])
+        side.points.append(Point(int(tag[4:]), written, out))
+        if not a.keep_checkpoints:
+            shutil.rmtree(tag_dir)
+    with open(log, errors="replace") as f:
+        shown = [int(s) for s in re.findall(r"sps=(\d+)", f.read())]
+    windows = [s for i, s in enumerate(shown) if i == 0 or s != shown[i - 1]]  # tqdm repeats a window's rate
+    side.samples_per_s = statistics.median(windows[1:]) if len(windows) > 1 else None
+
+
+# --- judging and the race result -----------------------------------------------------------------
+
+def judge(sides: list[Side], py: str, a: argparse.Namespace, val: str, geometry: str, work: str) -> None:
+    models = {f"{s.name}@{p.step}": p for s in sides for p in s.points}
+    if not models:
+        return
+    out = os.path.join(work, "scores.json")
+    cmd = [py, os.path.join(BENCH, "race_openclip_env.py"), "judge", "--threads", str(a.threads), "--val", val,
+           "--geometry", geometry, "--out", out, *(f"{label}={p.path}" for label, p in models.items())]
+    log = os.path.join(work, "judge.log")
+    _, _, rc = timed(cmd, log, child_env(a.threads), work)
+    if rc != 0:
+        raise SystemExit(f"judge failed (exit {rc}):\n{tail(log)}")
+    with open(out) as f:
+        for label, score in json.load(f).items():
+            p = models[label]
+            p.metric, p.i2t_r1, p.t2i_r1 = score["metric"], score["i2t_r1"], score["t2i_r1"]
+    if not a.keep_checkpoints:
+        for s in sides:
+            if s.name == "openclip":
+                for p in s.points:
+                    os.remove(p.path)
+
+
+def time_to(points: list[Point], target: float) -> tuple[float | None, str]:
+    """When the metric first reaches ``target``, interpolated between the checkpoints around it."""
+    for i, p in enumerate(points):
+        if p.metric is not None and p.metric >= target:
+            if i == 0:
+                return p.time_s, "<="
+            q = points[i - 1]
+            return q.time_s + (target - q.metric) / (p.metric - q.metric) * (p.time_s - q.time_s), ""
+    return None, ""
+
+
+def score_race(sides: list[Side]) -> None:
+    ref = next((s for s in sides if s.name == "openclip" and s.final is not None), None)
+    if ref is None:
+        return
+    target = ref.final
+    for s in sides:
+        if s.points and s.final is not None:
+            s.time_to_target_s, s.target_bound = time_to(s.points, target)
+    if ref.time_to_target_s and not ref.target_bound:  # OpenCLIP's own time is an interpolation or a checkpoint
+        for s in sides:
+            if s.time_to_target_s:
+                s.speedup = ref.time_to_target_s / s.time_to_target_s
+
+
+def table(sides: list[Side]) -> str:
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    rows = ["| data | side | wall s | samples/s | final metric (i2t/t2i R@1) | time to OpenCLIP final s | speed-up |",
+            "|---|---|---|---|---|---|---|"]
+    for s in sides:
+        if s.error:
+            rows.append(f"| {s.dataset} | {s.name} | failed: {s.error.splitlines()[0]} | | | | |")
+            continue
+        last = s.points[-1] if s.points else None
+        final = "-" if last is None or last.metric is None else f"{last.metric:.3f} ({last.i2t_r1:.3f}/{last.t2i_r1:.3f})"
+        ttt = "-" if s.time_to_target_s is None else f"{s.target_bound}{s.time_to_target_s:.1f}"
+        speedup = "-" if s.speedup is None else f"{'>=' if s.target_bound else ''}{s.speedup:.2f}"
+        rows.append(f"| {s.dataset} | {s.name} | {s.wall_s:.1f} | {f(s.samples_per_s, '.1f')} | {final} | {ttt} | "
+                    f"{speedup} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", default="demo,hard", help="comma-separated: demo, hard")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"ours on the demo set; of {', '.join(VARIANTS)}")
+    p.add_argument("--hard-variants", default="all", help="ours on the hard set")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--every", type=int, default=40, help="steps between checkpoints (OpenCLIP: steps per epoch)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each side (and of the judge)")
+    p.add_argument("--quick", action="store_true", help="20 steps, a checkpoint every 10: a smoke run of the harness")
+    p.add_argument("--work", default=os.path.expanduser("~/.cache/mtx-dist/race"), help="runs, logs and data")
+    p.add_argument("--venv", default=os.path.expanduser("~/.cache/mtx-dist/race-venv"))
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep training checkpoints (exports are kept)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--markdown", help="write the table here")
+    a = p.parse_args()
+    if a.quick:
+        a.steps, a.every, a.warmup = 20, 10, 5
+    if a.steps % a.every or a.every % WORKERS:
+        raise SystemExit(f"--steps must be a multiple of --every, and --every of {WORKERS} (OpenCLIP gives each "
+                         f"loader worker the same number of batches per epoch)")
+    datasets = [d for d in a.datasets.split(",") if d]
+    asked = {"demo": a.variants.split(","), "hard": a.hard_variants.split(",")}
+    for v in (v for vs in asked.values() for v in vs if v):
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    for d in datasets:
+        if d not in DATASETS:
+            raise SystemExit(f"unknown data set {d!r}; choose from {', '.join(DATASETS)}")
+
+    from mtx_dist.config import ConfigError, load_config
+    from mtx_dist.models import get_preset
+
+    image_size = get_preset(PRESET).vision.image_size
+    known = known_keys()
+    py = ensure_venv(a.venv)
+    os.makedirs(a.work, exist_ok=True)
+    geometry = geometry_dir(a.work)
+    sides: list[Side] = []
+    for d in datasets:
+        train, pools = make_dataset(d, os.path.join(a.work, "data"), image_size, *DATASETS[d])
+        say(f"{d}: train {train}, held-out pools {' '.join(pools)}")
+        here: list[Side] = [Side(d, "openclip")]
+        for v in (v for v in asked[d] if v):
+            missing = [TECHNIQUES[t][0] for t in VARIANTS[v] if TECHNIQUES[t][0] not in known]
+            overrides = ours_overrides(v, known)
+            try:
+                load_config(None, overrides)
+            except ConfigError as e:
+                missing.append(str(e))
+            if missing:
+                say(f"{d}: ours:{v} skipped: key not in this build ({', '.join(missing)})")
+                continue
+            here.append(Side(d, f"ours:{v}", overrides))
+        for s in here:
+            work = os.path.join(a.work, "runs", d, s.name.replace(":", "-"))
+            os.makedirs(work, exist_ok=True)
+            say(f"{d}: {s.name} {' '.join(s.overrides)}: {a.steps} steps, checkpoint every {a.every} (log {work}/train.log)")
+            if s.name == "openclip":
+                run_openclip(s, py, a, train, geometry, work)
+            else:
+                run_ours(s, a, train, pools[0], work)  # data.val unused (no eval at end); not the demo default
+            say(f"{d}: {s.name}: " + (s.error.splitlines()[0] if s.error else
+                f"{s.wall_s:.1f} s, {s.samples_per_s or 0:.1f} samples/s, checkpoints at "
+                + ", ".join(f"{pt.time_s:.1f}" for pt in s.points) + " s"))
+        say(f"{d}: judging {sum(len(s.points) for s in here)} checkpoints with OpenCLIP's get_clip_metrics")
+        judge(here, py, a, "::".join(pools), geometry, os.path.join(a.work, "runs", d))
+        score_race(here)
+        for s in here:
+            if s.points:
+                say(f"{d}: {s.name}: metric by step " +
+                    ", ".join(f"{pt.step}: {pt.metric:.3f}" for pt in s.points if pt.metric is not None))
+        sides += here
+
+    md = table(sides)
+    print(md)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(md + "\n")
+    if a.json:
+        info = {"steps": a.steps, "every": a.every, "batch": BATCH, "lr": a.lr, "warmup": a.warmup,
+                "threads": a.threads, "workers": WORKERS, "preset": PRESET, "torch": version("torch"),
+                "open_clip_torch": version("open_clip_torch"), "webdataset_openclip": OPENCLIP_WEBDATASET}
+        with open(a.json, "w") as f:
+            json.dump({"setup": info, "sides": [asdict(s) for s in sides]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
