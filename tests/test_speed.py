@@ -124,3 +124,4 @@ def test_one_small_all_reduce_per_step_beside_the_gradients(stage):
         assert r["ours"] == [[("mtx_dist/optim.py", "all_reduce", 2)]] * 3, r
         assert all(r["deepspeed"]) and all(r["loss"]), r  # both present at every step
         assert r["signal"] == [0, 0, 10], r  # a signal shared by one rank at step 3 reached both
+
