@@ -34,6 +34,10 @@ else
   "$py" -c 'import torch; print(torch.__version__)' | sed 's/^/torch==/' >"$constraints"
 fi
 
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  extras=$extras,gpu  # NVML for the GPU figures of MLflow's system metrics
+fi
+
 # DS_BUILD_OPS=0: DeepSpeed JIT-builds the few ops it needs; the pure-Python wheel builds in seconds.
 DS_BUILD_OPS=0 "$py" -m pip install -c "$constraints" -e "$here[$extras]"
 

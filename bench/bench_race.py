@@ -234,10 +234,16 @@ def run_openclip(side: Side, py: str, a: argparse.Namespace, train: str, geometr
     side.samples_per_s = statistics.median(rates) if rates else None
 
 
-def ours_overrides(variant: str, known: set[str]) -> list[str]:
+def ours_overrides(variant: str, known: set[str], flip: float = 0.5, flip_tail: int = 0) -> list[str]:
+    """The variant's technique switches; FLIP at ``flip`` with an unmasked tail of ``flip_tail`` steps."""
     on = set(VARIANTS[variant])
-    return [f"{key}={value_on if name in on else value_off}" for name, (key, value_on, value_off) in TECHNIQUES.items()
-            if key in known]
+    out = [f"{key}={value_on if name in on else value_off}" for name, (key, value_on, value_off) in TECHNIQUES.items()
+           if key in known]
+    if "patch_dropout" in on:
+        out = [f"model.patch_dropout={flip}" if o.startswith("model.patch_dropout=") else o for o in out]
+        if flip_tail:
+            out.append(f"model.patch_dropout_final_steps={flip_tail}")
+    return out
 
 
 def known_keys() -> set[str]:
@@ -364,6 +370,8 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"ours on the demo set; of {', '.join(VARIANTS)}")
     p.add_argument("--hard-variants", default="trim+flip", help="ours on the hard set")
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--flip", type=float, default=0.5, help="the patch-dropout fraction of variants with FLIP")
+    p.add_argument("--flip-tail", type=int, default=0, help="FLIP's unmasked tail: last steps without dropout")
     p.add_argument("--every", type=int, default=40, help="steps between checkpoints (OpenCLIP: steps per epoch)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=20)
@@ -404,7 +412,7 @@ def main() -> None:
         here: list[Side] = [Side(d, "openclip")]
         for v in (v for v in asked[d] if v):
             missing = [TECHNIQUES[t][0] for t in VARIANTS[v] if TECHNIQUES[t][0] not in known]
-            overrides = ours_overrides(v, known)
+            overrides = ours_overrides(v, known, a.flip, a.flip_tail)
             try:
                 load_config(None, overrides)
             except ConfigError as e:

@@ -160,6 +160,10 @@ class TrackingConfig:
                        "and counted beyond this)", min=1)
     request_timeout_s: int = _opt(10, "seconds one MLflow HTTP request may take (no retries inside MLflow)",
                                   min=1)
+    system_metrics: bool = _opt(True, "MLflow's system metrics (CPU, memory, disk, network; GPUs through NVML): "
+                                "one monitor per node, under system/ in the run")
+    system_metrics_interval_s: float = _opt(10.0, "seconds between system-metric samples", min=0.1)
+    system_metrics_samples: int = _opt(1, "system-metric samples averaged into each logged point", min=1)
 
 
 @dataclass

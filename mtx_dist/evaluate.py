@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -49,15 +49,48 @@ def _rank_of_true(scores: torch.Tensor, true_index: torch.Tensor) -> torch.Tenso
     return (scores >= true).sum(dim=1) - 1
 
 
+def caption_keys(text: torch.Tensor) -> list[tuple[int, ...]]:
+    """Per row of token ids, the ids up to and including end-of-text (found as the text tower finds
+    it): two captions with equal keys are the same text to the model (the tokenizer lowercases and
+    collapses whitespace), so retrieval counts them as one target."""
+    eot = text.argmax(dim=-1).tolist()
+    return [tuple(row[:e + 1]) for row, e in zip(text.tolist(), eot)]
+
+
+def caption_groups(keys: Sequence[Hashable]) -> torch.Tensor:
+    """(N,) group ids: items with equal keys (caption texts or :func:`caption_keys`) share one id."""
+    ids: dict[Hashable, int] = {}
+    return torch.tensor([ids.setdefault(k, len(ids)) for k in keys], dtype=torch.long)
+
+
+def chance_recall_at_1(groups: torch.Tensor) -> float:
+    """Recall@1 of a random ranking when identical captions are one target: the top-1 candidate of an
+    item of group g is a hit with probability n_g / N, so the mean is sum(n_g^2) / N^2 (1/N without repeats)."""
+    n = groups.numel()
+    return float((torch.bincount(groups).double() ** 2).sum() / n ** 2)
+
+
+def retrieval_counts(groups: torch.Tensor) -> dict[str, float]:
+    """What a retrieval score is read against: distinct captions and the chance recall@1."""
+    return {"distinct_captions": float(groups.unique().numel()), "chance_recall_at_1": chance_recall_at_1(groups)}
+
+
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
-                      ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@K of image->text and text->image, pair i being the match of item i (K <= N only)."""
+                      ks: tuple[int, ...] = (1, 5, 10), groups: torch.Tensor | None = None) -> dict[str, float]:
+    """Recall@K of image->text and text->image, pair i being the match of item i (K <= N only).
+
+    ``groups`` (:func:`caption_groups`): items with the same id have the same caption, and any of them
+    is a match: image->text hits when a retrieved caption's text is the image's, text->image when a
+    retrieved image has that caption. The rank is the number of non-matches scoring at least as high as
+    the best match (ties count against it). Without repeats this is the plain pairwise recall."""
     sim = image_features.float() @ text_features.float().t()
     n = sim.shape[0]
-    target = torch.arange(n)
+    groups = torch.arange(n) if groups is None else groups.to(torch.long).cpu()
+    same = groups.unsqueeze(1) == groups.unsqueeze(0)  # symmetric: serves both directions
     out = {}
     for name, scores in (("i2t", sim), ("t2i", sim.t())):
-        rank = _rank_of_true(scores, target)
+        best = scores.masked_fill(~same, -float("inf")).amax(dim=1, keepdim=True)
+        rank = ((scores >= best) & ~same).sum(dim=1)
         for k in ks:
             if k <= n:
                 out[f"{name}_recall_at_{k}"] = (rank < k).double().mean().item()
@@ -190,8 +223,10 @@ def evaluate_shards(model: nn.Module, shards: str, tokenize: Callable[[list[str]
     with_caption = [i for i, c in enumerate(captions) if c is not None]
     if with_caption:
         img = torch.stack([images[i] for i in with_caption])
-        txt = encode_text(tokenize([captions[i] for i in with_caption]))
-        metrics.update(retrieval_metrics(img, txt))
+        tokens = tokenize([captions[i] for i in with_caption])
+        groups = caption_groups(caption_keys(tokens))
+        metrics.update(retrieval_metrics(img, encode_text(tokens), groups=groups))
+        metrics.update(retrieval_counts(groups))
     metrics["n_retrieval"] = float(len(with_caption))
     if classnames is not None:
         with_label = [i for i, lab in enumerate(labels) if lab is not None]
@@ -210,18 +245,22 @@ def evaluate_shards(model: nn.Module, shards: str, tokenize: Callable[[list[str]
 
 @torch.no_grad()
 def embed_split(model: nn.Module, loader, device: torch.device, dtype: torch.dtype,
-                group=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized image and text features of every sample this rank reads, gathered over ``group``
-    (the data-parallel group: tensor-parallel peers read the same samples)."""
-    images, texts = [], []
+                group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalized image and text features of every sample this rank reads, and the caption group of
+    each (:func:`caption_groups`), gathered over ``group`` (the data-parallel group: tensor-parallel
+    peers read the same samples)."""
+    images, texts, keys = [], [], []
     for batch in loader:
         image = batch["image"].to(device, dtype, non_blocking=True)
         text = batch["text"].to(device, non_blocking=True)
         img, txt, *_ = model(image, text)
         images.append(img.float().cpu()), texts.append(txt.float().cpu())
-    local = (torch.cat(images), torch.cat(texts))
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return local
-    gathered: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, local, group=group)
-    return torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
+        keys.extend(caption_keys(batch["text"]))
+    local = (torch.cat(images), torch.cat(texts), keys)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        gathered: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, local, group=group)
+    else:
+        gathered = [local]
+    return (torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered]),
+            caption_groups([k for g in gathered for k in g[2]]))

@@ -35,6 +35,9 @@ WARN_EVERY_S = 300.0  # while the store stays unreachable, repeat the warning at
 MAX_BACKOFF = 8  # the wait between attempts doubles up to this multiple of tracking.retry_s
 # MLflow's batch limits (log_batch): 1000 metrics, 100 params, 100 tags per request.
 METRICS_PER_BATCH, PARAMS_PER_BATCH = 1000, 100
+# MLflow 3's UI opens an experiment without this tag in its GenAI view; this kind is model training.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+NOTE_TAG = "mlflow.note.content"  # the run's description on its page
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -50,7 +53,7 @@ def _same_store(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
-def _import_mlflow(cfg: TrackingConfig):
+def import_mlflow(cfg: TrackingConfig):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
     # MLflow's REST client retries a failed request 7 times with exponential backoff and waits up to
@@ -164,6 +167,8 @@ class Tracker:
         self._buffer: deque = deque()
         self._artifacts: list[tuple[str, str]] = []
         self._registrations: list[str] = []
+        self._inputs: list[tuple[Any, str]] = []  # (ShardSet, context) not yet delivered
+        self._note: str | None = None
         self._failures = 0
         self._next_try = 0.0
         self._last_warn = -float("inf")
@@ -209,6 +214,19 @@ class Tracker:
         (after those artifacts are uploaded). A store without a model registry only warns."""
         if self.active and self._start is not None and self.cfg.register_as:
             self._registrations.append(artifact_path)
+            self._attempt()
+
+    def log_dataset(self, shard_set, context: str) -> None:
+        """Record a :class:`mtx_dist.shard_sets.ShardSet` as a dataset input of the run (``context``:
+        ``training``, ``validation`` or ``evaluation``)."""
+        if self.active and self._start is not None:
+            self._inputs.append((shard_set, context))
+            self._attempt()
+
+    def set_note(self, text: str) -> None:
+        """The run's description (MLflow's note), replacing the previous one."""
+        if self.active and self._start is not None:
+            self._note = text
             self._attempt()
 
     @property
@@ -265,7 +283,7 @@ class Tracker:
 
     def _deliver(self) -> None:
         if self._client is None:
-            mlflow = _import_mlflow(self.cfg)
+            mlflow = import_mlflow(self.cfg)
             self._client = mlflow.tracking.MlflowClient(self.uri)
         if self.run_id is None:
             self.run_id = self._open_run()
@@ -284,6 +302,17 @@ class Tracker:
             self._artifacts.pop(0)
         while self._registrations:
             self._register(self._registrations.pop(0))
+        if self._inputs:
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+            from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+            batch = [DatasetInput(Dataset(d.name, d.digest, d.source_type, json.dumps({"uri": d.source}),
+                                          profile=json.dumps(d.profile)), tags=[InputTag(MLFLOW_DATASET_CONTEXT, c)])
+                     for d, c in self._inputs]
+            self._client.log_inputs(self.run_id, datasets=batch)
+            self._inputs.clear()
+        if self._note is not None:
+            self._client.set_tag(self.run_id, NOTE_TAG, self._note)
+            self._note = None
 
     def _open_run(self) -> str:
         from mlflow.exceptions import MlflowException
@@ -304,7 +333,8 @@ class Tracker:
         exp = client.get_experiment_by_name(self.cfg.experiment)
         if exp is None:
             try:
-                exp_id = client.create_experiment(self.cfg.experiment)
+                # only an experiment we create gets our kind: an existing one keeps its owner's tags
+                exp_id = client.create_experiment(self.cfg.experiment, tags=dict([EXPERIMENT_KIND]))
             except MlflowException as e:  # another job created it meanwhile
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise

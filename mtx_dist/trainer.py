@@ -19,7 +19,7 @@ from launchers.slurm import requeue as slurm_requeue
 from mtx_dist.config import Config, ConfigError
 from mtx_dist.data import DevicePrefetcher, build_loader, record_keys, resolve_shards, skipped_totals
 from mtx_dist.engine import Runtime, build_engine, build_model, consolidated_state_dict, global_grad_norm, setup_runtime
-from mtx_dist.evaluate import embed_split, retrieval_metrics
+from mtx_dist.evaluate import embed_split, retrieval_counts, retrieval_metrics
 from mtx_dist.export import export_encoder
 from mtx_dist.flops import peak_tflops, train_flops_per_sample
 from mtx_dist.loss import build_loss
@@ -27,7 +27,9 @@ from mtx_dist.models import get_preset
 from mtx_dist.optim import TrainingDiverged
 from mtx_dist.parallel import destroy_groups
 from mtx_dist.step import StepSetup, train_step
-from mtx_dist.tracking import Tracker, cluster_tags
+from mtx_dist import shard_sets
+from mtx_dist.system_metrics import SystemMetrics
+from mtx_dist.tracking import Tracker, cluster_tags, import_mlflow, tracking_uri
 
 
 
@@ -110,6 +112,8 @@ def _train(cfg: Config, preemption: Preemption) -> TrainResult:
     state.mlflow_run_id = tracker.start(cfg.run.name or os.path.basename(os.path.abspath(cfg.run.dir)),
                                         cfg.flat(), cfg.to_toml(), run_id=state.mlflow_run_id, step=state.step,
                                         tags=tags, resume=bool(cfg.checkpoint.resume)) or state.mlflow_run_id
+    describe_data(tracker, train_shards, val_shards if cfg.run.eval_at_end else None)
+    monitor = start_system_metrics(cfg, runtime, tracker, tags)
     try:
         result = _loop(cfg, runtime, engine, loader, state, tracker, preemption)
         if cfg.run.eval_at_end and not result.preempted:
@@ -117,9 +121,11 @@ def _train(cfg: Config, preemption: Preemption) -> TrainResult:
         if cfg.run.export_at_end and not result.preempted:
             result.export_dir = _export(cfg, runtime, engine, state, tracker)
     except KeyboardInterrupt:
+        _stop(monitor)
         tracker.finish("KILLED")
         raise
     except BaseException:
+        _stop(monitor)
         tracker.finish("FAILED")
         raise
     finally:
@@ -134,11 +140,80 @@ def _train(cfg: Config, preemption: Preemption) -> TrainResult:
               f"requeueing SLURM job {job}", flush=True)
         ok, said = slurm_requeue(job)
         result.requeued = f"requeued SLURM job {job}" if ok else f"requeue of SLURM job {job} failed: {said}"
+    _stop(monitor)
+    tracker.set_note(run_note(cfg, runtime, result))
     tracker.finish("KILLED" if result.preempted else "FINISHED")  # a requeued run continues this MLflow run
     result.mlflow_run_id, result.tracking_uri = tracker.run_id, tracker.uri if tracker.active else None
     if runtime.is_main:
         _summary(cfg, result)
     return result
+
+
+def describe_data(tracker: Tracker, train_shards: str, val_shards: str | None) -> None:
+    """The shard sets as the run's MLflow dataset inputs (rank 0; digests from the shards' manifests)."""
+    if not tracker.active:
+        return
+    for spec, context in ((train_shards, "training"), (val_shards, "validation")):
+        if spec:
+            try:
+                tracker.log_dataset(shard_sets.describe(spec), context)
+            except (OSError, ValueError) as e:  # the loader reads them regardless; only the record is missing
+                tqdm.write(f"MLflow: cannot describe the {context} shards {spec!r} ({e})")
+
+
+def start_system_metrics(cfg: Config, runtime: Runtime, tracker: Tracker, tags: dict[str, str]) -> SystemMetrics | None:
+    """MLflow's system metrics, one monitor per node (local rank 0). A collective when tracking is on
+    (rank 0 tells every node the run id); a node learns nothing when the store was down at the start,
+    except rank 0's, whose monitor starts once the run exists."""
+    t = cfg.tracking
+    if not (t.enabled and t.system_metrics):
+        return None
+    import torch.distributed as dist
+    shared = [{"run_id": tracker.run_id, "multi_node": int(tags.get("num_hosts", "1")) > 1}
+              if runtime.is_main else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(shared, src=0)
+    if runtime.env.local_rank != 0:
+        return None
+    run_id = (lambda: tracker.run_id) if runtime.is_main else shared[0]["run_id"]
+    if run_id is None:
+        return None
+    import_mlflow(t)  # MLflow's request settings of ours (no retry storms inside a request) on every node
+    import socket
+    return SystemMetrics(run_id, tracking_uri(t), t.system_metrics_interval_s, t.system_metrics_samples,
+                         node_id=socket.gethostname() if shared[0]["multi_node"] else None,
+                         retry_s=max(t.retry_s, 1.0)).start()
+
+
+def _stop(monitor: SystemMetrics | None) -> None:
+    if monitor is not None:
+        monitor.stop()
+
+
+def run_note(cfg: Config, runtime: Runtime, result: TrainResult) -> str:
+    """The run's description in MLflow: model, layout, how far it got, loss, speed, held-out figures."""
+    g, p = runtime.groups, cfg.parallel
+    lines = [f"**{cfg.model.preset}** contrastive pretraining on {runtime.env.world_size} "
+             f"{runtime.device.type.upper()} rank(s): TP {g.tp_size} x DP {g.dp_size}, ZeRO-{p.zero_stage}, "
+             f"{p.precision}, loss {cfg.loss.kind}, global batch {cfg.data.batch_size * cfg.optim.grad_accum * g.dp_size}.",
+             f"Step {result.step} of {cfg.run.steps}" + (f" (stopped by {result.preempted}; "
+                                                         f"{result.requeued or 'not requeued'})" if result.preempted
+                                                         else "") + "."]
+    if result.losses:
+        lines.append(f"Loss {result.losses[0]:.4f} (step {result.first_step + 1}) -> {result.losses[-1]:.4f}.")
+    if result.throughput:
+        t = result.throughput
+        lines.append(f"Throughput {t['samples_per_s']:.0f} samples/s ({t['samples_per_s_per_device']:.0f} per device, "
+                     f"{t['tflops_per_device']:.2f} model TFLOP/s per device"
+                     + (f", MFU {t['mfu']:.1%}" if "mfu" in t else "") + ").")
+    if result.eval:
+        e = result.eval
+        lines.append(f"Held-out retrieval on {int(e['n'])} pairs ({int(e['distinct_captions'])} distinct captions): "
+                     f"image->text R@1 {e['i2t_recall_at_1']:.3f}, text->image R@1 {e['t2i_recall_at_1']:.3f} "
+                     f"(chance {e['chance_recall_at_1']:.3f}).")
+    if result.export_dir:
+        lines.append(f"Export: `{os.path.abspath(result.export_dir)}` (artifacts: `export/`).")
+    return "\n\n".join(lines)
 
 
 def _peak(cfg: Config, runtime: Runtime) -> float | None:
@@ -225,31 +300,34 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
             sps = window_steps * samples_per_step / elapsed
             finite = [x for x in step_losses if math.isfinite(x)]
             metrics = {
-                "loss": sum(finite) / len(finite) if finite else float("nan"),
-                "skipped_steps": state.skipped_steps,
-                "lr": engine.get_lr()[0],
-                "logit_scale": float(result.scale),
-                "samples_per_s": sps,
-                "samples_per_s_per_device": sps / world,
-                "tflops_per_device": window_flops / window_steps * sps / world / 1e12,
-                "data_wait_frac": data_wait / elapsed,
-                "samples": state.samples,
+                "train/loss": sum(finite) / len(finite) if finite else float("nan"),
+                "train/skipped_steps": state.skipped_steps,
+                "train/lr": engine.get_lr()[0],
+                "train/logit_scale": float(result.scale),
+                "train/samples": state.samples,
+                "perf/samples_per_s": sps,
+                "perf/samples_per_s_per_device": sps / world,
+                "perf/tflops_per_device": window_flops / window_steps * sps / world / 1e12,
+                "perf/data_wait_frac": data_wait / elapsed,
             }
             if result.bias is not None:
-                metrics["logit_bias"] = float(result.bias)
+                metrics["train/logit_bias"] = float(result.bias)
             if peak:
-                metrics["mfu"] = metrics["tflops_per_device"] / peak
+                metrics["perf/mfu"] = metrics["perf/tflops_per_device"] / peak
             norm = global_grad_norm(engine) if engine.zero_optimization_stage() else result.grad_norm
             if norm is not None:
-                metrics["grad_norm"] = norm
+                metrics["train/grad_norm"] = norm
             # Summed over workers (in the loader) and data-parallel ranks (a collective: every rank logs).
-            metrics.update({f"data/skipped_{k}": v for k, v in
-                            skipped_totals(feed.skipped, groups.dp_group, groups.dp_size, runtime.device).items()})
+            # Only counters that are not zero: a clean run shows no data/ chart at all.
+            skips = skipped_totals(feed.skipped, groups.dp_group, groups.dp_size, runtime.device)
+            metrics.update({f"data/skipped_{k}": v for k, v in skips.items() if v})
+            if any(skips.values()):
+                metrics["data/skipped_total"] = sum(skips.values())
             tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=state.step)
-            throughput = {k: metrics[k] for k in ("samples_per_s", "samples_per_s_per_device", "tflops_per_device",
-                                                  "mfu") if k in metrics}
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", sps=f"{metrics['samples_per_s']:.0f}",
-                            lr=f"{metrics['lr']:.2e}", refresh=False)
+            throughput = {k: metrics[f"perf/{k}"] for k in ("samples_per_s", "samples_per_s_per_device",
+                                                            "tflops_per_device", "mfu") if f"perf/{k}" in metrics}
+            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", sps=f"{sps:.0f}", lr=f"{metrics['train/lr']:.2e}",
+                            refresh=False)
             window_start, window_steps, data_wait, window_flops = time.perf_counter(), 0, 0.0, 0.0
         stop = signal.Signals(result.signal) if result.signal else None
         if stop or state.step % cfg.checkpoint.every == 0 or state.step == cfg.run.steps:
@@ -270,11 +348,11 @@ def _evaluate(cfg: Config, runtime: Runtime, engine, shards: str, tracker: Track
     groups = runtime.groups
     loader = build_loader(cfg, shards, train=False, rank=groups.dp_rank, world_size=groups.dp_size)
     engine.eval()
-    img, txt = embed_split(engine, loader, runtime.device, runtime.dtype, groups.dp_group)
+    img, txt, captions = embed_split(engine, loader, runtime.device, runtime.dtype, groups.dp_group)
     engine.train()
-    metrics = retrieval_metrics(img, txt)
+    metrics = retrieval_metrics(img, txt, groups=captions)
     metrics["n"] = float(img.shape[0])
-    metrics["chance_recall_at_1"] = 1.0 / img.shape[0]
+    metrics.update(retrieval_counts(captions))
     tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=step)
     return metrics
 
@@ -312,8 +390,9 @@ def _summary(cfg: Config, result: TrainResult) -> None:
                      f"{t['tflops_per_device']:.2f} model TFLOP/s per device{mfu})")
     if result.eval:
         e = result.eval
-        lines.append(f"held-out retrieval on {int(e['n'])} pairs: image->text recall@1 {e['i2t_recall_at_1']:.3f}, "
-                     f"text->image recall@1 {e['t2i_recall_at_1']:.3f} (chance {e['chance_recall_at_1']:.3f})")
+        lines.append(f"held-out retrieval on {int(e['n'])} pairs ({int(e['distinct_captions'])} distinct captions): "
+                     f"image->text recall@1 {e['i2t_recall_at_1']:.3f}, text->image recall@1 "
+                     f"{e['t2i_recall_at_1']:.3f} (chance {e['chance_recall_at_1']:.3f})")
     if result.checkpoint:
         lines.append(f"checkpoint: {os.path.abspath(result.checkpoint)}")
     if result.export_dir:

@@ -18,6 +18,9 @@ from mtx_dist.cli import main
 from mtx_dist.evaluate import (
     TEMPLATES,
     EvalDataError,
+    caption_groups,
+    caption_keys,
+    chance_recall_at_1,
     class_embeddings,
     read_classnames,
     retrieval_metrics,
@@ -36,6 +39,53 @@ def test_recall_at_k_with_known_ranks_and_ties():
     assert m == pytest.approx({"i2t_recall_at_1": 0.5, "i2t_recall_at_2": 0.75, "i2t_recall_at_3": 1.0,
                                "t2i_recall_at_1": 0.5, "t2i_recall_at_2": 0.75, "t2i_recall_at_3": 0.75},
                               abs=1e-7)  # no K > N
+
+
+def test_identical_captions_are_one_target():
+    """Forty images of "seven" and one caption text for all: a perfect model scores 1.0 once identical
+    captions are one target (pairwise recall would count 39 of 40 as misses), and the chance level is
+    sum(n_g^2) / N^2."""
+    torch.manual_seed(0)
+    classes = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    labels = torch.tensor([0] * 40 + [1] * 20 + [2] * 4)
+    feats = classes[labels]  # images and captions of a class embed alike: a perfect model
+    groups = caption_groups([f"a photo of the digit {int(c)}" for c in labels])
+    assert groups.tolist() == labels.tolist()
+    m = retrieval_metrics(feats, feats, ks=(1, 5), groups=groups)
+    assert m == {"i2t_recall_at_1": 1.0, "i2t_recall_at_5": 1.0, "t2i_recall_at_1": 1.0, "t2i_recall_at_5": 1.0}
+    plain = retrieval_metrics(feats, feats, ks=(1,))
+    assert plain["i2t_recall_at_1"] == 0.0  # every image ties with its class mates: no hit counted
+    assert chance_recall_at_1(groups) == pytest.approx((40 ** 2 + 20 ** 2 + 4 ** 2) / 64 ** 2, rel=1e-12)
+    assert chance_recall_at_1(torch.arange(64)) == pytest.approx(1 / 64, rel=1e-12)
+
+
+def test_grouped_recall_without_repeats_equals_pairwise_and_counts_ties_against():
+    torch.manual_seed(1)
+    img, txt = torch.randn(50, 16), torch.randn(50, 16)
+    txt[3] = txt[7]  # equal features, different captions: a tie that counts against the match
+    assert retrieval_metrics(img, txt, groups=torch.arange(50)) == retrieval_metrics(img, txt)
+    # hand-made: captions 0 and 1 share a text; image 2's own caption loses to caption 0
+    img = torch.tensor([[1.0, 0], [0, 1], [1, 0]])
+    txt = torch.tensor([[0, 1.0], [1, 0], [0.6, 0.8]])
+    groups = torch.tensor([0, 0, 1])
+    m = retrieval_metrics(img, txt, ks=(1, 2), groups=groups)
+    # image->text: images 0 and 1 find a caption of their text first (caption 1 and 0); image 2 ranks its
+    # caption (0.6) below caption 1 (1.0) of the other text: rank 1
+    assert m["i2t_recall_at_1"] == pytest.approx(2 / 3) and m["i2t_recall_at_2"] == 1.0
+    # text->image: caption 0 finds image 1 (1.0) first: a hit; caption 1 scores images 0 and 2 at 1.0, and
+    # image 2 (another text) ties with the best match: rank 1; caption 2 scores its image 2 at 0.6,
+    # tied by image 0 and beaten by image 1: rank 2
+    assert m["t2i_recall_at_1"] == pytest.approx(1 / 3) and m["t2i_recall_at_2"] == pytest.approx(2 / 3)
+
+
+def test_caption_keys_compare_tokens_up_to_end_of_text():
+    from data_pipelines.tokenizer import ClipTokenizer
+    tok = ClipTokenizer(context_length=16)
+    a = torch.from_numpy(tok(["A red  circle", "a red circle", "a blue circle"]))
+    b = torch.from_numpy(tok(["a red circle"], pad_multiple=8))  # another batch, another padded length
+    assert a.shape[1] != b.shape[1]
+    keys = caption_keys(a) + caption_keys(b)
+    assert caption_groups(keys).tolist() == [0, 0, 1, 0]  # the tokenizer lowercases and collapses spaces
 
 
 def test_zero_shot_accuracy_with_known_ranks_and_ties():

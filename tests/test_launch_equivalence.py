@@ -47,7 +47,7 @@ def _launch(kind: str, cwd: str, demo_dir: str) -> tuple[list[tuple[int, float]]
     with open(os.path.join(cwd, "runs/quickstart", RUN_ID_FILE)) as f:
         run_id = json.load(f)["run_id"]
     c = MlflowClient(uri)
-    history = [(m.step, m.value) for m in c.get_metric_history(run_id, "loss")]
+    history = [(m.step, m.value) for m in c.get_metric_history(run_id, "train/loss")]
     return sorted(history), c.get_run(run_id).data.tags
 
 

@@ -111,7 +111,8 @@ def test_two_rank_torchrun_job_logs_to_server(tmp_path, server, demo_dir):
     res = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "mtx_dist", "train", *MICRO, "run.steps=4", f"data.demo_dir={demo_dir}", "run.name=two-ranks",
-         f"tracking.uri={server.url}", "tracking.experiment=server-test", "tracking.register_as=server-encoder"],
+         f"tracking.uri={server.url}", "tracking.experiment=server-test", "tracking.register_as=server-encoder",
+         "tracking.system_metrics_interval_s=0.5"],
         cwd=str(tmp_path), env=clean_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "trained to step 4 of 4" in res.stdout
@@ -129,8 +130,20 @@ def test_two_rank_torchrun_job_logs_to_server(tmp_path, server, demo_dir):
     assert tags["hosts"] == f"{socket.gethostname()}:0-1" and tags["num_hosts"] == "1"  # gathered from both ranks
     assert tags["mtx_dist.git_commit"] == git_info()[0] and tags["mtx_dist.git_dirty"] in ("true", "false")
     assert tags["mtx_dist.version"] and tags["launcher"] == "torchrun"
-    assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
     assert "val/i2t_recall_at_1" in run.data.metrics
+    # system metrics from one monitor for the one node (two would log every step twice), MLflow's plain names
+    cpu = [m.step for m in c.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")]
+    assert cpu and cpu == list(range(len(cpu))), cpu
+    assert "system/system_memory_usage_megabytes" in run.data.metrics
+    assert not [k for k in run.data.metrics if k.startswith(f"system/{socket.gethostname()}/")]
+    # what the run read, and a description on its page
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation"}
+    assert json.loads(inputs["training"].profile)["samples"] == 256 and inputs["training"].name.endswith("/train")
+    note = run.data.tags["mlflow.note.content"]
+    assert "**micro**" in note and "TP 1 x DP 2, ZeRO-0" in note and "Step 4 of 4" in note and "Held-out" in note
+    assert c.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
     # the export went through the server's artifact proxy, byte for byte
     listed = {os.path.basename(a.path) for a in c.list_artifacts(run.info.run_id, "export")}
@@ -171,6 +184,44 @@ def test_buffered_points_reach_a_restarted_server(tmp_path, server, caplog):
     assert [(m.step, m.value) for m in c.get_metric_history(run_id, "loss")] == [(s, float(s)) for s in range(1, 7)]
 
 
+def test_system_metrics_resume_after_the_server_comes_back(tmp_path, server):
+    """MLflow's own monitor stops at its first failed request; ours starts it again once the store is
+    back, continuing the step count."""
+    from mtx_dist.system_metrics import SystemMetrics
+    server.ensure()
+    c = client(server)
+    t = Tracker(TrackingConfig(uri=server.url, experiment="system-metrics", retry_s=0.2, request_timeout_s=2),
+                active=True, run_dir=str(tmp_path))
+    run_id = t.start("sys", {}, "")
+    key = "system/cpu_utilization_percentage"
+
+    def steps() -> list[int]:
+        return [m.step for m in c.get_metric_history(run_id, key)]
+
+    def wait_for(check, what: str) -> list[int]:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            seen = steps()
+            if check(seen):
+                return seen
+            time.sleep(0.2)
+        raise AssertionError(f"{what}: {steps()}")
+
+    mon = SystemMetrics(run_id, server.url, interval_s=0.2, samples=1, retry_s=0.2).start()
+    try:
+        before = wait_for(lambda s: len(s) >= 2, "no system metrics arrived")
+        server.stop(signal.SIGKILL)
+        time.sleep(2.0)  # the monitor's requests fail meanwhile: it gives up, ours waits and retries
+        server.ensure()
+        after = wait_for(lambda s: s and max(s) >= max(before) + 3, "system metrics did not resume")
+    finally:
+        mon.stop()
+        t.finish()
+    assert mon.restarts >= 1
+    assert after == sorted(set(after))  # one count, continued: no step logged twice
+    assert "system/system_memory_usage_megabytes" in c.get_run(run_id).data.metrics
+
+
 def test_server_killed_mid_run_does_not_stop_training(tmp_path, server, demo_dir):
     server.ensure()
     steps = 24
@@ -187,7 +238,7 @@ def test_server_killed_mid_run_does_not_stop_training(tmp_path, server, demo_dir
         while time.monotonic() < deadline and proc.poll() is None:
             if (run_dir / RUN_ID_FILE).exists():
                 run_id = json.loads((run_dir / RUN_ID_FILE).read_text())["run_id"]
-                seen = c.get_metric_history(run_id, "loss")
+                seen = c.get_metric_history(run_id, "train/loss")
                 if seen:
                     break
             time.sleep(0.2)
@@ -207,7 +258,7 @@ def test_server_killed_mid_run_does_not_stop_training(tmp_path, server, demo_dir
     assert "were not delivered" in stderr
     # what the dead server did not take is on disk, up to the last step, nothing silently lost
     rows = [json.loads(line) for line in (run_dir / UNDELIVERED_FILE).read_text().splitlines()]
-    loss_steps = [r["step"] for r in rows if r["key"] == "loss"]
+    loss_steps = [r["step"] for r in rows if r["key"] == "train/loss"]
     assert rows and {r["run_id"] for r in rows} == {run_id}
     assert loss_steps == list(range(loss_steps[0], steps + 1)) and loss_steps[0] > seen[0].step
     assert (run_dir / "export/encoder.safetensors").exists()

@@ -260,3 +260,71 @@ def test_silent_server_costs_one_request_timeout_per_attempt(tmp_path, caplog):
         t.finish()
     assert t._failures == 2 and t.undelivered == 1
     assert any("timed out" in m.lower() or "timeout" in m.lower() for m in warnings_of(caplog))
+
+
+def test_experiment_kind_is_set_when_we_create_it_and_kept_when_it_exists(tmp_path, store):
+    """MLflow 3 opens an experiment without a kind in its GenAI view: ours are model training."""
+    t = Tracker(TrackingConfig(uri=store, experiment="kind-new"), active=True, run_dir=str(tmp_path / "a"))
+    t.start("r", {}, "")
+    t.finish()
+    assert client(store).get_experiment_by_name("kind-new").tags["mlflow.experimentKind"] == "custom_model_development"
+    client(store).create_experiment("kind-mine", tags={"mlflow.experimentKind": "genai_development", "team": "x"})
+    t = Tracker(TrackingConfig(uri=store, experiment="kind-mine"), active=True, run_dir=str(tmp_path / "b"))
+    t.start("r", {}, "")
+    t.finish()
+    tags = client(store).get_experiment_by_name("kind-mine").tags
+    assert tags["mlflow.experimentKind"] == "genai_development" and tags["team"] == "x"  # the user's choice stays
+
+
+def _shards(folder, names, manifest=True):
+    """Tiny tar files (their content does not matter to the description) with a writer-style manifest."""
+    import hashlib
+    os.makedirs(folder, exist_ok=True)
+    entries = []
+    for i, name in enumerate(names):
+        data = f"shard {name}".encode() * (i + 1)
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(data)
+        entries.append({"name": name, "samples": 10 + i, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    if manifest:
+        with open(os.path.join(folder, "manifest.json"), "w") as f:
+            json.dump({"format": "mtx-dist-shards", "shards": entries}, f)
+    return entries
+
+
+def test_shard_set_description_from_the_manifest(tmp_path):
+    from mtx_dist import shard_sets
+    entries = _shards(tmp_path / "a" / "laion", ["part-000000.tar", "part-000001.tar"])
+    spec = str(tmp_path / "a" / "laion" / "part-{000000..000001}.tar")
+    d = shard_sets.describe(spec)
+    assert (d.name, d.source, d.source_type) == ("laion/part", spec, "local")
+    assert d.profile == {"shards": 2, "samples": 21, "bytes": sum(e["bytes"] for e in entries),
+                         "digest_from": "manifest sha256"}
+    # the same shards elsewhere give the same digest; other content gives another
+    _shards(tmp_path / "b" / "laion", ["part-000000.tar", "part-000001.tar"])
+    assert shard_sets.describe(str(tmp_path / "b" / "laion" / "part-{000000..000001}.tar")).digest == d.digest
+    assert shard_sets.describe(str(tmp_path / "a" / "laion" / "part-000000.tar")).digest != d.digest
+    # without a manifest: the spec and the shard count; the digest follows the URLs
+    _shards(tmp_path / "c", ["x-000000.tar"], manifest=False)
+    bare = shard_sets.describe(str(tmp_path / "c" / "x-000000.tar"))
+    assert bare.profile == {"shards": 1, "digest_from": "shard URLs (no manifest)"} and len(bare.digest) == 16
+    with pytest.raises(FileNotFoundError):
+        shard_sets.describe(str(tmp_path / "c" / "missing-000000.tar"))
+
+
+def test_datasets_and_note_reach_the_run(tmp_path, store):
+    from mtx_dist import shard_sets
+    _shards(tmp_path / "d", ["train-000000.tar"])
+    d = shard_sets.describe(str(tmp_path / "d" / "train-000000.tar"))
+    t = Tracker(TrackingConfig(uri=store, experiment="inputs"), active=True, run_dir=str(tmp_path / "run"))
+    t.start("r", {}, "")
+    t.log_dataset(d, "training")
+    t.set_note("first")
+    t.set_note("**micro** run: done")
+    t.finish()
+    run = client(store).get_run(t.run_id)
+    (inp,) = run.inputs.dataset_inputs
+    assert (inp.dataset.name, inp.dataset.digest, inp.dataset.source_type) == ("d/train", d.digest, "local")
+    assert json.loads(inp.dataset.source) == {"uri": d.source} and json.loads(inp.dataset.profile)["samples"] == 10
+    assert {(tag.key, tag.value) for tag in inp.tags} == {("mlflow.data.context", "training")}
+    assert run.data.tags["mlflow.note.content"] == "**micro** run: done"

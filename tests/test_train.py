@@ -68,17 +68,20 @@ def test_train_checkpoints_exports_and_tracks(tmp_path, demo_dir):
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.preset"] == "micro" and run.data.params["run.steps"] == "8"
-    history = client.get_metric_history(run.info.run_id, "loss")
+    history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == list(range(1, 9))
     assert [m.value for m in history] == pytest.approx(result.losses, rel=1e-6)
-    for key in ("lr", "logit_scale", "samples_per_s", "samples_per_s_per_device", "tflops_per_device",
-                "grad_norm", "data_wait_frac", "val/i2t_recall_at_1", "val/t2i_recall_at_1"):
+    for key in ("train/lr", "train/logit_scale", "train/grad_norm", "train/skipped_steps", "train/samples",
+                "perf/samples_per_s", "perf/samples_per_s_per_device", "perf/tflops_per_device", "perf/data_wait_frac",
+                "val/i2t_recall_at_1", "val/t2i_recall_at_1", "val/distinct_captions", "val/chance_recall_at_1"):
         assert key in run.data.metrics, key
-    assert "mfu" not in run.data.metrics  # no peak is known for a CPU
+    assert "perf/mfu" not in run.data.metrics  # no peak is known for a CPU
+    assert not [k for k in run.data.metrics if k.startswith("data/")]  # clean data: no skip counters at all
+    assert not [k for k in run.data.metrics if "/" not in k]  # every name has its section
     m = run.data.metrics
     from mtx_dist.flops import train_flops_per_sample
-    assert m["tflops_per_device"] == pytest.approx(
-        m["samples_per_s_per_device"] * train_flops_per_sample(get_preset("micro")) / 1e12, rel=1e-6)
+    assert m["perf/tflops_per_device"] == pytest.approx(
+        m["perf/samples_per_s_per_device"] * train_flops_per_sample(get_preset("micro")) / 1e12, rel=1e-6)
     assert run.data.metrics["val/i2t_recall_at_1"] == result.eval["i2t_recall_at_1"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.toml", "export"} <= artifacts
@@ -118,10 +121,10 @@ def test_resume_continues_exactly(tmp_path, demo_dir):
 
     client = _mlflow_client(tmp_path)
     assert second.mlflow_run_id == first.mlflow_run_id  # the same MLflow run continues
-    history = client.get_metric_history(first.mlflow_run_id, "loss")
+    history = client.get_metric_history(first.mlflow_run_id, "train/loss")
     assert [m.step for m in history] == list(range(1, 9))
-    lr_split = [m.value for m in client.get_metric_history(first.mlflow_run_id, "lr")]
-    lr_whole = [m.value for m in client.get_metric_history(whole.mlflow_run_id, "lr")]
+    lr_split = [m.value for m in client.get_metric_history(first.mlflow_run_id, "train/lr")]
+    lr_whole = [m.value for m in client.get_metric_history(whole.mlflow_run_id, "train/lr")]
     assert lr_split == lr_whole  # the schedule continues where it stopped
 
 

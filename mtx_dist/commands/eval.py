@@ -53,7 +53,8 @@ def _run(args: argparse.Namespace) -> int:
     n = int(metrics["n_retrieval"])
     if n:
         ks = [k for k in (1, 5, 10) if f"i2t_recall_at_{k}" in metrics]
-        print(f"retrieval on {n} image-caption pairs (chance recall@1 {1 / n:.4f}):")
+        print(f"retrieval on {n} image-caption pairs, {int(metrics['distinct_captions'])} distinct captions "
+              f"(identical captions are one target; chance recall@1 {metrics['chance_recall_at_1']:.4f}):")
         for name, label in (("i2t", "image->text"), ("t2i", "text->image")):
             print(f"  {label}: " + "  ".join(f"R@{k} {metrics[f'{name}_recall_at_{k}']:.4f}" for k in ks))
     if "n_zeroshot" in metrics:
@@ -75,6 +76,8 @@ def _run(args: argparse.Namespace) -> int:
                   "eval.preset": source.preset, "eval.classes": args.classes or "",
                   **{f"source.{k}": v for k, v in source.info.items() if v is not None}}
         tracker.start(f"eval-{what}", params, source.cfg.to_toml() if source.cfg is not None else "")
+        from mtx_dist import shard_sets
+        tracker.log_dataset(shard_sets.describe(args.data), "evaluation")
         tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=int(source.info.get("step") or 0))
         tracker.finish()
         if tracker.run_id:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtx_dist.models.blocks import Block, init_blocks
+from mtx_dist.models.blocks import Block, init_blocks, init_blocks_default
 from mtx_dist.models.presets import TextSpec, VisionSpec
 
 
@@ -31,7 +31,7 @@ class VisionTower(nn.Module):
         scale = self.spec.width ** -0.5
         for p in (self.cls_token, self.pos_embed, self.proj):
             nn.init.normal_(p, std=scale)
-        init_blocks(self.blocks, self.spec.width)
+        init_blocks_default(self.blocks)
 
     def tokens(self, image: torch.Tensor) -> torch.Tensor:
         """Patch tokens with class token and positions, before ln_pre: (B, 1 + grid^2, width)."""

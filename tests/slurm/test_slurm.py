@@ -132,10 +132,10 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(cluster, demo_sh
     # wherever the logging window lies wholly on one side of the preemption.
     client, run = _mlflow_run(work, "preempted")
     _, ref_run = _mlflow_run(work, "reference")
-    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert sorted(steps) == list(range(5, STEPS + 1, 5)), steps
-    ref_history = {m.step: m.value for m in client.get_metric_history(ref_run.info.run_id, "loss")}
+    ref_history = {m.step: m.value for m in client.get_metric_history(ref_run.info.run_id, "train/loss")}
     for s in history:
         if not s - 5 < step < s:
             assert history[s] == pytest.approx(ref_history[s], rel=1e-6, abs=1e-7), s
