@@ -39,11 +39,15 @@ of the logged per-window rates (ours: the trainer's ``sps`` every 10 steps; Open
 batch, loader start).
 
     PYTHONPATH=. python bench/bench_race.py --quick                       # smoke run of everything
+    PYTHONPATH=. python bench/bench_race.py --seeds 2 --variants text_trim,trim+flip  # mean of 2 seeds per side
     PYTHONPATH=. python bench/bench_race.py [--datasets demo,hard] [--variants baseline,all] \
         [--steps 200] [--every 40] [--json race.json] [--markdown race.md]
 
 Numbers on a shared machine move with its load; the sides run one after the other, so compare runs
-of one invocation only.
+of one invocation only. One seed decides little here: the final metric of one side moves by about
+0.02 from seed to seed (OpenCLIP's hard set: 0.179 and 0.203 in two runs of seed 0, its loader
+being unseeded), as much as the differences raced for. ``--seeds N`` runs every side N times (seed
+k for both trainers) and scores the mean curve; the table lists each seed's final metric.
 """
 
 from __future__ import annotations
@@ -113,6 +117,8 @@ class Side:
     target_bound: str = ""  # "<=" when the first checkpoint already passes the target
     speedup: float | None = None
     error: str = ""
+    seed: int = 0
+    seed_finals: list[float] = field(default_factory=list)  # per seed, when several seeds were merged
 
     @property
     def final(self) -> float | None:
@@ -215,7 +221,7 @@ def run_openclip(side: Side, py: str, a: argparse.Namespace, train: str, geometr
            "--batch-size", str(BATCH), "--workers", str(WORKERS), "--precision", "fp32", "--device", "cpu",
            "--lr", str(a.lr), "--warmup", str(a.warmup), "--lr-scheduler", "cosine", "--wd", "0.1",
            "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--grad-clip-norm", "1.0",
-           "--local-loss", "--gather-with-grad", "--seed", "0", "--save-frequency", "1",
+           "--local-loss", "--gather-with-grad", "--seed", str(side.seed), "--save-frequency", "1",
            "--log-every-n-steps", "10", "--zeroshot-frequency", "0", "--logs", logs, "--name", "openclip"]
     t0, side.wall_s, rc = timed(cmd, os.path.join(work, "train.log"), child_env(a.threads), work)
     if rc != 0:
@@ -266,7 +272,7 @@ def run_ours(side: Side, a: argparse.Namespace, train: str, val: str, work: str)
         shutil.rmtree(stale, ignore_errors=True)
     cmd = [sys.executable, "-m", "mtx_dist.cli", "train", f"model.preset={PRESET}", f"data.train={train}",
            f"data.val={val}", "data.mode=resampled", f"data.batch_size={BATCH}", f"data.workers={WORKERS}",
-           f"run.steps={a.steps}", "run.seed=0", "run.device=cpu", f"run.dir={run_dir}", "run.log_every=10",
+           f"run.steps={a.steps}", f"run.seed={side.seed}", "run.device=cpu", f"run.dir={run_dir}", "run.log_every=10",
            "run.eval_at_end=false", "run.export_at_end=false", "tracking.enabled=false",
            f"optim.lr={a.lr}", f"optim.warmup_steps={a.warmup}", "optim.schedule=cosine", "optim.weight_decay=0.1",
            "optim.beta1=0.9", "optim.beta2=0.98", "optim.eps=1e-6", "optim.grad_clip=1.0",
@@ -299,7 +305,7 @@ def run_ours(side: Side, a: argparse.Namespace, train: str, val: str, work: str)
 # --- judging and the race result -----------------------------------------------------------------
 
 def judge(sides: list[Side], py: str, a: argparse.Namespace, val: str, geometry: str, work: str) -> None:
-    models = {f"{s.name}@{p.step}": p for s in sides for p in s.points}
+    models = {f"{s.name}#{s.seed}@{p.step}": p for s in sides for p in s.points}
     if not models:
         return
     out = os.path.join(work, "scores.json")
@@ -331,6 +337,31 @@ def time_to(points: list[Point], target: float) -> tuple[float | None, str]:
     return None, ""
 
 
+def merge_seeds(runs: list[Side]) -> list[Side]:
+    """One side per name: at each checkpoint step the mean metric and the mean time over its seeds
+    (steps every seed reached), wall-clock and samples/s averaged; each seed's final kept."""
+    merged: dict[str, Side] = {}
+    for name in dict.fromkeys(r.name for r in runs):
+        group = [r for r in runs if r.name == name]
+        ok = [r for r in group if not r.error and r.points and all(p.metric is not None for p in r.points)]
+        out = Side(group[0].dataset, name, group[0].overrides, error=next((r.error for r in group if r.error), ""))
+        merged[name] = out
+        if not ok or len(ok) < len(group):
+            out.error = out.error or "a seed produced no scores"
+            continue
+        steps = sorted(set.intersection(*({p.step for p in r.points} for r in ok)))
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        for step in steps:
+            pts = [next(p for p in r.points if p.step == step) for r in ok]
+            out.points.append(Point(step, mean([p.time_s for p in pts]), pts[0].path, mean([p.metric for p in pts]),
+                                    mean([p.i2t_r1 for p in pts]), mean([p.t2i_r1 for p in pts])))
+        out.wall_s = mean([r.wall_s for r in ok])
+        rates = [r.samples_per_s for r in ok if r.samples_per_s]
+        out.samples_per_s = mean(rates) if rates else None
+        out.seed_finals = [r.final for r in ok]
+    return list(merged.values())
+
+
 def score_race(sides: list[Side]) -> None:
     ref = next((s for s in sides if s.name == "openclip" and s.final is not None), None)
     if ref is None:
@@ -357,6 +388,8 @@ def table(sides: list[Side]) -> str:
             continue
         last = s.points[-1] if s.points else None
         final = "-" if last is None or last.metric is None else f"{last.metric:.3f} ({last.i2t_r1:.3f}/{last.t2i_r1:.3f})"
+        if len(s.seed_finals) > 1:
+            final += " seeds " + "/".join(f"{x:.3f}" for x in s.seed_finals)
         ttt = "-" if s.time_to_target_s is None else f"{s.target_bound}{s.time_to_target_s:.1f}"
         speedup = "-" if s.speedup is None else f"{'>=' if s.target_bound else ''}{s.speedup:.2f}"
         rows.append(f"| {s.dataset} | {s.name} | {s.wall_s:.1f} | {f(s.samples_per_s, '.1f')} | {final} | {ttt} | "
@@ -370,6 +403,8 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"ours on the demo set; of {', '.join(VARIANTS)}")
     p.add_argument("--hard-variants", default="trim+flip", help="ours on the hard set")
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--seeds", type=int, default=1, help="runs per side (seeds 0..N-1): the table shows the mean "
+                   "curve; one seed's final metric moves by ~0.02 here, on both sides")
     p.add_argument("--flip", type=float, default=0.5, help="the patch-dropout fraction of variants with FLIP")
     p.add_argument("--flip-tail", type=int, default=0, help="FLIP's unmasked tail: last steps without dropout")
     p.add_argument("--every", type=int, default=40, help="steps between checkpoints (OpenCLIP: steps per epoch)")
@@ -405,11 +440,12 @@ def main() -> None:
     py = ensure_venv(a.venv)
     os.makedirs(a.work, exist_ok=True)
     geometry = geometry_dir(a.work)
-    sides: list[Side] = []
+    sides: list[Side] = []  # one per name and data set (seeds merged)
+    runs: list[Side] = []  # every run
     for d in datasets:
         train, pools = make_dataset(d, os.path.join(a.work, "data"), image_size, *DATASETS[d])
         say(f"{d}: train {train}, held-out pools {' '.join(pools)}")
-        here: list[Side] = [Side(d, "openclip")]
+        kinds: list[tuple[str, list[str]]] = [("openclip", [])]
         for v in (v for v in asked[d] if v):
             missing = [TECHNIQUES[t][0] for t in VARIANTS[v] if TECHNIQUES[t][0] not in known]
             overrides = ours_overrides(v, known, a.flip, a.flip_tail)
@@ -420,11 +456,14 @@ def main() -> None:
             if missing:
                 say(f"{d}: ours:{v} skipped: key not in this build ({', '.join(missing)})")
                 continue
-            here.append(Side(d, f"ours:{v}", overrides))
+            kinds.append((f"ours:{v}", overrides))
+        # seed-major: every side's seed 0, then every side's seed 1, ... (a drifting machine load hits all sides)
+        here = [Side(d, name, overrides, seed=k) for k in range(a.seeds) for name, overrides in kinds]
         for s in here:
-            work = os.path.join(a.work, "runs", d, s.name.replace(":", "-"))
+            work = os.path.join(a.work, "runs", d, s.name.replace(":", "-") + (f"-seed{s.seed}" if a.seeds > 1 else ""))
             os.makedirs(work, exist_ok=True)
-            say(f"{d}: {s.name} {' '.join(s.overrides)}: {a.steps} steps, checkpoint every {a.every} (log {work}/train.log)")
+            say(f"{d}: {s.name} seed {s.seed} {' '.join(s.overrides)}: {a.steps} steps, checkpoint every {a.every} "
+                f"(log {work}/train.log)")
             if s.name == "openclip":
                 run_openclip(s, py, a, train, geometry, work)
             else:
@@ -434,11 +473,13 @@ def main() -> None:
                 + ", ".join(f"{pt.time_s:.1f}" for pt in s.points) + " s"))
         say(f"{d}: judging {sum(len(s.points) for s in here)} checkpoints with OpenCLIP's get_clip_metrics")
         judge(here, py, a, "::".join(pools), geometry, os.path.join(a.work, "runs", d))
-        score_race(here)
         for s in here:
             if s.points:
-                say(f"{d}: {s.name}: metric by step " +
+                say(f"{d}: {s.name} seed {s.seed}: metric by step " +
                     ", ".join(f"{pt.step}: {pt.metric:.3f}" for pt in s.points if pt.metric is not None))
+        runs += here
+        here = merge_seeds(here) if a.seeds > 1 else here
+        score_race(here)
         sides += here
 
     md = table(sides)
@@ -451,7 +492,8 @@ def main() -> None:
                 "threads": a.threads, "workers": WORKERS, "preset": PRESET, "torch": version("torch"),
                 "open_clip_torch": version("open_clip_torch"), "webdataset_openclip": OPENCLIP_WEBDATASET}
         with open(a.json, "w") as f:
-            json.dump({"setup": info, "sides": [asdict(s) for s in sides]}, f, indent=1)
+            json.dump({"setup": {**info, "seeds": a.seeds}, "sides": [asdict(s) for s in sides],
+                       "runs": [asdict(s) for s in runs]}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -69,9 +69,10 @@ text[:, -1] = 49407
 a, b = ours(image, text), ref(image, text)
 (a[0].sum() + a[1].sum()).backward()
 (b[0].sum() + b[1].sum()).backward()
-feat = max(float((x - y).abs().max()) for x, y in zip(a[:2], b[:2]))
-grad = max(float((p.grad - q.grad).abs().max()) for p, q in zip(ours.parameters(), ref.parameters())
-           if p.grad is not None)
+# relative to the magnitudes compared: features are unit vectors, gradients are scaled by their largest entry
+feat = max(float(((x - y).abs().max() / y.abs().max()).detach()) for x, y in zip(a[:2], b[:2]))
+grad = max(float((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-12))
+           for p, q in zip(ours.parameters(), ref.parameters()) if p.grad is not None)
 print(feat, grad)
 """
 
@@ -88,4 +89,4 @@ def test_model_with_the_triton_backend_equals_sdpa():
     res = subprocess.run([sys.executable, "-c", MODEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     feat, grad = map(float, res.stdout.split())
-    assert feat < 1e-5 and grad < 1e-5, (feat, grad)
+    assert feat < 1e-5 and grad < 1e-5, (feat, grad)  # relative errors
