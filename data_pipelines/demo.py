@@ -20,6 +20,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from data_pipelines.writer.sink import sha256_file
+
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230),
@@ -124,7 +126,8 @@ def write_demo_split(out_dir: str, spec: DemoSpec) -> list[str]:
     os.rmdir(staging)
     manifest = {
         "fingerprint": spec.fingerprint(), "spec": asdict(spec),
-        "shards": [{"name": os.path.basename(p), "samples": n} for p, n in zip(shards, counts)],
+        "shards": [{"name": os.path.basename(p), "samples": n, "bytes": os.path.getsize(p), "sha256": sha256_file(p)}
+                   for p, n in zip(shards, counts)],
     }
     tmp = staging + ".manifest"
     with open(tmp, "w") as f:

@@ -3,7 +3,9 @@
 Starts ``mlflow server`` on a loopback port with a fresh sqlite store, trains the ``tiny`` preset for
 a few hundred steps into it (system metrics every second), then photographs the experiment page
 and the run's overview, model-metrics and system-metrics tabs with headless Chromium (Debian:
-``apt-get install chromium``), and stops the server by its process group.
+``apt-get install chromium``) driven by Playwright (``pip install playwright``; it uses that
+Chromium, nothing is downloaded), waiting until the charts are drawn, and stops the server by its
+process group.
 
     python docs/tracking_screenshots.py [--out docs/images] [--steps 150] [--chromium /usr/bin/chromium]
 """
@@ -81,13 +83,21 @@ def main() -> None:
         client = MlflowClient(url)
         exp = client.get_experiment_by_name("mtx-dist")
         run = client.search_runs([exp.experiment_id], max_results=1)[0]
-        for name, route in PAGES.items():
-            target = os.path.join(a.out, name)
-            subprocess.run([a.chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                            f"--window-size={a.size}", "--virtual-time-budget=20000", f"--screenshot={target}",
-                            f"{url}/{route.format(exp=exp.experiment_id, run=run.info.run_id)}"],
-                           check=True, capture_output=True, timeout=180)
-            print(f"wrote {target}")
+        from playwright.sync_api import sync_playwright
+        width, height = map(int, a.size.split(","))
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=a.chromium, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": width, "height": height})
+            for name, route in PAGES.items():
+                target = os.path.join(a.out, name)
+                page.goto(f"{url}/{route.format(exp=exp.experiment_id, run=run.info.run_id)}")
+                page.wait_for_selector("text=tiny-quickstart", timeout=60_000)  # the UI polls: never network-idle
+                if "metrics" in name:  # plotly draws each chart into an svg once its data arrived
+                    page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
+                page.wait_for_timeout(3000)
+                page.screenshot(path=target)
+                print(f"wrote {target}")
+            browser.close()
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)

@@ -159,6 +159,7 @@ class Tracker:
         self.uri = tracking_uri(cfg)
         self.run_dir = run_dir
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self.delivered = 0  # metric points the store accepted
         self.dropped = 0  # metric points pushed out of the full buffer
         self._client = None
@@ -228,6 +229,13 @@ class Tracker:
         if self.active and self._start is not None:
             self._note = text
             self._attempt()
+
+    def run_url(self) -> str | None:
+        """The run's page in the store's UI (http(s) stores), in MLflow 3's model-training view: its UI
+        takes the view from a browser-wide switch that defaults to GenAI, unless the URL names it."""
+        if not (self.run_id and self.experiment_id and self.uri.startswith(("http://", "https://"))):
+            return None
+        return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}?workflowType=machine_learning"
 
     @property
     def undelivered(self) -> int:
@@ -322,6 +330,7 @@ class Tracker:
                 run = client.get_run(s["run_id"])
                 if run.info.lifecycle_stage == "active":
                     client.update_run(run.info.run_id, status="RUNNING")
+                    self.experiment_id = run.info.experiment_id
                     return run.info.run_id
                 log.warning("MLflow run %s in %s was deleted; starting a new run", s["run_id"], self.uri)
             except MlflowException as e:
@@ -343,6 +352,7 @@ class Tracker:
             exp_id = exp.experiment_id
         from mlflow.tracking.context.registry import resolve_tags
         run = client.create_run(exp_id, run_name=s["name"], tags=resolve_tags({}))
+        self.experiment_id = exp_id
         return run.info.run_id
 
     def _setup_run(self) -> None:

@@ -43,6 +43,7 @@ class TrainResult:
     eval: dict[str, float] = field(default_factory=dict)
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
+    mlflow_url: str | None = None  # the run's page, for an http(s) store
     throughput: dict[str, float] = field(default_factory=dict)  # the last logged window's rates
     preempted: str | None = None  # the signal that stopped this invocation early (after a checkpoint)
     requeued: str | None = None  # what `scontrol requeue` answered (rank 0, under SLURM)
@@ -144,6 +145,7 @@ def _train(cfg: Config, preemption: Preemption) -> TrainResult:
     tracker.set_note(run_note(cfg, runtime, result))
     tracker.finish("KILLED" if result.preempted else "FINISHED")  # a requeued run continues this MLflow run
     result.mlflow_run_id, result.tracking_uri = tracker.run_id, tracker.uri if tracker.active else None
+    result.mlflow_url = tracker.run_url()
     if runtime.is_main:
         _summary(cfg, result)
     return result
@@ -401,6 +403,7 @@ def _summary(cfg: Config, result: TrainResult) -> None:
         uri = result.tracking_uri or ""
         if uri.startswith("sqlite:///"):
             uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
-        view = f"open {uri}" if uri.startswith(("http://", "https://")) else f"view with `mlflow ui --backend-store-uri {uri}`"
+        view = (f"open {result.mlflow_url or uri}" if uri.startswith(("http://", "https://")) else
+                f"view with `mlflow ui --backend-store-uri {uri}`, then its Model training view")
         lines.append(f"mlflow:     {uri} (run {result.mlflow_run_id}; {view})")
     tqdm.write("\n".join(lines))

@@ -230,6 +230,9 @@ def test_eval_cli_equals_open_clip_on_the_export(open_clip, demo_shards, tmp_pat
         "1 templates (simple): top-1" in res.stdout
     run_id = res.stdout.split("(run ")[1].split(")")[0]
     logged = MlflowClient(uri).get_run(run_id).data.metrics
+    (inp,) = MlflowClient(uri).get_run(run_id).inputs.dataset_inputs  # the evaluation set, described
+    assert inp.tags[0].value == "evaluation" and json.loads(inp.dataset.profile)["shards"] == 2
+    assert logged["eval/distinct_captions"] == 21 and logged["eval/chance_recall_at_1"] == pytest.approx(1 / 21)
     assert logged["eval/zeroshot_top1"] == pytest.approx(printed["zeroshot_top1"])
     assert logged["eval/i2t_recall_at_5"] == pytest.approx(printed["i2t_recall_at_5"])
 

@@ -144,6 +144,9 @@ def test_two_rank_torchrun_job_logs_to_server(tmp_path, server, demo_dir):
     note = run.data.tags["mlflow.note.content"]
     assert "**micro**" in note and "TP 1 x DP 2, ZeRO-0" in note and "Step 4 of 4" in note and "Held-out" in note
     assert c.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    # the printed link opens the run in the UI's model-training view
+    assert (f"open {server.url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+            "?workflowType=machine_learning") in res.stdout
 
     # the export went through the server's artifact proxy, byte for byte
     listed = {os.path.basename(a.path) for a in c.list_artifacts(run.info.run_id, "export")}

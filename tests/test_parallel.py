@@ -15,6 +15,13 @@ from tests.dist import run_ranks
 TOL = 1e-5  # fp32
 
 
+def norms_close(ref: list[float]):
+    """Gradient norms over a run: 1e-5 relative, or 1e-6 of the run's largest norm once a norm has
+    fallen far below it (the trajectories differ by summation order, and that error scales with
+    the gradients the run started from, not with the last, small norm)."""
+    return pytest.approx(ref, rel=1e-5, abs=1e-6 * max(ref))
+
+
 # -- single process ---------------------------------------------------------------------------------
 
 def test_shard_layouts_round_trip_and_split_heads():
@@ -93,9 +100,9 @@ def test_zero_stages_match_zero0_and_the_single_process_run(kind):
     assert zero0[-1] < zero0[0]
     for name in ("1", "2", "3", "3+ac"):
         assert max(abs(a - b) for a, b in zip(runs[name]["losses"], zero0)) < TOL, (name, runs[name], zero0)
-        assert runs[name]["grad_norms"] == pytest.approx(ref_norms, rel=1e-5)
+        assert runs[name]["grad_norms"] == norms_close(ref_norms)
     assert max(abs(a - b) for a, b in zip(zero0, reference)) < TOL, (zero0, reference)
-    assert runs["0"]["grad_norms"] == pytest.approx(ref_norms, rel=1e-5)
+    assert runs["0"]["grad_norms"] == norms_close(ref_norms)
     assert max(ref_norms) > 0.5  # clipping (at 0.5) was active, so a wrong norm would change the losses
 
 
@@ -118,7 +125,7 @@ def test_zero3_tp2_dp2_consolidation_equals_live_weights(tmp_path):
     reference, ref_norms = w.reference_run(overrides, 4, dp_size=2)
     assert max(abs(a - b) for a, b in zip(r0["losses"], reference)) < TOL, (r0["losses"], reference)
     # DeepSpeed's norm through the mpu counts each TP shard once and replicated parameters once
-    assert r0["grad_norms"] == pytest.approx(ref_norms, rel=1e-5)
+    assert r0["grad_norms"] == norms_close(ref_norms)
 
 
 @pytestmark_dist

@@ -240,7 +240,7 @@ def test_job_killed_before_its_first_checkpoint_continues_its_run(tmp_path):
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["resumed_at_step"] == "0"
     # steps 1-2 from the killed job (step 3 died before its log), then 1-5 from the requeued one
-    assert sorted(m.step for m in c.get_metric_history(run_id, "loss")) == [1, 1, 2, 2, 3, 4, 5]
+    assert sorted(m.step for m in c.get_metric_history(run_id, "train/loss")) == [1, 1, 2, 2, 3, 4, 5]
     assert len(c.search_runs([run.info.experiment_id])) == 1
 
 
