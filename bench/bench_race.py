@@ -79,6 +79,7 @@ TECHNIQUES: dict[str, tuple[str, str, str]] = {
     "text_trim": ("data.text_trim", "true", "false"),
     "patch_dropout": ("model.patch_dropout", "0.5", "0.0"),
     "compile": ("run.compile", "true", "false"),
+    "low_res": ("model.train_image_size", "48", "0"),  # CLIPA: 64 px -> 48 px, 6 x 6 instead of 8 x 8 patches
 }
 # our variant -> the techniques it turns on (every other one is explicitly off)
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -86,7 +87,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "text_trim": ("text_trim",),
     "patch_dropout": ("patch_dropout",),
     "compile": ("compile",),
-    "trim+flip": ("text_trim", "patch_dropout"),  # the CPU pick: compile's start-up does not pay off here
+    "low_res": ("low_res",),
+    "trim+flip": ("text_trim", "patch_dropout"),  # compile's start-up does not pay off in short runs
+    "trim+lowres": ("text_trim", "low_res"),
+    "trim+lowres+flip": ("text_trim", "low_res", "patch_dropout"),
     "all": tuple(TECHNIQUES),
 }
 DATASETS = {  # name -> (train samples, distinct scenes per held-out pool, pools)
@@ -240,8 +244,10 @@ def run_openclip(side: Side, py: str, a: argparse.Namespace, train: str, geometr
     side.samples_per_s = statistics.median(rates) if rates else None
 
 
-def ours_overrides(variant: str, known: set[str], flip: float = 0.5, flip_tail: int = 0) -> list[str]:
-    """The variant's technique switches; FLIP at ``flip`` with an unmasked tail of ``flip_tail`` steps."""
+def ours_overrides(variant: str, known: set[str], flip: float = 0.5, flip_tail: int = 0, low_res: int = 48,
+                   low_res_tail: int = 0) -> list[str]:
+    """The variant's technique switches; FLIP at ``flip`` with an unmasked tail of ``flip_tail`` steps,
+    low resolution at ``low_res`` px with a full-size tail of ``low_res_tail`` steps."""
     on = set(VARIANTS[variant])
     out = [f"{key}={value_on if name in on else value_off}" for name, (key, value_on, value_off) in TECHNIQUES.items()
            if key in known]
@@ -249,6 +255,10 @@ def ours_overrides(variant: str, known: set[str], flip: float = 0.5, flip_tail: 
         out = [f"model.patch_dropout={flip}" if o.startswith("model.patch_dropout=") else o for o in out]
         if flip_tail:
             out.append(f"model.patch_dropout_final_steps={flip_tail}")
+    if "low_res" in on:
+        out = [f"model.train_image_size={low_res}" if o.startswith("model.train_image_size=") else o for o in out]
+        if low_res_tail:
+            out.append(f"model.train_image_size_final_steps={low_res_tail}")
     return out
 
 
@@ -407,6 +417,8 @@ def main() -> None:
                    "curve; one seed's final metric moves by ~0.02 here, on both sides")
     p.add_argument("--flip", type=float, default=0.5, help="the patch-dropout fraction of variants with FLIP")
     p.add_argument("--flip-tail", type=int, default=0, help="FLIP's unmasked tail: last steps without dropout")
+    p.add_argument("--low-res", type=int, default=48, help="the training resolution of variants with low_res (px)")
+    p.add_argument("--low-res-tail", type=int, default=0, help="low resolution's tail: last steps at full size")
     p.add_argument("--every", type=int, default=40, help="steps between checkpoints (OpenCLIP: steps per epoch)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=20)
@@ -448,7 +460,7 @@ def main() -> None:
         kinds: list[tuple[str, list[str]]] = [("openclip", [])]
         for v in (v for v in asked[d] if v):
             missing = [TECHNIQUES[t][0] for t in VARIANTS[v] if TECHNIQUES[t][0] not in known]
-            overrides = ours_overrides(v, known, a.flip, a.flip_tail)
+            overrides = ours_overrides(v, known, a.flip, a.flip_tail, a.low_res, a.low_res_tail)
             try:
                 load_config(None, overrides)
             except ConfigError as e:

@@ -10,7 +10,8 @@ still runs, and with ``--smoke`` the exit status is then 1. What the budget leav
    load_config, setup_runtime, build_model, build_engine, trainer.step_setup) on one on-device batch: images
    randn, captions SOT .. EOT=49407 (the largest id) of 8..30 tokens zero padded to the context (micro: 4..8
    of 16). Variants: baseline (full context, eager), +trim (text cut to the longest caption rounded up to 8,
-   trimmed_length), +FLIP 0.5 (patch dropout), +compile (run.compile), all three. samples/s of the timed
+   trimmed_length), +FLIP 0.5 (patch dropout), +low-res (model.train_image_size at 5/7 of the grid: 160 px
+   for 224), +compile (run.compile), trim+FLIP+compile. samples/s of the timed
    steps after the warm-up ones (synchronised), model TFLOP/s and MFU (mtx_dist.flops, tokens actually
    computed), peak allocated memory (reset per variant, weights and optimizer included), compile time =
    warm-up time - warm-up steps x steady step time. Smoke compiles with aot_eager: inductor's C++ build of
@@ -167,9 +168,11 @@ def run_training(args: argparse.Namespace, sec: Section) -> None:
                      f"model.attention={args.attention} (runs {kernels.resolve_backend(args.attention, probe)}), "
                      f"compile backend {args.compile_backend}; {args.warmup} warm-up + {args.steps} timed steps; "
                      f"MFU against {fmt(peak)} TFLOP/s ({precision} datasheet peak)")
-    variants = [("baseline", False, 0.0, False), ("+trim", True, 0.0, False), ("+FLIP 0.5", False, 0.5, False),
-                ("+compile", False, 0.0, True), ("all (trim+FLIP+compile)", True, 0.5, True)]
-    for name, trim, flip, compiled in variants:
+    low = max(1, spec.vision.grid * 5 // 7) * spec.vision.patch_size  # CLIPA: ~half the patches (224 -> 160 px)
+    variants = [("baseline", False, 0.0, False, 0), ("+trim", True, 0.0, False, 0), ("+FLIP 0.5", False, 0.5, False, 0),
+                (f"+low-res {low} px", False, 0.0, False, low), ("+compile", False, 0.0, True, 0),
+                ("all (trim+FLIP+compile)", True, 0.5, True, 0)]
+    for name, trim, flip, compiled, size in variants:
         if time.monotonic() + (150.0 if compiled and dev.type == "cuda" else 0.0) > args.deadline:
             sec.add(name, "skipped: budget")  # a compile on the GPU takes a minute or two
             continue
@@ -178,12 +181,13 @@ def run_training(args: argparse.Namespace, sec: Section) -> None:
                                  f"parallel.precision={precision}", f"data.batch_size={args.batch}",
                                  f"model.attention={args.attention}", f"model.patch_dropout={flip}",
                                  f"data.text_trim={str(trim).lower()}", f"run.compile={str(compiled).lower()}",
+                                 f"model.train_image_size={size}",
                                  "optim.warmup_steps=1", "run.steps=100000", "tracking.enabled=false"])
         runtime = setup_runtime(cfg)
         try:
             if runtime.env.world_size != 1:
                 raise RuntimeError("run the suite as a single process (no launcher variables)")
-            sec.add(name, *train_variant(args, cfg, runtime, trim, flip, compiled, spec, peak))
+            sec.add(name, *train_variant(args, cfg, runtime, trim, flip, compiled, spec, peak, size))
         except Exception as e:  # this variant's row; the next ones still run
             sec.fail(e, name)
         finally:
@@ -194,7 +198,7 @@ def run_training(args: argparse.Namespace, sec: Section) -> None:
 
 
 def train_variant(args: argparse.Namespace, cfg, runtime, trim: bool, flip: float, compiled: bool, spec,
-                  peak: float | None) -> list[Any]:
+                  peak: float | None, image_size: int = 0) -> list[Any]:
     """One variant's cells: its engine is built here and released when this returns."""
     from mtx_dist.engine import build_engine, build_model
     from mtx_dist.flops import train_flops_per_sample
@@ -212,7 +216,7 @@ def train_variant(args: argparse.Namespace, cfg, runtime, trim: bool, flip: floa
         sync(dev)
         marks.append(time.perf_counter())
         for step in range(first, first + count):
-            result = train_step(setup, batches, step, patch_dropout=flip)
+            result = train_step(setup, batches, step, patch_dropout=flip, image_size=image_size)
     sync(dev)
     marks.append(time.perf_counter())
     loss = float(result.losses.float().mean())
@@ -220,9 +224,10 @@ def train_variant(args: argparse.Namespace, cfg, runtime, trim: bool, flip: floa
         raise RuntimeError(f"non-finite loss {loss}")
     step_s = (marks[2] - marks[1]) / args.steps
     sps = args.batch / step_s
-    kept = max(1, int(setup.patches * (1 - flip))) if flip else setup.patches  # as patch_keep_indices
+    grid = (image_size or spec.vision.image_size) // spec.vision.patch_size
+    kept = max(1, int(grid ** 2 * (1 - flip))) if flip else grid ** 2  # as patch_keep_indices
     text_tokens = batch["text"].shape[1]
-    tflops = sps * train_flops_per_sample(spec, 1 + kept, text_tokens) / 1e12
+    tflops = sps * train_flops_per_sample(spec, 1 + kept, text_tokens, grid=grid) / 1e12
     compile_s = max(0.0, marks[1] - marks[0] - args.warmup * step_s) if compiled else "-"
     target = "-"
     if args.preset in TRAIN_TARGETS:

@@ -60,6 +60,12 @@ class ModelConfig:
                                 "subset per sample; class token kept; never in evaluation or export)", min=0, max=0.95)
     patch_dropout_final_steps: int = _opt(0, "FLIP's unmasked tail: the last N training steps keep every patch",
                                           min=0)
+    train_image_size: int = _opt(0, "low-resolution training (CLIPA): training images are shrunk to this side "
+                                 "(a multiple of the patch size, below the preset's image size) and the position "
+                                 "embeddings resampled to match; never in evaluation or export; 0 = full size",
+                                 min=0)
+    train_image_size_final_steps: int = _opt(0, "the full-resolution tail of low-resolution training: the last N "
+                                             "training steps run at the preset's image size", min=0)
     init_from: str = _opt("", "start from an OpenCLIP checkpoint file (.safetensors/.pt/.bin; plain, or "
                           "{'state_dict': ...} with 'module.' prefixes) of the preset's geometry; '' = random init")
 
@@ -265,9 +271,16 @@ def validate(cfg: Config) -> Config:
         if cfg.data.mode != "epoch":
             raise ConfigError(f"config key 'data.mode' = {cfg.data.mode!r}: data.backend = 'dali' reads in "
                               "epoch mode only")
-    if cfg.model.patch_dropout_final_steps > cfg.run.steps:
-        raise ConfigError(f"config key 'model.patch_dropout_final_steps' = {cfg.model.patch_dropout_final_steps}: "
-                          f"must be <= run.steps ({cfg.run.steps})")
+    for key in ("patch_dropout_final_steps", "train_image_size_final_steps"):
+        if getattr(cfg.model, key) > cfg.run.steps:
+            raise ConfigError(f"config key 'model.{key}' = {getattr(cfg.model, key)}: must be <= run.steps "
+                              f"({cfg.run.steps})")
+    vision = PRESETS[cfg.model.preset].vision
+    if cfg.model.train_image_size and (cfg.model.train_image_size % vision.patch_size
+                                       or cfg.model.train_image_size >= vision.image_size):
+        raise ConfigError(f"config key 'model.train_image_size' = {cfg.model.train_image_size}: must be a multiple "
+                          f"of the patch size ({vision.patch_size}) below the image size ({vision.image_size}) of "
+                          f"preset {cfg.model.preset!r}, or 0 (full size)")
     if cfg.run.compile and cfg.model.attention == "triton":
         raise ConfigError("config key 'run.compile' = true: model.attention = 'triton' (our kernel, launched from a "
                           "custom autograd function) is not traced by torch.compile; use 'auto', 'sdpa' or "

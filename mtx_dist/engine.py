@@ -146,16 +146,17 @@ def build_engine(cfg: Config, model: nn.Module, runtime: Runtime):
 
 def compile_engine(engine, cfg: Config) -> None:
     """torch.compile the model in place inside the engine (parameter names, hence checkpoints, unchanged).
-    Trimmed text comes in multiples of 8 and FLIP's tail changes the patch count once: each shape gets
-    its own static graph (marked dynamic, the text length would cost a symbolic recompile anyway), so
-    the recompile limit is raised to the number of shapes a run can meet rather than letting
-    torch fall back to eager silently."""
+    Trimmed text comes in multiples of 8, and the tails of FLIP and of low-resolution training change
+    the patch count once each: each shape gets its own static graph (marked dynamic, the text length
+    would cost a symbolic recompile anyway), so the recompile limit is raised to the number of shapes a
+    run can meet rather than letting torch fall back to eager silently."""
     import torch._dynamo
 
     from data_pipelines.tokenizer import TEXT_PAD_MULTIPLE
     spec = get_preset(cfg.model.preset)
     text_shapes = -(-spec.text.context_length // TEXT_PAD_MULTIPLE) if cfg.data.text_trim else 1
-    shapes = text_shapes * (2 if cfg.model.patch_dropout else 1) + 2  # + held-out eval, last partial batch
+    image_shapes = (2 if cfg.model.patch_dropout else 1) * (2 if cfg.model.train_image_size else 1)
+    shapes = text_shapes * image_shapes + 2  # + held-out eval, last partial batch
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
     engine.compile(compile_kwargs={"dynamic": False})
 

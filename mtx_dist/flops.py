@@ -31,9 +31,11 @@ def _tower_forward(width: int, layers: int, mlp_ratio: float, tokens: int, causa
     return layers * (dense + attn)
 
 
-def vision_forward_flops(v: VisionSpec, embed_dim: int, tokens: float | None = None) -> float:
-    """``tokens``: those the blocks see, when fewer than 1 + grid^2 (FLIP patch dropout)."""
-    patch = 2 * v.grid ** 2 * 3 * v.patch_size ** 2 * v.width
+def vision_forward_flops(v: VisionSpec, embed_dim: int, tokens: float | None = None,
+                         grid: int | None = None) -> float:
+    """``tokens``: those the blocks see, when fewer than 1 + grid^2 (FLIP patch dropout); ``grid``: the
+    patch grid embedded, when the image is smaller than the preset's (low-resolution training)."""
+    patch = 2 * (v.grid if grid is None else grid) ** 2 * 3 * v.patch_size ** 2 * v.width
     n = v.tokens if tokens is None else tokens
     return patch + _tower_forward(v.width, v.layers, v.mlp_ratio, n, False) + 2 * v.width * embed_dim
 
@@ -45,16 +47,16 @@ def text_forward_flops(t: TextSpec, embed_dim: int, tokens: float | None = None)
 
 
 def forward_flops_per_sample(spec: ModelSpec, vision_tokens: float | None = None,
-                             text_tokens: float | None = None) -> float:
-    return (vision_forward_flops(spec.vision, spec.embed_dim, vision_tokens)
+                             text_tokens: float | None = None, grid: int | None = None) -> float:
+    return (vision_forward_flops(spec.vision, spec.embed_dim, vision_tokens, grid)
             + text_forward_flops(spec.text, spec.embed_dim, text_tokens))
 
 
 def train_flops_per_sample(spec: ModelSpec, vision_tokens: float | None = None,
-                           text_tokens: float | None = None) -> float:
+                           text_tokens: float | None = None, grid: int | None = None) -> float:
     """Model FLOPs of one sample's training step, for the tokens actually computed (MFU of a trimmed or
     patch-dropped step counts the work done, not the work avoided)."""
-    return 3 * forward_flops_per_sample(spec, vision_tokens, text_tokens)
+    return 3 * forward_flops_per_sample(spec, vision_tokens, text_tokens, grid)
 
 
 def peak_tflops(device_name: str, precision: str) -> float | None:

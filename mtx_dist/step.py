@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mtx_dist import faults
 from mtx_dist.models import patch_keep_indices
@@ -33,7 +34,8 @@ class StepSetup:
     seed: int = 0
     dp_rank: int = 0  # tensor-parallel peers share it, hence their patch-dropout draws
     rank: int = 0  # global rank (fault injection)
-    patches: int = 0  # patch tokens per image (grid^2), for patch dropout
+    patches: int = 0  # patch tokens per full-size image (grid^2), for patch dropout
+    patch_size: int = 0  # pixels per patch side, for the grid of a low-resolution step
     groups: object = None  # ParallelGroups (the ZeRO-0 gradient norm sums TP shards over the TP group)
 
 
@@ -59,10 +61,11 @@ def patch_generator(setup: StepSetup, step: int, micro: int) -> torch.Generator:
 
 def train_step(setup: StepSetup, batches: Iterator[dict], step: int, patch_dropout: float = 0.0,
                signal: int = 0, want_grad_norm: bool = False,
-               on_batch: Callable[[dict], None] | None = None) -> StepResult:
+               on_batch: Callable[[dict], None] | None = None, image_size: int = 0) -> StepResult:
     """Optimizer step number ``step + 1`` (``step`` steps done before it) over ``setup.accum`` micro-batches
     from ``batches``. ``signal``: this rank's pending preemption signal number, shared with the step's
-    collective. ``on_batch`` sees each batch as it arrives (debug key recording)."""
+    collective. ``on_batch`` sees each batch as it arrives (debug key recording). ``image_size``: train
+    this step at that resolution (CLIPA low-resolution training; 0 = as the batch comes)."""
     engine, optimizer = setup.engine, setup.engine.client_optimizer
     optimizer.share_signal(signal)
     losses, data_wait, grad_norm = [], 0.0, None
@@ -74,9 +77,17 @@ def train_step(setup: StepSetup, batches: Iterator[dict], step: int, patch_dropo
             on_batch(batch)
         image = batch["image"].to(setup.device, setup.dtype, non_blocking=True)
         text = batch["text"].to(setup.device, non_blocking=True)
+        patches = setup.patches
+        if image_size and image_size != image.shape[-1]:
+            # Fewer patch tokens by shrinking the whole image (CLIPA): unlike FLIP's masking, no object
+            # is ever cut out; antialiased, as a resize in the loader would be. On the device: cheap, and
+            # the loader, its state and the held-out path stay at full size.
+            image = F.interpolate(image, size=(image_size, image_size), mode="bilinear", antialias=True,
+                                  align_corners=False)
+            patches = (image_size // setup.patch_size) ** 2
         keep = None
         if patch_dropout > 0:
-            keep = patch_keep_indices(image.shape[0], setup.patches, patch_dropout,
+            keep = patch_keep_indices(image.shape[0], patches, patch_dropout,
                                       patch_generator(setup, step, micro), setup.device)
         img, txt, scale, bias = engine(image, text, keep)
         loss = faults.poison("loss", step + 1, setup.rank, setup.loss_fn(img, txt, scale, bias))

@@ -232,13 +232,20 @@ def patch_dropout_at(cfg: Config, step: int) -> float:
     return cfg.model.patch_dropout if step < cfg.run.steps - cfg.model.patch_dropout_final_steps else 0.0
 
 
+def train_image_size_at(cfg: Config, step: int) -> int:
+    """The resolution of optimizer step ``step + 1``: ``model.train_image_size`` (0 = full size) except in
+    the full-resolution tail (the last ``model.train_image_size_final_steps`` steps)."""
+    return cfg.model.train_image_size if step < cfg.run.steps - cfg.model.train_image_size_final_steps else 0
+
+
 def step_setup(cfg: Config, runtime: Runtime, engine) -> StepSetup:
     groups = runtime.groups
     loss_fn = build_loss(cfg.loss.kind, groups.dp_group, cfg.loss.gather_with_grad, cfg.loss.local_loss,
                          cfg.loss.tile_size)
     return StepSetup(engine, loss_fn, runtime.device, runtime.dtype, accum=cfg.optim.grad_accum, seed=cfg.run.seed,
                      dp_rank=groups.dp_rank, rank=runtime.env.rank,
-                     patches=get_preset(cfg.model.preset).vision.grid ** 2, groups=groups)
+                     patches=get_preset(cfg.model.preset).vision.grid ** 2,
+                     patch_size=get_preset(cfg.model.preset).vision.patch_size, groups=groups)
 
 
 def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState, tracker: Tracker,
@@ -263,14 +270,15 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
         # A preemption signal on some rank travels with this step's one collective: every rank learns it
         # at the same step, checkpoints and leaves.
         ask = preemption is not None and state.step + 1 < cfg.run.steps and (state.step + 1) % check_every == 0
-        drop = patch_dropout_at(cfg, state.step)
+        drop, size = patch_dropout_at(cfg, state.step), train_image_size_at(cfg, state.step)
         on_batch = (lambda b, s=state.step: record_keys(keys_log, s, b)) if keys_log else None
         result = train_step(setup, batches, state.step, drop, int(preemption.received or 0) if ask else 0,
-                            want_grad_norm=log_now, on_batch=on_batch)
+                            want_grad_norm=log_now, on_batch=on_batch, image_size=size)
         pending.append(result.losses)
         data_wait += result.data_wait_s
-        kept = max(1, int(setup.patches * (1 - drop))) if drop else setup.patches
-        window_flops += train_flops_per_sample(spec, 1 + kept, result.last_batch["text"].shape[1])
+        grid = (size or spec.vision.image_size) // spec.vision.patch_size
+        kept = max(1, int(grid ** 2 * (1 - drop))) if drop else grid ** 2
+        window_flops += train_flops_per_sample(spec, 1 + kept, result.last_batch["text"].shape[1], grid=grid)
         state.step += 1
         state.samples += samples_per_step
         faults.hit("step", state.step, runtime.env.rank)

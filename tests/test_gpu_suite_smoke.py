@@ -70,14 +70,15 @@ def test_gpu_suite_smoke(tmp_path):
     secs = _sections(md)
 
     train = _section(secs, "1")
-    for name in ("baseline", "+trim", "+FLIP 0.5", "+compile", "all"):
+    for name in ("baseline", "+trim", "+FLIP 0.5", "+low-res", "+compile", "all"):
         row = _row(train, name)
         # samples/s, ms/step, model TFLOP/s, loss; compile time where compiled
         assert all(_finite(row[i]) for i in (2, 3, 4, 8)), row
         assert _finite(row[7]) == ("compile" in name or name == "all"), row
-    full, trimmed, flip = (_row(train, n)[1] for n in ("baseline", "+trim", "+FLIP 0.5"))
+    full, trimmed, flip, low = (_row(train, n)[1] for n in ("baseline", "+trim", "+FLIP 0.5", "+low-res"))
     assert int(trimmed.split("/")[1]) < int(full.split("/")[1])  # text tokens
     assert int(flip.split("/")[0]) < int(full.split("/")[0])  # image tokens
+    assert int(low.split("/")[0]) == 1 + 2 * 2 < int(full.split("/")[0]) == 1 + 4 * 4  # micro: 32 -> 16 px
 
     attn = _section(secs, "2")
     for shape in ("vit-b16", "vit-l14"):

@@ -77,8 +77,61 @@ def test_patch_dropout_tail_and_config_checks():
         load_config(None, ["run.compile=true", "model.attention=triton"])
 
 
-def _engine_losses(overrides: list[str], steps: int, drop: float = 0.0) -> dict:
-    """``steps`` production train_steps of the micro model on synthetic batches (world size 1)."""
+def test_low_resolution_resamples_positions_and_full_size_uses_them_as_learned():
+    torch.manual_seed(0)
+    model = ContrastiveModel.from_preset("micro")  # 32 px, patch 8: a 4 x 4 grid
+    v = model.visual
+    assert v.positions(4) is v.pos_embed  # full size (evaluation, export): the parameter itself
+    small = v.positions(2)
+    assert small.shape == (1 + 4, 64) and torch.equal(small[0], v.pos_embed[0])  # class position kept
+    # antialiased bicubic shrinking of a constant field is that constant
+    with torch.no_grad():
+        v.pos_embed[1:] = 0.25
+    assert torch.allclose(v.positions(3)[1:], torch.full((9, 64), 0.25), rtol=0, atol=1e-6)
+    seen = []
+    v.ln_pre.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    v.pos_embed.grad = None
+    model.encode_image(torch.randn(2, 3, 24, 24)).sum().backward()
+    assert seen == [1 + 9] and v.pos_embed.grad[1:].abs().sum() > 0  # low-res steps train the full-size positions
+    for bad in (30, 33):
+        with pytest.raises(ValueError, match="multiple of the patch size 8"):
+            model.encode_image(torch.randn(1, 3, bad, bad))
+
+
+def test_low_resolution_step_sees_fewer_tokens_and_composes_with_patch_dropout():
+    """The production step at train_image_size=16 runs a 2 x 2 grid (5 tokens), with FLIP 0.5 on top 1 + 2;
+    at full size (the tail) the 4 x 4 grid."""
+    seen = []
+
+    def hook(model):
+        model.visual.ln_pre.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+
+    _engine_losses([], 1, image_sizes=[16], on_model=hook)
+    _engine_losses([], 1, drop=0.5, image_sizes=[16], on_model=hook)
+    _engine_losses([], 1, image_sizes=[0], on_model=hook)
+    assert seen == [1 + 4, 1 + 2, 1 + 16]
+
+
+def test_low_resolution_tail_flops_and_config_checks():
+    from mtx_dist.flops import train_flops_per_sample
+    from mtx_dist.trainer import train_image_size_at
+    cfg = load_config(None, ["run.steps=10", "optim.warmup_steps=1", "model.train_image_size=48",
+                             "model.train_image_size_final_steps=3"])
+    assert [train_image_size_at(cfg, s) for s in range(10)] == [48] * 7 + [0] * 3
+    tiny = get_preset("tiny")
+    assert train_flops_per_sample(tiny, 1 + 36, 32, grid=6) < train_flops_per_sample(tiny, 1 + 36, 32)
+    assert train_flops_per_sample(tiny, 1 + 64, 32, grid=8) == train_flops_per_sample(tiny)
+    for bad in ("60", "64", "72"):  # not a multiple of the patch (8), not below the image size (64)
+        with pytest.raises(ConfigError, match="model.train_image_size"):
+            load_config(None, [f"model.train_image_size={bad}"])
+    with pytest.raises(ConfigError, match="train_image_size_final_steps"):
+        load_config(None, ["run.steps=10", "optim.warmup_steps=1", "model.train_image_size_final_steps=11"])
+
+
+def _engine_losses(overrides: list[str], steps: int, drop: float = 0.0, image_sizes: list[int] | None = None,
+                   on_model=None) -> dict:
+    """``steps`` production train_steps of the micro model on synthetic batches (world size 1);
+    ``image_sizes``: each step's training resolution; ``on_model`` sees the model before training."""
     from mtx_dist.engine import build_engine, build_model, setup_runtime
     from mtx_dist.parallel import destroy_groups
     from mtx_dist.step import train_step
@@ -86,7 +139,10 @@ def _engine_losses(overrides: list[str], steps: int, drop: float = 0.0) -> dict:
 
     cfg = w.micro_cfg(*overrides)
     runtime = setup_runtime(cfg)
-    engine = build_engine(cfg, build_model(cfg, runtime), runtime)
+    model = build_model(cfg, runtime)
+    if on_model is not None:
+        on_model(model)
+    engine = build_engine(cfg, model, runtime)
     setup = step_setup(cfg, runtime, engine)
     spec = get_preset("micro")
 
@@ -96,7 +152,8 @@ def _engine_losses(overrides: list[str], steps: int, drop: float = 0.0) -> dict:
             yield {"image": image, "text": text}
 
     feed = batches()
-    results = [train_step(setup, feed, s, drop) for s in range(steps)]
+    sizes = image_sizes or [0] * steps
+    results = [train_step(setup, feed, s, drop, image_size=sizes[s]) for s in range(steps)]
     destroy_groups(runtime.groups)
     return {"losses": [float(r.losses.mean()) for r in results], "skipped": [r.skipped for r in results]}
 

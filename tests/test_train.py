@@ -89,8 +89,9 @@ def test_train_checkpoints_exports_and_tracks(tmp_path, demo_dir):
 
 def test_resume_continues_exactly(tmp_path, demo_dir):
     """4 steps, stop, --resume latest to 8 == 8 uninterrupted steps (same losses, bit for bit), with text
-    trimming (the default) and FLIP patch dropout on."""
-    speed = ("data.text_trim=true", "model.patch_dropout=0.5")
+    trimming (the default), FLIP patch dropout and low-resolution training on (no tails: they count from
+    each invocation's run.steps)."""
+    speed = ("data.text_trim=true", "model.patch_dropout=0.5", "model.train_image_size=24")
     whole = train(micro(tmp_path, demo_dir, "optim.decay_steps=8", "run.eval_at_end=false",
                         "run.export_at_end=false", *speed, run="whole"))
     first = train(micro(tmp_path, demo_dir, "optim.decay_steps=8", "run.steps=4", "run.eval_at_end=false",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtx_dist.models.blocks import Block, init_blocks, init_blocks_default
@@ -33,11 +34,30 @@ class VisionTower(nn.Module):
             nn.init.normal_(p, std=scale)
         init_blocks_default(self.blocks)
 
+    def positions(self, grid: int) -> torch.Tensor:
+        """Position embeddings for a grid x grid patch layout: the learned ones at the preset's size,
+        else their patch part resampled bicubically (antialiased when shrinking; the class token's
+        position unchanged). Low-resolution training (CLIPA) and evaluation at another size use it;
+        the resampling is differentiable, so low-resolution steps train the full-size positions."""
+        if grid == self.spec.grid:
+            return self.pos_embed
+        g, w = self.spec.grid, self.spec.width
+        patches = self.pos_embed[1:].reshape(1, g, g, w).permute(0, 3, 1, 2)
+        patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", antialias=grid < g, align_corners=False)
+        return torch.cat([self.pos_embed[:1], patches.permute(0, 2, 3, 1).reshape(grid * grid, w)])
+
     def tokens(self, image: torch.Tensor) -> torch.Tensor:
-        """Patch tokens with class token and positions, before ln_pre: (B, 1 + grid^2, width)."""
-        x = self.patch_embed(image).flatten(2).transpose(1, 2)
+        """Patch tokens with class token and positions, before ln_pre: (B, 1 + grid^2, width). Any square
+        image whose side is a multiple of the patch size; the grid follows the image."""
+        h, w = image.shape[-2:]
+        if h != w or h % self.spec.patch_size:
+            raise ValueError(f"image of {h}x{w} pixels: the vision tower takes square images whose side is a "
+                             f"multiple of the patch size {self.spec.patch_size}")
+        x = self.patch_embed(image)
+        grid = x.shape[-1]
+        x = x.flatten(2).transpose(1, 2)
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
-        return torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
+        return torch.cat([cls, x], dim=1) + self.positions(grid).to(x.dtype)
 
     def forward(self, image: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """``keep``: (B, K) indices of the patch tokens each image keeps (FLIP patch dropout, training
