@@ -202,6 +202,7 @@ def train_variant(args: argparse.Namespace, cfg, runtime, trim: bool, flip: floa
     """One variant's cells: its engine is built here and released when this returns."""
     from mtx_dist.engine import build_engine, build_model
     from mtx_dist.flops import train_flops_per_sample
+    from mtx_dist.models import kept_patches
     from mtx_dist.step import train_step
     from mtx_dist.trainer import step_setup
 
@@ -225,7 +226,7 @@ def train_variant(args: argparse.Namespace, cfg, runtime, trim: bool, flip: floa
     step_s = (marks[2] - marks[1]) / args.steps
     sps = args.batch / step_s
     grid = (image_size or spec.vision.image_size) // spec.vision.patch_size
-    kept = max(1, int(grid ** 2 * (1 - flip))) if flip else grid ** 2  # as patch_keep_indices
+    kept = kept_patches(grid ** 2, flip)
     text_tokens = batch["text"].shape[1]
     tflops = sps * train_flops_per_sample(spec, 1 + kept, text_tokens, grid=grid) / 1e12
     compile_s = max(0.0, marks[1] - marks[0] - args.warmup * step_s) if compiled else "-"

@@ -23,7 +23,7 @@ from mtx_dist.evaluate import embed_split, retrieval_counts, retrieval_metrics
 from mtx_dist.export import export_encoder
 from mtx_dist.flops import peak_tflops, train_flops_per_sample
 from mtx_dist.loss import build_loss
-from mtx_dist.models import get_preset
+from mtx_dist.models import get_preset, kept_patches
 from mtx_dist.optim import TrainingDiverged
 from mtx_dist.parallel import destroy_groups
 from mtx_dist.step import StepSetup, train_step
@@ -277,7 +277,7 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
         pending.append(result.losses)
         data_wait += result.data_wait_s
         grid = (size or spec.vision.image_size) // spec.vision.patch_size
-        kept = max(1, int(grid ** 2 * (1 - drop))) if drop else grid ** 2
+        kept = kept_patches(grid ** 2, drop)
         window_flops += train_flops_per_sample(spec, 1 + kept, result.last_batch["text"].shape[1], grid=grid)
         state.step += 1
         state.samples += samples_per_step

@@ -72,11 +72,16 @@ class VisionTower(nn.Module):
         return self.ln_post(x[:, 0]) @ self.proj
 
 
+def kept_patches(patches: int, drop: float) -> int:
+    """How many of ``patches`` patch tokens an image keeps under FLIP patch dropout ``drop``."""
+    return max(1, int(patches * (1 - drop))) if drop else patches
+
+
 def patch_keep_indices(batch: int, patches: int, drop: float, generator: torch.Generator,
                        device: torch.device | str = "cpu") -> torch.Tensor:
     """(batch, K) sorted indices of the patches each image keeps under FLIP patch dropout: a uniform
     random subset of K = max(1, int(patches * (1 - drop))) per row, drawn from ``generator``."""
-    keep = max(1, int(patches * (1 - drop)))
+    keep = kept_patches(patches, drop)
     noise = torch.rand(batch, patches, generator=generator, device=device)
     return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
 
