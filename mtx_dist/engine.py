@@ -6,6 +6,7 @@ shards; this module only translates our config into DeepSpeed's and hides its CP
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import logging
 import os
@@ -62,10 +63,28 @@ def _import_deepspeed(device: torch.device):
     return deepspeed
 
 
+def keep_freed_memory_in_process() -> bool:
+    """CPU training: let glibc keep freed blocks of up to 32 MiB for reuse instead of unmapping them.
+
+    A step allocates and frees the same activation and gradient buffers every time; with glibc's
+    defaults, blocks above its (adaptive) mmap threshold go back to the kernel when freed and page-
+    fault back in on next use: about 4 % of a tiny-preset step on a 2-core machine (bench/bench_race.py
+    runs, 2026-12-02). Torch has no caching allocator on the CPU, hence this. No-op without glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)
+                and libc.mallopt(m_top_pad, 64 << 20))
+
+
 def setup_runtime(cfg: Config) -> Runtime:
     """Discover the launch environment, pick the device, start the process group and the TP/DP groups."""
     env = discover()
     device = resolve_device(cfg.run.device, env.local_rank)
+    if device.type == "cpu" and sys.platform == "linux":
+        keep_freed_memory_in_process()
     deepspeed = _import_deepspeed(device)
     env.export()
     import torch.distributed as dist
@@ -139,6 +158,11 @@ def build_engine(cfg: Config, model: nn.Module, runtime: Runtime):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg),
                                            mpu=DeepSpeedMpu() if runtime.groups.tp else None)
+    if runtime.groups.dp_size == 1 and cfg.parallel.zero_stage == 0:
+        # One data-parallel rank: DeepSpeed's dense all-reduce would still flatten every gradient into
+        # one buffer, "reduce" it over a group of one and copy it back (a fifth of a tiny-preset CPU
+        # step, bench/profile_step.py). Over one rank it changes nothing, so it is not run.
+        engine.enable_backward_allreduce = False
     if cfg.run.compile:
         compile_engine(engine, cfg)
     return engine

@@ -129,9 +129,10 @@ def test_low_resolution_tail_flops_and_config_checks():
 
 
 def _engine_losses(overrides: list[str], steps: int, drop: float = 0.0, image_sizes: list[int] | None = None,
-                   on_model=None) -> dict:
+                   on_model=None, on_engine=None) -> dict:
     """``steps`` production train_steps of the micro model on synthetic batches (world size 1);
-    ``image_sizes``: each step's training resolution; ``on_model`` sees the model before training."""
+    ``image_sizes``: each step's training resolution; ``on_model`` sees the model before training,
+    ``on_engine`` the engine."""
     from mtx_dist.engine import build_engine, build_model, setup_runtime
     from mtx_dist.parallel import destroy_groups
     from mtx_dist.step import train_step
@@ -143,6 +144,8 @@ def _engine_losses(overrides: list[str], steps: int, drop: float = 0.0, image_si
     if on_model is not None:
         on_model(model)
     engine = build_engine(cfg, model, runtime)
+    if on_engine is not None:
+        on_engine(engine)
     setup = step_setup(cfg, runtime, engine)
     spec = get_preset("micro")
 
@@ -155,7 +158,23 @@ def _engine_losses(overrides: list[str], steps: int, drop: float = 0.0, image_si
     sizes = image_sizes or [0] * steps
     results = [train_step(setup, feed, s, drop, image_size=sizes[s]) for s in range(steps)]
     destroy_groups(runtime.groups)
-    return {"losses": [float(r.losses.mean()) for r in results], "skipped": [r.skipped for r in results]}
+    return {"losses": [float(r.losses.mean()) for r in results], "skipped": [r.skipped for r in results],
+            "params": {k: v.detach().clone() for k, v in engine.module.state_dict().items()}}
+
+
+def test_one_data_parallel_rank_skips_the_gradient_all_reduce_and_trains_identically(monkeypatch):
+    """With one data-parallel rank (ZeRO-0) DeepSpeed's gradient all-reduce is switched off: the weights
+    after 3 steps equal, bit for bit, those of an engine that runs it (a reduction over one rank)."""
+    from tests.helpers import DIST_VARS
+    for k in DIST_VARS:
+        monkeypatch.delenv(k, raising=False)
+    seen = []
+    ours = _engine_losses(["run.device=cpu"], 3, on_engine=lambda e: seen.append(e.enable_backward_allreduce))
+    reduced = _engine_losses(["run.device=cpu"], 3, on_engine=lambda e: setattr(e, "enable_backward_allreduce", True))
+    assert seen == [False]
+    assert not any(ours["skipped"]) and ours["losses"] == reduced["losses"]
+    for name, value in ours["params"].items():
+        assert torch.equal(value, reduced["params"][name]), name
 
 
 @pytest.mark.slow
