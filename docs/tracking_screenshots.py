@@ -1,7 +1,7 @@
 """Screenshots of a real run's MLflow pages for docs/TRACKING.md (not part of CI).
 
 Starts ``mlflow server`` on a loopback port with a fresh sqlite store, trains the ``tiny`` preset for
-a few hundred steps into it (system metrics every second), then photographs the experiment page
+150 steps (--steps) into it (system metrics every second), then photographs the experiment page
 and the run's overview, model-metrics and system-metrics tabs with headless Chromium (Debian:
 ``apt-get install chromium``) driven by Playwright (``pip install playwright``; it uses that
 Chromium, nothing is downloaded), waiting until the charts are drawn, and stops the server by its

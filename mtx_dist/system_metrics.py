@@ -10,8 +10,9 @@ System metrics tab. We use it as it is, with two things it lacks for long jobs:
   the machine, not the training, and the training metrics have their own buffer.
 - Construction, sampling and every request happen on that thread: a step never waits for it.
 
-In a job over several hosts each node's monitor names its node (MLflow's ``node_id``), so the metrics
-read ``system/<host>/cpu_utilization_percentage``; a one-node job keeps MLflow's plain names.
+In a job over several nodes each node's monitor names its node (MLflow's ``node_id``, see
+``mtx_dist.trainer.monitor_node_id``), so the metrics read ``system/<host>/cpu_utilization_percentage``;
+a one-node job keeps MLflow's plain names.
 """
 
 from __future__ import annotations

@@ -163,6 +163,15 @@ def describe_data(tracker: Tracker, train_shards: str, val_shards: str | None) -
                 tqdm.write(f"MLflow: cannot describe the {context} shards {spec!r} ({e})")
 
 
+def monitor_node_id(host: str, node_rank: int, num_nodes: int, num_hosts: int) -> str | None:
+    """MLflow's ``node_id`` of one node's system-metrics monitor: none on a single node (plain
+    ``system/...`` names), the host name when every node is its own host, else host and node rank (two
+    nodes of a job on one host must not write the same metric names)."""
+    if max(num_nodes, num_hosts) <= 1:
+        return None
+    return host if num_hosts == num_nodes else f"{host}-node{node_rank}"
+
+
 def start_system_metrics(cfg: Config, runtime: Runtime, tracker: Tracker, tags: dict[str, str]) -> SystemMetrics | None:
     """MLflow's system metrics, one monitor per node (local rank 0). A collective when tracking is on
     (rank 0 tells every node the run id); a node learns nothing when the store was down at the start,
@@ -171,8 +180,7 @@ def start_system_metrics(cfg: Config, runtime: Runtime, tracker: Tracker, tags: 
     if not (t.enabled and t.system_metrics):
         return None
     import torch.distributed as dist
-    shared = [{"run_id": tracker.run_id, "multi_node": int(tags.get("num_hosts", "1")) > 1}
-              if runtime.is_main else None]
+    shared = [{"run_id": tracker.run_id, "num_hosts": int(tags.get("num_hosts", "1"))} if runtime.is_main else None]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(shared, src=0)
     if runtime.env.local_rank != 0:
@@ -182,8 +190,10 @@ def start_system_metrics(cfg: Config, runtime: Runtime, tracker: Tracker, tags: 
         return None
     import_mlflow(t)  # MLflow's request settings of ours (no retry storms inside a request) on every node
     import socket
+    env = runtime.env
     return SystemMetrics(run_id, tracking_uri(t), t.system_metrics_interval_s, t.system_metrics_samples,
-                         node_id=socket.gethostname() if shared[0]["multi_node"] else None,
+                         node_id=monitor_node_id(socket.gethostname(), env.node_rank, env.num_nodes,
+                                                 shared[0]["num_hosts"]),
                          retry_s=max(t.retry_s, 1.0)).start()
 
 

@@ -63,6 +63,13 @@ def test_grouped_recall_without_repeats_equals_pairwise_and_counts_ties_against(
     torch.manual_seed(1)
     img, txt = torch.randn(50, 16), torch.randn(50, 16)
     txt[3] = txt[7]  # equal features, different captions: a tie that counts against the match
+    # the pairwise reference, written out: rank = other items scoring at least the match's score
+    sim = img @ txt.t()
+    for name, scores in (("i2t", sim), ("t2i", sim.t())):
+        ranks = [sum(1 for j in range(50) if j != i and scores[i, j] >= scores[i, i]) for i in range(50)]
+        for k in (1, 5, 10):
+            want = sum(r < k for r in ranks) / 50
+            assert retrieval_metrics(img, txt, groups=torch.arange(50))[f"{name}_recall_at_{k}"] == pytest.approx(want)
     assert retrieval_metrics(img, txt, groups=torch.arange(50)) == retrieval_metrics(img, txt)
     # hand-made: captions 0 and 1 share a text; image 2's own caption loses to caption 0
     img = torch.tensor([[1.0, 0], [0, 1], [1, 0]])

@@ -265,3 +265,63 @@ def test_server_killed_mid_run_does_not_stop_training(tmp_path, server, demo_dir
     assert rows and {r["run_id"] for r in rows} == {run_id}
     assert loss_steps == list(range(loss_steps[0], steps + 1)) and loss_steps[0] > seen[0].step
     assert (run_dir / "export/encoder.safetensors").exists()
+
+
+def test_store_outage_mid_run_training_continues_and_system_metrics_resume(tmp_path, server, demo_dir):
+    """One training run through a store outage: the server is killed and comes back while the run trains;
+    training goes on, and both the system metrics (our restarted monitor, its step count continued)
+    and the training curves resume on the same run. The run is then preempted (SIGTERM: checkpoint, 75)."""
+    server.ensure()
+    run_dir = tmp_path / "runs/quickstart"
+    out, err = open(tmp_path / "stdout", "w"), open(tmp_path / "stderr", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mtx_dist", "train", *MICRO, "run.steps=1000000", f"data.demo_dir={demo_dir}",
+         "run.eval_at_end=false", "run.export_at_end=false", f"tracking.uri={server.url}",
+         "tracking.experiment=outage-test", "tracking.retry_s=0.5", "tracking.request_timeout_s=2",
+         "tracking.system_metrics_interval_s=0.2", "tracking.system_metrics_samples=1"],
+        cwd=str(tmp_path), env=clean_env(), stdout=out, stderr=err, start_new_session=True)
+    key = "system/cpu_utilization_percentage"
+    try:
+        c = client(server)
+
+        def history(name: str) -> list[int]:
+            return [m.step for m in c.get_metric_history(run_id, name)]
+
+        def wait_for(check, what: str) -> None:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    if check():
+                        return
+                except Exception:  # the server is still starting
+                    pass
+                time.sleep(0.2)
+            raise AssertionError(f"{what} (trainer exit code {proc.poll()}): {err_tail()}")
+
+        def err_tail() -> str:
+            err.flush()
+            return (tmp_path / "stderr").read_text()[-2000:]
+
+        wait_for(lambda: (run_dir / RUN_ID_FILE).exists(), "the run never started")
+        run_id = json.loads((run_dir / RUN_ID_FILE).read_text())["run_id"]
+        wait_for(lambda: len(history(key)) >= 2 and history("train/loss"), "no system metrics or loss arrived")
+        sys_before, loss_before = max(history(key)), max(history("train/loss"))
+        server.stop(signal.SIGKILL)
+        time.sleep(3.0)  # requests fail meanwhile; the monitor gives up and ours retries
+        server.ensure()
+        wait_for(lambda: max(history(key)) >= sys_before + 3, "system metrics did not resume")
+        wait_for(lambda: max(history("train/loss")) > loss_before + 5, "training curves did not resume")
+        assert proc.poll() is None, err_tail()  # still training through all of it
+        proc.send_signal(signal.SIGTERM)  # preemption: checkpoint and leave with 75
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        out.close()
+        err.close()
+    assert code == 75, (tmp_path / "stderr").read_text()[-3000:]
+    steps = history(key)
+    assert steps == sorted(set(steps))  # one count, continued: no system-metrics step logged twice
+    note = c.get_run(run_id).data.tags["mlflow.note.content"]  # the description says how the run ended
+    assert "(stopped by SIGTERM; not requeued)" in note, note
