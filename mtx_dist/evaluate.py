@@ -232,7 +232,8 @@ def evaluate_shards(model: nn.Module, shards: str, tokenize: Callable[[list[str]
         with_label = [i for i, lab in enumerate(labels) if lab is not None]
         if not with_label:
             raise EvalDataError(f"--classes given, but no sample in {shards!r} has a usable .cls label "
-                                f"(0..{len(classnames) - 1})")
+                                f"(0..{len(classnames) - 1}); shards made from a table get labels with "
+                                f"`mtx-dist shards --label-column COLUMN`")
         classes = class_embeddings(encode_text, tokenize, classnames, templates)
         metrics.update(zero_shot_accuracy(torch.stack([images[i] for i in with_label]), classes,
                                           torch.tensor([labels[i] for i in with_label])))

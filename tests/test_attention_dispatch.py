@@ -89,4 +89,7 @@ def test_model_with_the_triton_backend_equals_sdpa():
     res = subprocess.run([sys.executable, "-c", MODEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     feat, grad = map(float, res.stdout.split())
-    assert feat < 1e-5 and grad < 1e-5, (feat, grad)  # relative errors
+    # Relative errors. Features: one forward, ~1e-6 here. Gradients pass backward through both towers,
+    # and Triton's interpreter (numpy) sums in another order than the CPU BLAS: 1.3e-6 on one machine,
+    # 1.05e-5 on another; a wrong kernel is off by O(1), so 1e-4 still tells them apart.
+    assert feat < 1e-5 and grad < 1e-4, (feat, grad)

@@ -226,6 +226,12 @@ def test_csv_tsv_parquet_tables_write_labels_and_split_shards(table_rows, tmp_pa
     assert [s["samples"] for s in m["shards"]] == [5, 5, 2]
     from_csv = check_table_output(m, expected, {**TABLE_REJECTS, "bad_caption_encoding": 1})
     assert json.loads(read_samples(m["spec"])[0]["json"])["note"] == "n0"  # other columns travel along
+    assert "note" not in m["source"]  # the label column was used
+    # the same table without --label-column: no KEY.cls, and the writer says why (summary included)
+    from mtx_dist.commands.shards import summary
+    m = write_shards(str(folder / "data.csv"), str(tmp_path / "csv-nolabel"), opts(samples_per_shard=5))
+    assert all("cls" not in s for s in read_samples(m["spec"]))
+    assert "pass --label-column label" in m["source"]["note"] and "note: column 'label'" in summary(m)
 
     # TSV with its own column names, named explicitly
     with open(folder / "data.tsv", "w", newline="") as f:

@@ -27,6 +27,7 @@ from data_pipelines.writer.sources import (
     folder_candidates,
     table_candidates,
     table_columns,
+    unused_label_column,
 )
 
 MANIFEST = "manifest.json"
@@ -159,6 +160,10 @@ def write_shards(source: str, out_dir: str, opts: WriterOptions, kind: str = "au
         candidates = table_candidates(source, *columns, image_root=opts.image_root)
         source_info = {"kind": "table", "path": os.path.abspath(source),
                        "columns": dict(zip(("image", "caption", "label"), columns))}
+        unused = unused_label_column(source, opts.label_column)
+        if unused:
+            source_info["note"] = (f"column {unused!r} was not stored as class labels (it stays in KEY.json); "
+                                   f"pass --label-column {unused} to write KEY.cls")
     else:
         raise ShardWriterError(f"unknown input kind {kind!r}")
     if opts.shuffle:

@@ -97,6 +97,16 @@ def _rows(path: str) -> tuple[list[str], Iterator[dict]]:
     return columns, rows()
 
 
+def unused_label_column(path: str, label_column: str | None) -> str | None:
+    """A column named like a class label ("label", any case) that is not stored as one because no
+    ``--label-column`` was given: the writer says so, since ``mtx-dist eval --classes`` needs KEY.cls."""
+    if label_column:
+        return None
+    columns, rows = _rows(path)
+    rows.close()
+    return next((c for c in columns if c and c.strip().lower() == "label"), None)
+
+
 def table_columns(path: str, image_column: str | None, caption_column: str | None,
                   label_column: str | None) -> tuple[str, str, str | None]:
     columns, rows = _rows(path)

@@ -55,6 +55,8 @@ def summary(manifest: dict) -> str:
                                              if rej else ""))
     if manifest.get("ignored_files"):
         lines.append("ignored files: " + ", ".join(f"{k}={v}" for k, v in manifest["ignored_files"].items()))
+    if manifest["source"].get("note"):
+        lines.append("note: " + manifest["source"]["note"])
     lines.append(f"data.train={manifest['spec']}" if manifest["spec"] else "no shards written")
     return "\n".join(lines)
 
@@ -115,7 +117,8 @@ def register(sub) -> None:
     t.add_argument("--image-column", help="column of image paths (default: first of image, image_path, "
                    "filepath, path, file, filename, ...)")
     t.add_argument("--caption-column", help="column of captions (default: first of caption, text, title, ...)")
-    t.add_argument("--label-column", help="integer class label column, written as KEY.cls")
+    t.add_argument("--label-column", help="integer class label column, written as KEY.cls (not guessed: a "
+                   "column named 'label' without this option is reported, not stored)")
     t.add_argument("--image-root", help="relative image paths resolve against this (default: the table's folder)")
     d = s.add_argument_group("demo (--input demo)")
     d.add_argument("--split", default="train")
