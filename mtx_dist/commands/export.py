@@ -41,11 +41,13 @@ def register(sub) -> None:
                        description="Consolidate a checkpoint (any ZeRO stage, any tensor-parallel size) and write "
                                    "the encoder: 'metatransformer' = the image blocks as Meta-Transformer loads them "
                                    "(encoder.safetensors, encoder.pth); 'open_clip' = both towers as an OpenCLIP "
-                                   "model (open_clip_model.safetensors + open_clip_config.json). manifest.json "
+                                   "model (open_clip_model.safetensors + open_clip_config.json); 'hf' = a Hugging Face "
+                                   "transformers CLIPModel folder (config.json, model.safetensors, tokenizer and "
+                                   "image-processor files; CLIPModel/CLIPProcessor.from_pretrained). manifest.json "
                                    "records geometry, preprocessing, provenance and file hashes.")
     e.add_argument("source", help="run directory (its latest checkpoint) or a checkpoint directory")
     e.add_argument("--format", type=_formats, required=True, metavar="F",
-                   help=f"{' | '.join(FORMATS)}, or both comma-separated")
+                   help=f"{' | '.join(FORMATS)}, or several comma-separated")
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="tensor dtype of the files (default fp32)")
     e.add_argument("--preset", help="model preset, only for checkpoints saved without their config.toml")

@@ -25,7 +25,10 @@ ENCODER_PTH = "encoder.pth"
 OPENCLIP_FILE = "open_clip_model.safetensors"
 OPENCLIP_CONFIG = "open_clip_config.json"
 MANIFEST_FILE = "manifest.json"
-FORMATS = ("metatransformer", "open_clip")
+HF_FILE = "model.safetensors"
+HF_FILES = ("config.json", HF_FILE, "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+            "preprocessor_config.json")
+FORMATS = ("metatransformer", "open_clip", "hf")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -79,6 +82,13 @@ def write_json(obj: dict, path: str) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
+    _replace_into(path, write)
+
+
+def write_text(text: str, path: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
     _replace_into(path, write)
 
 

@@ -11,6 +11,11 @@ with ``open_clip_config.json`` (``model_cfg`` + ``preprocess_cfg``) beside it, s
 ``open_clip.create_model('local-dir:DIR')`` builds and loads it; for the vit-b16/vit-l14 presets
 ``open_clip.create_model('ViT-B-16' / 'ViT-L-14', pretrained=DIR/open_clip_model.safetensors)`` works
 too, and for other geometries ``mtx-<preset>.json`` is a model config for ``open_clip.add_model_config``.
+
+``hf``: a Hugging Face ``transformers`` CLIP folder (``config.json``, ``model.safetensors``, the CLIP
+tokenizer's ``vocab.json``/``merges.txt`` and configs, ``preprocessor_config.json``), so that
+``CLIPModel.from_pretrained(DIR)``, ``CLIPProcessor.from_pretrained(DIR)`` and
+``pipeline("zero-shot-image-classification", model=DIR)`` work offline (mtx_dist.interop.hf).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from mtx_dist.export.common import (
     ENCODER_FILE,
     ENCODER_PTH,
     FORMATS,
+    HF_FILE,
+    HF_FILES,
     MANIFEST_FILE,
     OPENCLIP_CONFIG,
     OPENCLIP_FILE,
@@ -33,6 +40,7 @@ from mtx_dist.export.common import (
     prepare,
     write_json,
     write_safetensors,
+    write_text,
     write_torch,
 )
 from mtx_dist.interop.openclip import OPENCLIP_ARCH, model_config, to_openclip
@@ -86,6 +94,26 @@ def _write_openclip(state_dict, spec: ModelSpec, preset: str, out_dir: str, dtyp
     return files, info
 
 
+def _write_hf(state_dict, spec: ModelSpec, out_dir: str, dtype: torch.dtype) -> tuple[dict[str, int | None], dict]:
+    from mtx_dist.interop.hf import HfConversionError, hf_config, preprocessor_config, to_hf, tokenizer_files
+
+    try:
+        tensors = prepare(to_hf(state_dict, spec), dtype)
+    except HfConversionError as e:
+        raise ExportError(f"--format hf: {e}") from None
+    write_safetensors(tensors, os.path.join(out_dir, HF_FILE), "pt")  # transformers checks format == "pt"
+    cfg = hf_config(spec, float(state_dict["logit_scale"].reshape(())))
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    write_json(cfg, os.path.join(out_dir, "config.json"))
+    for name, content in tokenizer_files(spec.text.context_length).items():
+        (write_text if isinstance(content, str) else write_json)(content, os.path.join(out_dir, name))
+    write_json(preprocessor_config(spec.vision.image_size), os.path.join(out_dir, "preprocessor_config.json"))
+    files: dict[str, int | None] = {name: None for name in HF_FILES}
+    files[HF_FILE] = len(tensors)
+    return files, {"hf": {"load": "transformers.CLIPModel.from_pretrained(DIR); CLIPProcessor.from_pretrained(DIR)",
+                          "DIR": "the folder holding this manifest"}}
+
+
 def write_export(state_dict: dict[str, torch.Tensor], spec: ModelSpec, preset: str, out_dir: str, source: dict,
                  formats: list[str] | tuple[str, ...] = ("metatransformer",),
                  dtype: torch.dtype = torch.float32) -> str:
@@ -100,7 +128,7 @@ def write_export(state_dict: dict[str, torch.Tensor], spec: ModelSpec, preset: s
     os.makedirs(out_dir, exist_ok=True)
     # A previous export here goes first, manifest before files: an interrupted export then fails
     # verification plainly, and files of a format not asked for this time do not linger.
-    for name in [MANIFEST_FILE, ENCODER_FILE, ENCODER_PTH, OPENCLIP_FILE, OPENCLIP_CONFIG,
+    for name in [MANIFEST_FILE, ENCODER_FILE, ENCODER_PTH, OPENCLIP_FILE, OPENCLIP_CONFIG, *HF_FILES,
                  *(f for f in sorted(os.listdir(out_dir)) if f.startswith("mtx-") and f.endswith(".json"))]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out_dir, name))
@@ -111,6 +139,10 @@ def write_export(state_dict: dict[str, torch.Tensor], spec: ModelSpec, preset: s
     if "open_clip" in formats:
         more, extra = _write_openclip(state_dict, spec, preset, out_dir, dtype)
         files.update(more)
+    if "hf" in formats:
+        more, hf_info = _write_hf(state_dict, spec, out_dir, dtype)
+        files.update(more)
+        extra = {**extra, **hf_info}
     path = os.path.join(out_dir, MANIFEST_FILE)
     write_json(manifest(formats, spec, preset, source, dtype, out_dir, files, extra), path)
     return path
