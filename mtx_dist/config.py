@@ -67,7 +67,8 @@ class ModelConfig:
     train_image_size_final_steps: int = _opt(0, "the full-resolution tail of low-resolution training: the last N "
                                              "training steps run at the preset's image size", min=0)
     init_from: str = _opt("", "start from an OpenCLIP checkpoint file (.safetensors/.pt/.bin; plain, or "
-                          "{'state_dict': ...} with 'module.' prefixes) of the preset's geometry; '' = random init")
+                          "{'state_dict': ...} with 'module.' prefixes) or a transformers CLIPModel folder (config.json + "
+                          "model.safetensors) of the preset's geometry; '' = random init")
 
 
 @dataclass

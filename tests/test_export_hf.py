@@ -143,3 +143,17 @@ def test_cli_exports_a_checkpoint_as_hf(tmp_path):
     manifest = verify_export(str(tmp_path / "hf"), require="model.safetensors")
     assert manifest["formats"] == ["open_clip", "hf"] and "config.json" in manifest["files"]
     assert transformers.CLIPModel.from_pretrained(str(tmp_path / "hf")).config.projection_dim == 64
+
+
+def test_init_from_an_hf_folder_continues_from_its_weights(tmp_path):
+    """``model.init_from`` takes a transformers CLIPModel folder (here saved by transformers itself from
+    our export): the model starts from exactly its weights; another geometry is refused by name."""
+    from mtx_dist.interop.openclip import OpenClipImportError, load_into
+    model, spec = export("micro", tmp_path / "ours")
+    transformers.CLIPModel.from_pretrained(str(tmp_path / "ours")).save_pretrained(str(tmp_path / "saved"))
+    fresh = ContrastiveModel(spec)
+    load_into(fresh, str(tmp_path / "saved"), spec, "micro")
+    want = model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in fresh.state_dict().items())
+    with pytest.raises(OpenClipImportError, match="vision image_size is 32, the preset's 64"):
+        load_into(ContrastiveModel(get_preset("tiny")), str(tmp_path / "saved"), get_preset("tiny"), "tiny")

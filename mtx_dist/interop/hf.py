@@ -11,6 +11,10 @@ model (``logit_bias``) has no ``CLIPModel`` equivalent and is refused.
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import fields
+
 import torch
 
 from data_pipelines.tokenizer import ClipTokenizer
@@ -151,3 +155,29 @@ def preprocessor_config(image_size: int) -> dict:
             "size": {"shortest_edge": image_size}, "resample": 3, "do_center_crop": True,
             "crop_size": {"height": image_size, "width": image_size}, "do_rescale": True, "rescale_factor": 1 / 255,
             "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True}
+
+
+def is_hf_folder(path: str) -> bool:
+    """A folder with a transformers ``config.json`` (what ``model.init_from`` treats as an HF model)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def read_hf_folder(path: str, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Our state dict from a transformers ``CLIPModel`` folder (``config.json`` + ``model.safetensors``)
+    whose geometry is ``spec``; raises :class:`HfConversionError` naming the first difference."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "config.json")) as f:
+        theirs = spec_from_hf_config(json.load(f))
+    for side in ("vision", "text"):
+        a, b = getattr(theirs, side), getattr(spec, side)
+        for field in fields(a):
+            if getattr(a, field.name) != getattr(b, field.name):
+                raise HfConversionError(f"its {side} {field.name} is {getattr(a, field.name)}, the preset's "
+                                        f"{getattr(b, field.name)} (geometry must match)")
+    if theirs.embed_dim != spec.embed_dim:
+        raise HfConversionError(f"its projection_dim is {theirs.embed_dim}, the preset's embed_dim {spec.embed_dim}")
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise HfConversionError("no model.safetensors in it (save_pretrained(..., safe_serialization=True) writes one)")
+    return from_hf(load_file(weights), spec)

@@ -140,12 +140,23 @@ def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
 
 
 def load_into(model: torch.nn.Module, path: str, spec: ModelSpec, preset: str) -> None:
-    """Load an OpenCLIP checkpoint into our (unparallelized) ``model``; every tensor must match.
+    """Load an OpenCLIP checkpoint, or a transformers ``CLIPModel`` folder, into our (unparallelized)
+    ``model``; every tensor must match.
 
-    Raises :class:`OpenClipImportError` listing missing, unexpected and wrongly shaped tensors.
-    A SigLIP model may start from a checkpoint without ``logit_bias`` (it keeps its initial value).
+    Raises :class:`OpenClipImportError` listing missing, unexpected and wrongly shaped tensors (or, for
+    an HF folder, the first geometry difference). A SigLIP model may start from a checkpoint without
+    ``logit_bias`` (it keeps its initial value).
     """
-    state = from_openclip(read_checkpoint(path), spec)
+    from mtx_dist.interop.hf import HfConversionError, is_hf_folder, read_hf_folder
+
+    if is_hf_folder(path):
+        try:
+            state = read_hf_folder(path, spec)
+        except HfConversionError as e:
+            raise OpenClipImportError(f"model.init_from = {path!r} (a transformers folder) does not fit preset "
+                                      f"{preset!r}: {e}") from None
+    else:
+        state = from_openclip(read_checkpoint(path), spec)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and k != "logit_bias"]
     unexpected = [k for k in state if k not in expected]
