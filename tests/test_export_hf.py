@@ -157,3 +157,34 @@ def test_init_from_an_hf_folder_continues_from_its_weights(tmp_path):
     assert all(torch.equal(v, want[k]) for k, v in fresh.state_dict().items())
     with pytest.raises(OpenClipImportError, match="vision image_size is 32, the preset's 64"):
         load_into(ContrastiveModel(get_preset("tiny")), str(tmp_path / "saved"), get_preset("tiny"), "tiny")
+
+
+@pytest.mark.parametrize("preset", ["micro", "tiny"])
+def test_timm_folder_gives_our_image_embeddings_and_a_fresh_head_trains(timm, preset, tmp_path):
+    spec = get_preset(preset)
+    torch.manual_seed(0)
+    model = ContrastiveModel(spec).eval()
+    write_export(model.state_dict(), spec, preset, str(tmp_path), {"checkpoint": "test"}, ["timm", "metatransformer"])
+    verify_export(str(tmp_path))
+    vit = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    image = torch.randn(3, 3, spec.vision.image_size, spec.vision.image_size)
+    with torch.no_grad():
+        ours, theirs = model.encode_image(image, normalize=False), vit(image)
+    # unnormalized embeddings: the bound is relative to their largest entry
+    assert float((theirs - ours).abs().max()) <= 1e-5 * float(ours.abs().max())
+    assert timm.data.resolve_data_config({}, model=vit)["mean"] == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    # a classifier: the encoder's weights, a fresh 5-way head, and one optimizer step that lowers the loss
+    clf = timm.create_model(f"local-dir:{tmp_path}", pretrained=True, num_classes=5)
+    assert clf.head.out_features == 5 and torch.equal(clf.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+    labels = torch.tensor([0, 3, 4])
+    opt = torch.optim.SGD(clf.head.parameters(), lr=1e-3)
+    before = F.cross_entropy(clf(image), labels)
+    before.backward()
+    opt.step()
+    assert float(F.cross_entropy(clf(image), labels)) < float(before)
+
+
+def test_hf_and_timm_in_one_folder_are_refused(tmp_path):
+    spec = get_preset("micro")
+    with pytest.raises(ExportError, match="separate folders"):
+        write_export(ContrastiveModel(spec).state_dict(), spec, "micro", str(tmp_path), {}, ["hf", "timm"])

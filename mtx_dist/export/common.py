@@ -28,7 +28,8 @@ MANIFEST_FILE = "manifest.json"
 HF_FILE = "model.safetensors"
 HF_FILES = ("config.json", HF_FILE, "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
             "preprocessor_config.json")
-FORMATS = ("metatransformer", "open_clip", "hf")
+TIMM_FILES = ("config.json", HF_FILE)  # timm's local-dir layout: the same two names as transformers'
+FORMATS = ("metatransformer", "open_clip", "hf", "timm")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

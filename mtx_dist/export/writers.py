@@ -16,6 +16,11 @@ too, and for other geometries ``mtx-<preset>.json`` is a model config for ``open
 tokenizer's ``vocab.json``/``merges.txt`` and configs, ``preprocessor_config.json``), so that
 ``CLIPModel.from_pretrained(DIR)``, ``CLIPProcessor.from_pretrained(DIR)`` and
 ``pipeline("zero-shot-image-classification", model=DIR)`` work offline (mtx_dist.interop.hf).
+
+``timm``: the image tower as a timm ``VisionTransformer`` (``config.json`` + ``model.safetensors``) for
+``timm.create_model('local-dir:DIR', pretrained=True)``: our image embeddings as its output, a fresh
+head with ``num_classes=K`` (mtx_dist.interop.timm_vit). timm and transformers both read
+``config.json``, so ``hf`` and ``timm`` go to separate folders.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from mtx_dist.export.common import (
     FORMATS,
     HF_FILE,
     HF_FILES,
+    TIMM_FILES,
     MANIFEST_FILE,
     OPENCLIP_CONFIG,
     OPENCLIP_FILE,
@@ -114,6 +120,17 @@ def _write_hf(state_dict, spec: ModelSpec, out_dir: str, dtype: torch.dtype) -> 
                           "DIR": "the folder holding this manifest"}}
 
 
+def _write_timm(state_dict, spec: ModelSpec, out_dir: str, dtype: torch.dtype) -> tuple[dict[str, int | None], dict]:
+    from mtx_dist.interop.timm_vit import timm_config, to_timm
+
+    tensors = prepare(to_timm(state_dict, spec), dtype)
+    write_safetensors(tensors, os.path.join(out_dir, HF_FILE), "pt")
+    write_json(timm_config(spec), os.path.join(out_dir, "config.json"))
+    return ({"config.json": None, HF_FILE: len(tensors)},
+            {"timm": {"load": "timm.create_model('local-dir:DIR', pretrained=True[, num_classes=K])",
+                      "DIR": "the folder holding this manifest"}})
+
+
 def write_export(state_dict: dict[str, torch.Tensor], spec: ModelSpec, preset: str, out_dir: str, source: dict,
                  formats: list[str] | tuple[str, ...] = ("metatransformer",),
                  dtype: torch.dtype = torch.float32) -> str:
@@ -124,11 +141,14 @@ def write_export(state_dict: dict[str, torch.Tensor], spec: ModelSpec, preset: s
     if dtype not in (torch.float32, torch.bfloat16):
         raise ExportError(f"export dtype {dtype}: fp32 or bf16")
     formats = [f for f in FORMATS if f in formats]  # a fixed order, whatever order they were asked in
+    if "hf" in formats and "timm" in formats:
+        raise ExportError("export formats hf and timm both need config.json and model.safetensors: export them "
+                          "to separate folders")
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     # A previous export here goes first, manifest before files: an interrupted export then fails
     # verification plainly, and files of a format not asked for this time do not linger.
-    for name in [MANIFEST_FILE, ENCODER_FILE, ENCODER_PTH, OPENCLIP_FILE, OPENCLIP_CONFIG, *HF_FILES,
+    for name in [MANIFEST_FILE, ENCODER_FILE, ENCODER_PTH, OPENCLIP_FILE, OPENCLIP_CONFIG, *HF_FILES, *TIMM_FILES,
                  *(f for f in sorted(os.listdir(out_dir)) if f.startswith("mtx-") and f.endswith(".json"))]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out_dir, name))
@@ -143,6 +163,10 @@ def write_export(state_dict: dict[str, torch.Tensor], spec: ModelSpec, preset: s
         more, hf_info = _write_hf(state_dict, spec, out_dir, dtype)
         files.update(more)
         extra = {**extra, **hf_info}
+    if "timm" in formats:
+        more, timm_info = _write_timm(state_dict, spec, out_dir, dtype)
+        files.update(more)
+        extra = {**extra, **timm_info}
     path = os.path.join(out_dir, MANIFEST_FILE)
     write_json(manifest(formats, spec, preset, source, dtype, out_dir, files, extra), path)
     return path
