@@ -120,7 +120,7 @@ def _train(cfg: Config, preemption: Preemption) -> TrainResult:
         if cfg.run.eval_at_end and not result.preempted:
             result.eval = _evaluate(cfg, runtime, engine, val_shards, tracker, state.step)
         if cfg.run.export_at_end and not result.preempted:
-            result.export_dir = _export(cfg, runtime, engine, state, tracker)
+            result.export_dir = _export(cfg, runtime, engine, state, tracker, result.eval)
     except KeyboardInterrupt:
         _stop(monitor)
         tracker.finish("KILLED")
@@ -377,13 +377,15 @@ def _evaluate(cfg: Config, runtime: Runtime, engine, shards: str, tracker: Track
     return metrics
 
 
-def _export(cfg: Config, runtime: Runtime, engine, state: ckpt.TrainState, tracker: Tracker) -> str:
+def _export(cfg: Config, runtime: Runtime, engine, state: ckpt.TrainState, tracker: Tracker,
+            held_out: dict | None = None) -> str:
     full = consolidated_state_dict(engine, runtime.groups)  # a collective: every rank takes part
     out_dir = os.path.join(cfg.run.dir, "export")
     if runtime.is_main:
         source = {"run_dir": os.path.abspath(cfg.run.dir), "step": state.step, "samples": state.samples,
                   "mlflow_run_id": tracker.run_id or state.mlflow_run_id,
-                  "tracking_uri": tracker.uri if tracker.active else None}
+                  "tracking_uri": tracker.uri if tracker.active else None,
+                  "data": cfg.data.train or "demo shards", "held_out": held_out or None}
         export_encoder(full, get_preset(cfg.model.preset), cfg.model.preset, out_dir, source)
         tracker.log_artifacts(out_dir, "export")
         tracker.register_model("export")  # a version of tracking.register_as pointing at these artifacts

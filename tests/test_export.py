@@ -82,7 +82,7 @@ def test_export_twice_is_byte_identical_and_bf16_is_the_rounded_fp32(tmp_path):
         write_export(model.state_dict(), model.spec, "micro", d, source, ["open_clip", "metatransformer"])
     first, second = _files(a), _files(b)
     assert sorted(first) == sorted([ENCODER_FILE, ENCODER_PTH, MANIFEST_FILE, OPENCLIP_FILE, "open_clip_config.json",
-                                    "mtx-micro.json"])
+                                    "mtx-micro.json", "README.md"])
     assert first == second  # no clock, no paths, fixed tensor order: the same bytes
 
     write_export(model.state_dict(), model.spec, "micro", c, source, ["metatransformer", "open_clip"], torch.bfloat16)
@@ -166,3 +166,22 @@ def test_exports_of_zero3_and_tp2_checkpoints_equal_the_live_gathered_model(demo
         oc = load_file(os.path.join(outs[0], OPENCLIP_FILE))
         assert torch.equal(oc["visual.transformer.resblocks.1.attn.in_proj_weight"], blocks["1.attn.qkv.weight"])
         assert torch.equal(oc["visual.transformer.resblocks.0.mlp.c_proj.weight"], blocks["0.mlp.fc2.weight"])
+
+
+def test_every_export_has_a_model_card(tmp_path):
+    """README.md: geometry, what it was trained on, held-out metrics when the run measured them, and how
+    to load each format of the folder; listed with its hash in the manifest."""
+    model = _model()
+    source = {"run_dir": "/runs/a", "checkpoint": "step00000008", "step": 8, "samples": 512,
+              "data": "shards/train-{0000..0009}.tar", "held_out": {"i2t_recall_at_1": 0.25, "n": 128}}
+    write_export(model.state_dict(), model.spec, "micro", str(tmp_path / "a"), source, ["metatransformer", "open_clip"])
+    card = (tmp_path / "a" / "README.md").read_text()
+    for want in ("`micro`", "| image | 64 | 2 | 2 | 4.0 | 32 px, patch 8 |", "- step: 8", "- samples seen: 512",
+                 "- training data: shards/train-{0000..0009}.tar", "- i2t_recall_at_1: 0.2500", "- n: 128",
+                 "### Meta-Transformer (timm blocks)", "Block(64, 2, mlp_ratio=4.0", "### OpenCLIP",
+                 "create_model('local-dir:DIR')"):
+        assert want in card, want
+    assert "README.md" in verify_export(str(tmp_path / "a"))["files"]
+    write_export(model.state_dict(), model.spec, "micro", str(tmp_path / "b"), {"step": 8}, ["metatransformer"])
+    card = (tmp_path / "b" / "README.md").read_text()
+    assert "Not recorded with this checkpoint" in card and "OpenCLIP" not in card

@@ -25,6 +25,7 @@ ENCODER_PTH = "encoder.pth"
 OPENCLIP_FILE = "open_clip_model.safetensors"
 OPENCLIP_CONFIG = "open_clip_config.json"
 MANIFEST_FILE = "manifest.json"
+CARD_FILE = "README.md"  # the model card
 HF_FILE = "model.safetensors"
 HF_FILES = ("config.json", HF_FILE, "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
             "preprocessor_config.json")

@@ -119,7 +119,7 @@ def load_checkpoint(path: str, preset: str | None = None) -> Source:
             "samples": train_state.get("samples"), "mlflow_run_id": train_state.get("mlflow_run_id"),
             "world_size": manifest.get("world_size")}
     if cfg is not None:
-        info.update(zero_stage=cfg.parallel.zero_stage, tensor_parallel=cfg.parallel.tensor_parallel,
+        info.update(data=cfg.data.train or "demo shards", zero_stage=cfg.parallel.zero_stage, tensor_parallel=cfg.parallel.tensor_parallel,
                     precision=cfg.parallel.precision, loss=cfg.loss.kind)
     return Source(preset, state, info, cfg)
 

@@ -31,7 +31,9 @@ import os
 import torch
 
 from data_pipelines.transforms import CLIP_MEAN, CLIP_STD
+from mtx_dist.export.card import model_card
 from mtx_dist.export.common import (
+    CARD_FILE,
     ENCODER_FILE,
     ENCODER_PTH,
     FORMATS,
@@ -148,7 +150,7 @@ def write_export(state_dict: dict[str, torch.Tensor], spec: ModelSpec, preset: s
     os.makedirs(out_dir, exist_ok=True)
     # A previous export here goes first, manifest before files: an interrupted export then fails
     # verification plainly, and files of a format not asked for this time do not linger.
-    for name in [MANIFEST_FILE, ENCODER_FILE, ENCODER_PTH, OPENCLIP_FILE, OPENCLIP_CONFIG, *HF_FILES, *TIMM_FILES,
+    for name in [MANIFEST_FILE, CARD_FILE, ENCODER_FILE, ENCODER_PTH, OPENCLIP_FILE, OPENCLIP_CONFIG, *HF_FILES, *TIMM_FILES,
                  *(f for f in sorted(os.listdir(out_dir)) if f.startswith("mtx-") and f.endswith(".json"))]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out_dir, name))
@@ -167,6 +169,9 @@ def write_export(state_dict: dict[str, torch.Tensor], spec: ModelSpec, preset: s
         more, timm_info = _write_timm(state_dict, spec, out_dir, dtype)
         files.update(more)
         extra = {**extra, **timm_info}
+    write_text(model_card(manifest(formats, spec, preset, source, dtype, out_dir, {}, extra)),
+               os.path.join(out_dir, CARD_FILE))
+    files[CARD_FILE] = None
     path = os.path.join(out_dir, MANIFEST_FILE)
     write_json(manifest(formats, spec, preset, source, dtype, out_dir, files, extra), path)
     return path
