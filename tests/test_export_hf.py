@@ -188,3 +188,19 @@ def test_hf_and_timm_in_one_folder_are_refused(tmp_path):
     spec = get_preset("micro")
     with pytest.raises(ExportError, match="separate folders"):
         write_export(ContrastiveModel(spec).state_dict(), spec, "micro", str(tmp_path), {}, ["hf", "timm"])
+
+
+def test_import_cli_turns_an_hf_folder_into_our_export(tmp_path):
+    from safetensors.torch import load_file
+    model, spec = export("micro", tmp_path / "ours")
+    transformers.CLIPModel.from_pretrained(str(tmp_path / "ours")).save_pretrained(str(tmp_path / "saved"))
+    res = run_cli(["import", str(tmp_path / "saved"), "--out", str(tmp_path / "imported")], str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "as preset micro" in res.stdout and "model.init_from=" in res.stdout
+    manifest = verify_export(str(tmp_path / "imported"))
+    assert manifest["formats"] == ["metatransformer", "open_clip"] and manifest["preset"] == "micro"
+    blocks = load_file(str(tmp_path / "imported" / "encoder.safetensors"))
+    want = {k.removeprefix("visual.blocks."): v for k, v in model.state_dict().items() if k.startswith("visual.blocks.")}
+    assert blocks.keys() == want.keys() and all(torch.equal(blocks[k], want[k]) for k in want)
+    res = run_cli(["import", str(tmp_path / "ours" / "README.md"), "--out", str(tmp_path / "x")], str(tmp_path))
+    assert res.returncode == 2 and "not a transformers model folder" in res.stderr

@@ -1,4 +1,5 @@
-"""``mtx-dist export``: the frozen encoder of a run or checkpoint, as Meta-Transformer and/or OpenCLIP files."""
+"""``mtx-dist export``: the frozen encoder of a run or checkpoint in the formats users load (Meta-Transformer,
+OpenCLIP, transformers, timm); ``mtx-dist import``: a transformers CLIPModel folder into those formats."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import argparse
 
 from mtx_dist.export.common import DTYPES, FORMATS, ExportError
 from mtx_dist.export.source import SourceError
+from mtx_dist.interop.hf import HfConversionError
 from mtx_dist.interop.openclip import OpenClipImportError
 from mtx_dist.parallel.consolidate import CheckpointLayoutError
 
-ERRORS = (ExportError, SourceError, CheckpointLayoutError, OpenClipImportError)
+ERRORS = (ExportError, SourceError, CheckpointLayoutError, OpenClipImportError, HfConversionError)
 
 
 def _formats(text: str) -> list[str]:
@@ -36,6 +38,31 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from mtx_dist.export.writers import write_export
+    from mtx_dist.interop.hf import is_hf_folder, read_hf_folder, spec_from_hf_config
+    from mtx_dist.models.presets import PRESETS
+
+    if not is_hf_folder(args.source):
+        raise HfConversionError(f"{args.source!r} is not a transformers model folder (no config.json)")
+    with open(os.path.join(args.source, "config.json")) as f:
+        spec = spec_from_hf_config(json.load(f))
+    preset = next((name for name, p in PRESETS.items() if p == spec), None)
+    if preset is None:
+        raise HfConversionError(f"{args.source!r}: its geometry matches no model.preset ({', '.join(PRESETS)}): "
+                                f"{spec}")
+    state = read_hf_folder(args.source, spec)
+    path = write_export(state, spec, preset, args.out, {"imported_from": os.path.abspath(args.source)}, args.format,
+                        DTYPES[args.dtype])
+    print(f"imported {args.source} as preset {preset} ({', '.join(args.format)}) to {os.path.abspath(args.out)}; "
+          f"continue pretraining with model.preset={preset} model.init_from={args.source}")
+    print(f"manifest: {path}")
+    return 0
+
+
 def register(sub) -> None:
     e = sub.add_parser("export", help="export the frozen encoder of a run or checkpoint",
                        description="Consolidate a checkpoint (any ZeRO stage, any tensor-parallel size) and write "
@@ -52,3 +79,15 @@ def register(sub) -> None:
     e.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="tensor dtype of the files (default fp32)")
     e.add_argument("--preset", help="model preset, only for checkpoints saved without their config.toml")
     e.set_defaults(func=_run)
+
+    i = sub.add_parser("import", help="convert a transformers CLIPModel folder into our export formats",
+                       description="Read a Hugging Face transformers CLIPModel folder (config.json + "
+                                   "model.safetensors, exact GELU) whose geometry is one of our presets and write it "
+                                   "as an export (the formats of 'mtx-dist export'). To continue pretraining from it, "
+                                   "give the folder to model.init_from.")
+    i.add_argument("source", help="transformers CLIPModel folder")
+    i.add_argument("--format", type=_formats, default=["metatransformer", "open_clip"], metavar="F",
+                   help=f"{' | '.join(FORMATS)}, or several comma-separated (default metatransformer,open_clip)")
+    i.add_argument("--out", required=True, help="output directory")
+    i.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="tensor dtype of the files (default fp32)")
+    i.set_defaults(func=_import)
