@@ -13,10 +13,11 @@ writer index a tar without DALI installed.
 
 from __future__ import annotations
 
-import os
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+from data_pipelines.files import atomic_write_text
 
 INDEX_VERSION = "v1.2"
 
@@ -110,12 +111,5 @@ def write_dali_index(tar_path: str, index_path: str | None = None, exts=None) ->
     samples = list(scan_tar(tar_path, exts))
     if not samples:
         raise DaliIndexError(f"{tar_path}: no samples to index")
-    tmp = f"{index_path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(format_index(samples))
-        os.replace(tmp, index_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(index_path, format_index(samples))
     return index_path

@@ -20,7 +20,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from data_pipelines.writer.sink import sha256_file
+from data_pipelines.files import atomic_open, sha256_file
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = {
@@ -129,10 +129,8 @@ def write_demo_split(out_dir: str, spec: DemoSpec) -> list[str]:
         "shards": [{"name": os.path.basename(p), "samples": n, "bytes": os.path.getsize(p), "sha256": sha256_file(p)}
                    for p, n in zip(shards, counts)],
     }
-    tmp = staging + ".manifest"
-    with open(tmp, "w") as f:
+    with atomic_open(manifest_path) as f:
         json.dump(manifest, f, indent=1)
-    os.replace(tmp, manifest_path)
     return shards
 
 

@@ -41,9 +41,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
+from data_pipelines.files import atomic_write_text, fsync_path, sha256_file
 from mtx_dist import faults
 from mtx_dist.config import ConfigError
-from mtx_dist.export import sha256_file
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -109,15 +109,6 @@ def _distributed() -> bool:
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
-
-
-def _fsync(path: str) -> None:
-    """fsync a file, or a directory (which makes the names in it -- creations, renames -- durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_text(path: str, text: str) -> None:
@@ -212,7 +203,7 @@ def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3, conf
         if rank == 0 and config_toml is not None:
             _write_text(os.path.join(tmp, CONFIG_FILE), config_toml)  # before the manifest lists the files
         for path in (written if written is not None else [os.path.join(tmp, f) for f in _files(tmp)]):
-            _fsync(path)
+            fsync_path(path)
         faults.hit("save-state", step, rank)
         _barrier()  # every rank's files are on disk
         if rank == 0:
@@ -242,19 +233,17 @@ def _commit(root: str, tmp: str, final: str, tag: str, step: int, keep: int) -> 
     manifest = {"format": MANIFEST_FORMAT, "version": 1, "tag": tag, "step": step, "world_size": world,
                 "train_states": states, "files": files}
     _write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
-    _fsync(tmp)
+    fsync_path(tmp)
     faults.hit("save-manifest", step, 0)
     old = final + OLD_SUFFIX
     if os.path.exists(final):  # this step saved before: a save killed before `latest` moved, or an older timeline
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     faults.hit("save-rename", step, 0)
     latest = os.path.join(root, LATEST)
-    _write_text(latest + ".tmp", tag)
-    os.replace(latest + ".tmp", latest)
-    _fsync(root)
+    atomic_write_text(latest, tag)
     try:
         _prune(root, tag, keep)
     except OSError as e:  # the new checkpoint is complete; failing to delete old ones must not fail the run

@@ -25,6 +25,7 @@ import time
 from collections import deque
 from typing import Any
 
+from data_pipelines.files import atomic_open
 from mtx_dist.config import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -418,9 +419,8 @@ class Tracker:
         path = os.path.join(self.run_dir, RUN_ID_FILE)
         try:
             os.makedirs(self.run_dir, exist_ok=True)
-            with open(path + ".tmp", "w") as f:
+            with atomic_open(path) as f:
                 json.dump({"run_id": self.run_id, "tracking_uri": self.uri, "experiment": self.cfg.experiment}, f)
-            os.replace(path + ".tmp", path)
         except OSError as e:
             log.warning("MLflow: cannot record the run id in %s (%s)", path, e)
 

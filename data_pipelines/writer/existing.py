@@ -20,7 +20,7 @@ from data_pipelines.writer.samples import (
     decode_detail,
     parse_label,
 )
-from data_pipelines.writer.sink import sha256_file
+from data_pipelines.files import sha256_file
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the extensions the training loader reads
 STATS_KEYS = ("count", "successes", "failed_to_download", "failed_to_resize")

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+from data_pipelines.files import atomic_open
 from data_pipelines.writer.samples import Candidate, ImageOptions, prepare_batch
 from data_pipelines.writer.sink import ShardSink, brace_spec
 from data_pipelines.writer.sources import (
@@ -125,11 +126,9 @@ def _prepare_output(out_dir: str, prefix: str, overwrite: bool) -> list[str]:
 
 
 def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         json.dump(obj, f, indent=1, ensure_ascii=False)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def write_shards(source: str, out_dir: str, opts: WriterOptions, kind: str = "auto",
@@ -187,7 +186,7 @@ def write_shards(source: str, out_dir: str, opts: WriterOptions, kind: str = "au
     results = ordered_map(functools.partial(prepare_batch, opts.image), tracked(chunks), opts.workers,
                           opts.task_timeout_s)
     try:
-        with open(log_path + ".tmp", "w", encoding="utf-8") as log:
+        with atomic_open(log_path) as log:
             for result in results:
                 src = sources.popleft()
                 seen += 1
@@ -201,12 +200,9 @@ def write_shards(source: str, out_dir: str, opts: WriterOptions, kind: str = "au
                 if progress is not None:
                     progress(seen, written)
             shards = sink.close()
-        os.replace(log_path + ".tmp", log_path)
     except BaseException:
         results.close()  # ends the worker processes now, not when the generator is collected
         sink.abort()
-        if os.path.exists(log_path + ".tmp"):
-            os.unlink(log_path + ".tmp")
         raise
     _remove_stale(old, {s["name"] for s in shards})
     manifest = _manifest(out_dir, shards, rejected, source_info, opts, seen, ignored)
@@ -260,11 +256,10 @@ def index_existing(source: str, out_dir: str, opts: WriterOptions) -> dict:
     fn = functools.partial(_check_tars, opts.image.max_pixels, out_dir)
     shards = list(ordered_map(fn, ([t] for t in tars), opts.workers, opts.task_timeout_s))
     rejected: Counter = Counter()
-    with open(os.path.join(out_dir, REJECTED_LOG + ".tmp"), "w", encoding="utf-8") as log:
+    with atomic_open(os.path.join(out_dir, REJECTED_LOG)) as log:
         for s in shards:
             rejected.update(s.pop("bad"))
             log.writelines(json.dumps(bad, ensure_ascii=False) + "\n" for bad in s.pop("bad_list"))
-    os.replace(os.path.join(out_dir, REJECTED_LOG + ".tmp"), os.path.join(out_dir, REJECTED_LOG))
     shard_dir = os.path.abspath(source)
     if os.path.abspath(out_dir) != shard_dir:
         for s in shards:  # the index lives elsewhere: name it absolutely

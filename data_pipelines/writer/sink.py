@@ -3,7 +3,6 @@ and renamed when complete, then hashed and indexed for DALI."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -11,6 +10,7 @@ import tarfile
 from collections.abc import Iterable
 
 from data_pipelines.dali_index import write_dali_index
+from data_pipelines.files import replace_durably, sha256_file
 
 BLOCK = 512  # tar header and data granularity (USTAR, as webdataset's TarWriter writes)
 RECORD = 20 * BLOCK  # tarfile pads a closed archive to a whole record
@@ -27,14 +27,6 @@ def sample_footprint(files: dict[str, bytes], key: str) -> int:
         if len(f"{key}.{ext}") > 100:  # USTAR's name field; longer names would need extra headers
             raise ValueError(f"member name {key}.{ext} longer than 100 characters")
     return sum(BLOCK + _round_up(len(v), BLOCK) for v in files.values())
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ShardSink:
@@ -78,12 +70,10 @@ class ShardSink:
 
     def _finish(self) -> None:
         self._writer.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
         tmp = self._file.name
         self._file.close()
         final = self.final_path(len(self.records))
-        os.replace(tmp, final)  # only complete shards ever carry a final name
+        replace_durably(tmp, final)  # only complete shards ever carry a final name
         index = write_dali_index(final)
         self.records.append({"name": os.path.basename(final), "samples": self._count,
                              "bytes": os.path.getsize(final), "sha256": sha256_file(final),

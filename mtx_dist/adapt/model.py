@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from data_pipelines.files import atomic_open, atomic_write_with
 from mtx_dist.adapt.encoder import FrozenEncoder
 from mtx_dist.adapt.errors import AdaptError, EncoderMismatchError
 from mtx_dist.adapt.tokenizers import build_tokenizer
@@ -66,12 +67,9 @@ def save_adapter(model: AdaptedModel, spec: dict, out_dir: str) -> str:
     """Write adapter.safetensors + adapter.json (atomically renamed into place); returns out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     weights = os.path.join(out_dir, WEIGHTS_FILE)
-    save_file(model.trainable_state(), weights + ".tmp", metadata={"format": FORMAT})
-    os.replace(weights + ".tmp", weights)
-    path = os.path.join(out_dir, SPEC_FILE)
-    with open(path + ".tmp", "w") as f:
+    atomic_write_with(weights, lambda tmp: save_file(model.trainable_state(), tmp, metadata={"format": FORMAT}))
+    with atomic_open(os.path.join(out_dir, SPEC_FILE)) as f:
         json.dump({"format": FORMAT, "version": 1, **spec}, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
     return out_dir
 
 

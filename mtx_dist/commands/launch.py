@@ -19,11 +19,10 @@ ERRORS = (LaunchEnvError, HostfileError)
 
 def _write_atomically(path: str, text: str) -> None:
     # Every node of an allocation may write the same file on a shared filesystem: rename, never truncate.
+    from data_pipelines.files import atomic_write_text
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from data_pipelines.transforms import CLIP_MEAN, CLIP_STD
-from data_pipelines.writer.sink import sha256_file  # one file hash for shards, checkpoints and exports
+from data_pipelines.files import atomic_write_with, sha256_file
 from mtx_dist.models.presets import ModelSpec
 
 ENCODER_FILE = "encoder.safetensors"
@@ -53,12 +53,6 @@ def prepare(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, t
             for k in sorted(tensors, key=natural_key)}
 
 
-def _replace_into(path: str, write) -> None:
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -69,14 +63,14 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str, fmt: str) -> 
     def write(tmp: str) -> None:
         save_file(tensors, tmp, metadata={"format": fmt})
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600; exports are meant to be shared
-    _replace_into(path, write)
+    atomic_write_with(path, write)
 
 
 def write_torch(tensors: dict[str, torch.Tensor], path: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: see the module docstring (byte stability)
             torch.save(dict(tensors), f)
-    _replace_into(path, write)
+    atomic_write_with(path, write)
 
 
 def write_json(obj: dict, path: str) -> None:
@@ -84,14 +78,14 @@ def write_json(obj: dict, path: str) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
-    _replace_into(path, write)
+    atomic_write_with(path, write)
 
 
 def write_text(text: str, path: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-    _replace_into(path, write)
+    atomic_write_with(path, write)
 
 
 def encoder_section(spec: ModelSpec) -> dict:
