@@ -4,6 +4,7 @@ never stops training."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -99,6 +100,23 @@ def demo_dir(tmp_path_factory):
 def client(server):
     from mlflow.tracking import MlflowClient
     return MlflowClient(server.url)
+
+
+@contextlib.contextmanager
+def training(tmp_path, args: list[str]):
+    """``mtx-dist train ARGS`` in ``tmp_path`` (its own session; output in ``tmp_path``/stdout, stderr),
+    killed with its process group if it still runs when the block ends."""
+    out, err = open(tmp_path / "stdout", "w"), open(tmp_path / "stderr", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mtx_dist", "train", *args], cwd=str(tmp_path), env=clean_env(),
+                            stdout=out, stderr=err, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        out.close()
+        err.close()
 
 
 def clean_env() -> dict:
@@ -229,13 +247,9 @@ def test_server_killed_mid_run_does_not_stop_training(tmp_path, server, demo_dir
     server.ensure()
     steps = 24
     run_dir = tmp_path / "runs/quickstart"
-    out, err = open(tmp_path / "stdout", "w"), open(tmp_path / "stderr", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mtx_dist", "train", *MICRO, f"run.steps={steps}", f"data.demo_dir={demo_dir}",
-         "run.eval_at_end=false", f"tracking.uri={server.url}", "tracking.experiment=kill-test",
-         "tracking.retry_s=1", "tracking.request_timeout_s=5"],
-        cwd=str(tmp_path), env=clean_env(), stdout=out, stderr=err, start_new_session=True)
-    try:
+    with training(tmp_path, [*MICRO, f"run.steps={steps}", f"data.demo_dir={demo_dir}", "run.eval_at_end=false",
+                             f"tracking.uri={server.url}", "tracking.experiment=kill-test", "tracking.retry_s=1",
+                             "tracking.request_timeout_s=5"]) as proc:
         # wait for the run to exist and its first loss to arrive, then kill the server (SIGKILL: no goodbye)
         c, deadline, seen = client(server), time.monotonic() + 240, []
         while time.monotonic() < deadline and proc.poll() is None:
@@ -248,12 +262,6 @@ def test_server_killed_mid_run_does_not_stop_training(tmp_path, server, demo_dir
         assert seen, "no loss arrived at the server"
         server.stop(signal.SIGKILL)
         code = proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        out.close()
-        err.close()
     stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
     assert code == 0, stderr[-3000:]
     assert f"trained to step {steps} of {steps}" in stdout
@@ -273,15 +281,11 @@ def test_store_outage_mid_run_training_continues_and_system_metrics_resume(tmp_p
     and the training curves resume on the same run. The run is then preempted (SIGTERM: checkpoint, 75)."""
     server.ensure()
     run_dir = tmp_path / "runs/quickstart"
-    out, err = open(tmp_path / "stdout", "w"), open(tmp_path / "stderr", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mtx_dist", "train", *MICRO, "run.steps=1000000", f"data.demo_dir={demo_dir}",
-         "run.eval_at_end=false", "run.export_at_end=false", f"tracking.uri={server.url}",
-         "tracking.experiment=outage-test", "tracking.retry_s=0.5", "tracking.request_timeout_s=2",
-         "tracking.system_metrics_interval_s=0.2", "tracking.system_metrics_samples=1"],
-        cwd=str(tmp_path), env=clean_env(), stdout=out, stderr=err, start_new_session=True)
     key = "system/cpu_utilization_percentage"
-    try:
+    with training(tmp_path, [*MICRO, "run.steps=1000000", f"data.demo_dir={demo_dir}", "run.eval_at_end=false",
+                             "run.export_at_end=false", f"tracking.uri={server.url}", "tracking.experiment=outage-test",
+                             "tracking.retry_s=0.5", "tracking.request_timeout_s=2",
+                             "tracking.system_metrics_interval_s=0.2", "tracking.system_metrics_samples=1"]) as proc:
         c = client(server)
 
         def history(name: str) -> list[int]:
@@ -299,7 +303,6 @@ def test_store_outage_mid_run_training_continues_and_system_metrics_resume(tmp_p
             raise AssertionError(f"{what} (trainer exit code {proc.poll()}): {err_tail()}")
 
         def err_tail() -> str:
-            err.flush()
             return (tmp_path / "stderr").read_text()[-2000:]
 
         wait_for(lambda: (run_dir / RUN_ID_FILE).exists(), "the run never started")
@@ -314,12 +317,6 @@ def test_store_outage_mid_run_training_continues_and_system_metrics_resume(tmp_p
         assert proc.poll() is None, err_tail()  # still training through all of it
         proc.send_signal(signal.SIGTERM)  # preemption: checkpoint and leave with 75
         code = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        out.close()
-        err.close()
     assert code == 75, (tmp_path / "stderr").read_text()[-3000:]
     steps = history(key)
     assert steps == sorted(set(steps))  # one count, continued: no system-metrics step logged twice

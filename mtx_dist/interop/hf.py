@@ -51,42 +51,40 @@ class HfConversionError(ValueError):
     """A model or folder that has no faithful counterpart on the other side; names the difference."""
 
 
+def _pairs(spec: ModelSpec) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[tuple[str, str]]]:
+    """The one name table, used both ways: (ours, HF) pairs of tensors that map as they are, of
+    projections that map transposed, and of fused qkv tensors (ours) to their HF prefix."""
+    same = [(ours, hf) for ours, hf, how in _TOP if how != "T"]
+    transposed = [(ours, hf) for ours, hf, how in _TOP if how == "T"]
+    qkv = []
+    for ours, hf in _TOWERS:
+        for i in range(spec.vision.layers if ours == "visual" else spec.text.layers):
+            src, dst = f"{ours}.blocks.{i}.", f"{hf}.encoder.layers.{i}."
+            same += [(src + f"{a}.{p}", dst + f"{b}.{p}") for a, b in _BLOCK for p in ("weight", "bias")]
+            qkv += [(src + f"attn.qkv.{p}", dst + f"self_attn.{{}}_proj.{p}") for p in ("weight", "bias")]
+    return same, transposed, qkv
+
+
 def to_hf(state_dict: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Our full state dict -> ``CLIPModel``'s (every tensor of it; position ids are HF buffers it makes)."""
     if "logit_bias" in state_dict:
         raise HfConversionError("a SigLIP model (loss.kind = siglip, it has a logit_bias) has no transformers "
                                 "CLIPModel equivalent: CLIPModel has no logit bias")
-    out = {hf: state_dict[ours].t() if how == "T" else state_dict[ours] for ours, hf, how in _TOP}
+    same, transposed, qkv = _pairs(spec)
+    out = {hf: state_dict[ours] for ours, hf in same} | {hf: state_dict[ours].t() for ours, hf in transposed}
+    for ours, hf in qkv:
+        out.update(zip((hf.format(x) for x in "qkv"), state_dict[ours].chunk(3, dim=0)))
     out["logit_scale"] = state_dict["logit_scale"].reshape(())
-    for ours, hf in _TOWERS:
-        layers = spec.vision.layers if ours == "visual" else spec.text.layers
-        for i in range(layers):
-            src, dst = f"{ours}.blocks.{i}.", f"{hf}.encoder.layers.{i}."
-            for a, b in _BLOCK:
-                for p in ("weight", "bias"):
-                    out[dst + f"{b}.{p}"] = state_dict[src + f"{a}.{p}"]
-            for p in ("weight", "bias"):
-                q, k, v = state_dict[src + f"attn.qkv.{p}"].chunk(3, dim=0)
-                out.update({dst + f"self_attn.q_proj.{p}": q, dst + f"self_attn.k_proj.{p}": k,
-                            dst + f"self_attn.v_proj.{p}": v})
     return out
 
 
 def from_hf(tensors: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
     """``CLIPModel``'s state dict -> ours (the inverse of :func:`to_hf`; HF's buffers are left out)."""
+    same, transposed, qkv = _pairs(spec)
     try:
-        out = {ours: tensors[hf].t() if how == "T" else tensors[hf] for ours, hf, how in _TOP}
+        out = {ours: tensors[hf] for ours, hf in same} | {ours: tensors[hf].t() for ours, hf in transposed}
+        out |= {ours: torch.cat([tensors[hf.format(x)] for x in "qkv"]) for ours, hf in qkv}
         out["logit_scale"] = tensors["logit_scale"].reshape(1)
-        for ours, hf in _TOWERS:
-            layers = spec.vision.layers if ours == "visual" else spec.text.layers
-            for i in range(layers):
-                src, dst = f"{hf}.encoder.layers.{i}.", f"{ours}.blocks.{i}."
-                for a, b in _BLOCK:
-                    for p in ("weight", "bias"):
-                        out[dst + f"{a}.{p}"] = tensors[src + f"{b}.{p}"]
-                for p in ("weight", "bias"):
-                    out[dst + f"attn.qkv.{p}"] = torch.cat([tensors[src + f"self_attn.{x}_proj.{p}"]
-                                                            for x in "qkv"])
     except KeyError as e:
         raise HfConversionError(f"not a transformers CLIPModel state dict of this geometry: no tensor {e}") from None
     return {k: v.contiguous() for k, v in out.items()}
