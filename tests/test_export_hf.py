@@ -16,8 +16,12 @@ from mtx_dist.models import ContrastiveModel, get_preset
 from tests.helpers import run_cli, torchvision_shim
 from tests.test_tokenizer import TEXTS
 
-torchvision_shim()  # transformers imports torchvision, whose C++ ops this CPU torch lacks
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402 (a test dependency; a lazy module: its models import torchvision on first use)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torchvision_ops():
+    torchvision_shim()  # transformers' models import torchvision, whose C++ ops this CPU torch lacks
 
 
 def features(out) -> torch.Tensor:
