@@ -242,6 +242,8 @@ def test_job_killed_before_its_first_checkpoint_continues_its_run(tmp_path):
     # steps 1-2 from the killed job (step 3 died before its log), then 1-5 from the requeued one
     assert sorted(m.step for m in c.get_metric_history(run_id, "train/loss")) == [1, 1, 2, 2, 3, 4, 5]
     assert len(c.search_runs([run.info.experiment_id])) == 1
+    # the requeued invocation rewrote the run's description: it finished all 5 steps
+    assert "Step 5 of 5." in run.data.tags["mlflow.note.content"]
 
 
 def test_silent_server_costs_one_request_timeout_per_attempt(tmp_path, caplog):
