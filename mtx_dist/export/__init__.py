@@ -1,4 +1,4 @@
-"""Export the frozen encoder (Meta-Transformer blocks, OpenCLIP two-tower) with a manifest.
+"""Export the frozen encoder (Meta-Transformer blocks, OpenCLIP, transformers, timm) with a model card and a manifest.
 
 ``manifest.json`` records geometry, preprocessing, tokenizer, provenance, dtype and the sha256 and
 tensor count of every file. :func:`verify_export` checks a copy against it (hashes, then a
