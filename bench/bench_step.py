@@ -33,7 +33,8 @@ import time
 import torch
 
 from tests.dist_workers import global_batch
-from tests.helpers import DIST_VARS, torchvision_shim
+from launchers.env import DIST_VARS
+from tests.helpers import torchvision_shim
 
 GRAD_CLIP = 1.0
 

@@ -152,7 +152,7 @@ def run_training(args: argparse.Namespace, sec: Section) -> None:
     from mtx_dist.flops import peak_tflops
     from mtx_dist.models import get_preset
     from mtx_dist.parallel import destroy_groups
-    from tests.helpers import DIST_VARS
+    from launchers.env import DIST_VARS
 
     for k in DIST_VARS:  # one process: setup_runtime picks a free loopback port itself
         os.environ.pop(k, None)

@@ -18,7 +18,7 @@ import random
 
 import torch
 
-from tests.helpers import DIST_VARS
+from launchers.env import DIST_VARS
 
 
 def demo_captions(n: int, seed: int = 0) -> list[str]:

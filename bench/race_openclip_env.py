@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _setup(threads: int) -> None:
-    sys.path.insert(0, REPO)  # tests.helpers (stdlib-only module) for the shim
+    sys.path.insert(0, REPO)  # tests.helpers (stdlib and launchers only) for the shim
     import torch
 
     from tests.helpers import torchvision_shim

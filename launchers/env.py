@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from launchers.slurm import NodelistError, node_address, parse_nodelist, parse_tasks_per_node, port_for_job
 
 DEFAULT_PORT = 29500  # torch.distributed's customary port, when nothing else names one
+# What DistEnv.export writes (torch.distributed's env:// rendezvous): a process that starts others
+# outside a launcher (tests, benchmarks) removes these from the child's environment.
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Variables only a launcher that starts the ranks itself sets: under them SLURM_* describe the
 # launcher's tasks (often one per node), not the ranks, so the two are not compared.
 _LAUNCHER_MARKERS = ("TORCHELASTIC_RUN_ID", "CROSS_RANK", "LOCAL_SIZE")

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+from launchers.env import DIST_VARS  # noqa: F401 (the tests import it from here)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _torchvision_shim = None
 
@@ -27,7 +29,6 @@ def torchvision_shim() -> None:
     _torchvision_shim = lib  # keep the library object alive for the session
 
 
-DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def run_cli(args: list[str], cwd: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
