@@ -39,17 +39,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    import json
     import os
 
     from mtx_dist.export.writers import write_export
-    from mtx_dist.interop.hf import is_hf_folder, read_hf_folder, spec_from_hf_config
+    from mtx_dist.interop.hf import folder_spec, is_hf_folder, read_hf_folder
     from mtx_dist.models.presets import PRESETS
 
     if not is_hf_folder(args.source):
         raise HfConversionError(f"{args.source!r} is not a transformers model folder (no config.json)")
-    with open(os.path.join(args.source, "config.json")) as f:
-        spec = spec_from_hf_config(json.load(f))
+    spec = folder_spec(args.source)
     preset = next((name for name, p in PRESETS.items() if p == spec), None)
     if preset is None:
         raise HfConversionError(f"{args.source!r}: its geometry matches no model.preset ({', '.join(PRESETS)}): "

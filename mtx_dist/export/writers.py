@@ -70,11 +70,12 @@ def openclip_arch(preset: str) -> str:
     return OPENCLIP_ARCH.get(preset, f"mtx-{preset}")
 
 
-def _write_metatransformer(state_dict, out_dir: str, dtype: torch.dtype) -> dict[str, int]:
+def _write_metatransformer(state_dict, spec: ModelSpec, preset: str, out_dir: str, dtype: torch.dtype
+                           ) -> tuple[dict[str, int | None], dict]:
     blocks = prepare(encoder_blocks(state_dict), dtype)
     write_safetensors(blocks, os.path.join(out_dir, ENCODER_FILE), "metatransformer-blocks")
     write_torch(blocks, os.path.join(out_dir, ENCODER_PTH))
-    return {ENCODER_FILE: len(blocks), ENCODER_PTH: len(blocks)}
+    return {ENCODER_FILE: len(blocks), ENCODER_PTH: len(blocks)}, {}
 
 
 def _write_openclip(state_dict, spec: ModelSpec, preset: str, out_dir: str, dtype: torch.dtype
@@ -102,7 +103,7 @@ def _write_openclip(state_dict, spec: ModelSpec, preset: str, out_dir: str, dtyp
     return files, info
 
 
-def _write_hf(state_dict, spec: ModelSpec, out_dir: str, dtype: torch.dtype) -> tuple[dict[str, int | None], dict]:
+def _write_hf(state_dict, spec: ModelSpec, preset: str, out_dir: str, dtype: torch.dtype) -> tuple[dict[str, int | None], dict]:
     from mtx_dist.interop.hf import HfConversionError, hf_config, preprocessor_config, to_hf, tokenizer_files
 
     try:
@@ -122,7 +123,7 @@ def _write_hf(state_dict, spec: ModelSpec, out_dir: str, dtype: torch.dtype) -> 
                           "DIR": "the folder holding this manifest"}}
 
 
-def _write_timm(state_dict, spec: ModelSpec, out_dir: str, dtype: torch.dtype) -> tuple[dict[str, int | None], dict]:
+def _write_timm(state_dict, spec: ModelSpec, preset: str, out_dir: str, dtype: torch.dtype) -> tuple[dict[str, int | None], dict]:
     from mtx_dist.interop.timm_vit import timm_config, to_timm
 
     tensors = prepare(to_timm(state_dict, spec), dtype)
@@ -131,6 +132,10 @@ def _write_timm(state_dict, spec: ModelSpec, out_dir: str, dtype: torch.dtype) -
     return ({"config.json": None, HF_FILE: len(tensors)},
             {"timm": {"load": "timm.create_model('local-dir:DIR', pretrained=True[, num_classes=K])",
                       "DIR": "the folder holding this manifest"}})
+
+
+WRITERS = {"metatransformer": _write_metatransformer, "open_clip": _write_openclip, "hf": _write_hf,
+           "timm": _write_timm}
 
 
 def write_export(state_dict: dict[str, torch.Tensor], spec: ModelSpec, preset: str, out_dir: str, source: dict,
@@ -156,19 +161,10 @@ def write_export(state_dict: dict[str, torch.Tensor], spec: ModelSpec, preset: s
             os.remove(os.path.join(out_dir, name))
     files: dict[str, int | None] = {}
     extra: dict = {}
-    if "metatransformer" in formats:
-        files.update(_write_metatransformer(state_dict, out_dir, dtype))
-    if "open_clip" in formats:
-        more, extra = _write_openclip(state_dict, spec, preset, out_dir, dtype)
+    for fmt in formats:  # each writer: (files it wrote -> tensor count or None, manifest section)
+        more, info = WRITERS[fmt](state_dict, spec, preset, out_dir, dtype)
         files.update(more)
-    if "hf" in formats:
-        more, hf_info = _write_hf(state_dict, spec, out_dir, dtype)
-        files.update(more)
-        extra = {**extra, **hf_info}
-    if "timm" in formats:
-        more, timm_info = _write_timm(state_dict, spec, out_dir, dtype)
-        files.update(more)
-        extra = {**extra, **timm_info}
+        extra.update(info)
     write_text(model_card(manifest(formats, spec, preset, source, dtype, out_dir, {}, extra)),
                os.path.join(out_dir, CARD_FILE))
     files[CARD_FILE] = None

@@ -160,13 +160,18 @@ def is_hf_folder(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
 
 
+def folder_spec(path: str) -> ModelSpec:
+    """The geometry of a transformers ``CLIPModel`` folder, from its ``config.json``."""
+    with open(os.path.join(path, "config.json")) as f:
+        return spec_from_hf_config(json.load(f))
+
+
 def read_hf_folder(path: str, spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Our state dict from a transformers ``CLIPModel`` folder (``config.json`` + ``model.safetensors``)
     whose geometry is ``spec``; raises :class:`HfConversionError` naming the first difference."""
     from safetensors.torch import load_file
 
-    with open(os.path.join(path, "config.json")) as f:
-        theirs = spec_from_hf_config(json.load(f))
+    theirs = folder_spec(path)
     for side in ("vision", "text"):
         a, b = getattr(theirs, side), getattr(spec, side)
         for field in fields(a):
