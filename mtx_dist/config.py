@@ -41,7 +41,8 @@ class RunConfig:
     device: str = _opt("auto", "where to train: auto picks cuda when available", ("auto", "cpu", "cuda"))
     log_every: int = _opt(10, "steps between metric logs", min=1)
     eval_at_end: bool = _opt(True, "held-out retrieval on data.val at the end of training")
-    export_at_end: bool = _opt(True, "export the frozen image encoder to <run.dir>/export at the end")
+    export_at_end: bool = _opt(True, "export the encoder to <run.dir>/export at the end (Meta-Transformer blocks, "
+                                "OpenCLIP, MLflow pyfunc)")
     preemption_signals: str = _opt("USR1,TERM", "signals that ask for a checkpoint and a clean stop (exit code "
                                    "75), comma-separated; '' = none handled")
     preemption_check_every: int = _opt(1, "steps between the all-ranks check for a preemption signal (one "

@@ -26,6 +26,7 @@ from collections import deque
 from typing import Any
 
 from data_pipelines.files import atomic_open
+from mtx_dist import package_version
 from mtx_dist.config import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -102,14 +103,6 @@ def host_ranges(hosts: list[str]) -> str:
     return ",".join(parts)
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("mtx-dist")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 SLURM_TAGS = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_ARRAY_JOB_ID": "slurm.array_job_id",
               "SLURM_ARRAY_TASK_ID": "slurm.array_task_id", "SLURM_RESTART_COUNT": "slurm.restart_count",
               "SLURM_JOB_NODELIST": "slurm.nodelist", "SLURM_JOB_PARTITION": "slurm.partition"}
@@ -141,7 +134,7 @@ def cluster_tags(env, tp_size: int, dp_size: int, enabled: bool = True) -> dict[
     commit, dirty = git_info()
     tags = {"world_size": env.world_size, "tensor_parallel": tp_size, "data_parallel": dp_size,
             "launcher": launcher_name(env.source), "hosts": host_ranges(hosts)[:5000], "num_hosts": len(set(hosts)),
-            "mtx_dist.version": _version(), "mtx_dist.git_commit": commit, "mtx_dist.git_dirty": dirty}
+            "mtx_dist.version": package_version(), "mtx_dist.git_commit": commit, "mtx_dist.git_dirty": dirty}
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit  # shown by MLflow's UI
     tags.update({tag: os.environ[var] for var, tag in SLURM_TAGS.items() if os.environ.get(var)})

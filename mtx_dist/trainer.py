@@ -20,7 +20,7 @@ from mtx_dist.config import Config, ConfigError
 from mtx_dist.data import DevicePrefetcher, build_loader, record_keys, resolve_shards, skipped_totals
 from mtx_dist.engine import Runtime, build_engine, build_model, consolidated_state_dict, global_grad_norm, setup_runtime
 from mtx_dist.evaluate import embed_split, retrieval_counts, retrieval_metrics
-from mtx_dist.export import export_encoder
+from mtx_dist.export import write_export
 from mtx_dist.flops import peak_tflops, train_flops_per_sample
 from mtx_dist.loss import build_loss
 from mtx_dist.models import get_preset, kept_patches
@@ -31,6 +31,9 @@ from mtx_dist import shard_sets
 from mtx_dist.system_metrics import SystemMetrics
 from mtx_dist.tracking import Tracker, cluster_tags, import_mlflow, tracking_uri
 
+# The end-of-run export: the frozen image blocks for adaptation, both towers for OpenCLIP, and the
+# folder as an MLflow pyfunc model (so the version registered from it is servable).
+END_OF_RUN_FORMATS = ("metatransformer", "open_clip", "mlflow")
 
 
 @dataclass
@@ -386,7 +389,7 @@ def _export(cfg: Config, runtime: Runtime, engine, state: ckpt.TrainState, track
                   "mlflow_run_id": tracker.run_id or state.mlflow_run_id,
                   "tracking_uri": tracker.uri if tracker.active else None,
                   "data": cfg.data.train or "demo shards", "held_out": held_out or None}
-        export_encoder(full, get_preset(cfg.model.preset), cfg.model.preset, out_dir, source)
+        write_export(full, get_preset(cfg.model.preset), cfg.model.preset, out_dir, source, END_OF_RUN_FORMATS)
         tracker.log_artifacts(out_dir, "export")
         tracker.register_model("export")  # a version of tracking.register_as pointing at these artifacts
     return out_dir

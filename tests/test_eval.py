@@ -26,6 +26,7 @@ from mtx_dist.evaluate import (
     retrieval_metrics,
     zero_shot_accuracy,
 )
+from mtx_dist.export import write_export
 from mtx_dist.export.source import SourceError, load_any
 from tests.helpers import run_cli
 
@@ -251,7 +252,12 @@ def test_eval_cli_equals_open_clip_on_the_export(open_clip, demo_shards, tmp_pat
     for k, v in direct.items():
         assert from_run[k] == pytest.approx(v, abs=1e-9), (k, from_run, direct)
 
+    # the trainer's end-of-run export holds both towers: the final checkpoint's weights, bit for bit
+    at_end, final = load_any(str(run_dir / "export")), load_any(str(run_dir))
+    assert at_end.state_dict.keys() == final.state_dict.keys()
+    assert all(torch.equal(at_end.state_dict[k], v) for k, v in final.state_dict.items())
+    write_export(final.state_dict, final.spec, final.preset, str(tmp_path / "mt"), {}, ("metatransformer",))
     with pytest.raises(SourceError, match=r"is a Meta-Transformer \(image blocks only\) export: it has no text "
                                           r"tower. Evaluation accepts a run directory, a checkpoint directory, or an "
                                           r"export made with --format open_clip"):
-        load_any(str(run_dir / "export"))  # the trainer's end-of-run export
+        load_any(str(tmp_path / "mt"))

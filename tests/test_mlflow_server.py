@@ -21,69 +21,12 @@ from launchers.env import free_port
 from mtx_dist.config import TrackingConfig
 from mtx_dist.tracking import RUN_ID_FILE, UNDELIVERED_FILE, Tracker, git_info
 from tests.helpers import DIST_VARS, REPO
+from tests.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.slow
 
 MICRO = ["model.preset=micro", "optim.warmup_steps=2", "run.log_every=1", "data.demo_train_samples=256",
          "data.demo_val_samples=32", "data.batch_size=16", "data.workers=1", "checkpoint.every=100"]
-START_TIMEOUT_S = 120
-
-
-class MlflowServer:
-    """``mlflow server`` on a loopback port in its own process group; restartable on the same port and DB."""
-
-    def __init__(self, root: str) -> None:
-        self.root, self.port = root, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-        self.log = open(os.path.join(self.root, "server.log"), "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-             "--artifacts-destination", f"{self.root}/artifacts"],
-            cwd=self.root, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}: {self._log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise TimeoutError(f"mlflow server gave no /health in {START_TIMEOUT_S} s: {self._log_tail()}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, sig)  # the server and its worker processes
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=20)
-        except ProcessLookupError:  # the group is gone already
-            pass
-        self.proc = None
-        self.log.close()
-
-    def ensure(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            self.stop()  # exited by itself: reap its group, close the log
-        if self.proc is None:
-            self.start()
-
-    def _log_tail(self) -> str:
-        with open(os.path.join(self.root, "server.log"), "rb") as f:
-            return f.read()[-2000:].decode(errors="replace")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     s = MlflowServer(str(tmp_path_factory.mktemp("mlflow-server")))
@@ -169,7 +112,8 @@ def test_two_rank_torchrun_job_logs_to_server(tmp_path, server, demo_dir):
     # the export went through the server's artifact proxy, byte for byte
     listed = {os.path.basename(a.path) for a in c.list_artifacts(run.info.run_id, "export")}
     local = set(os.listdir(run_dir / "export"))
-    assert {"encoder.safetensors", "manifest.json"} <= local and listed == local
+    assert {"encoder.safetensors", "open_clip_model.safetensors", "MLmodel", "manifest.json"} <= local
+    assert listed == local
     got = c.download_artifacts(run.info.run_id, "export/encoder.safetensors", str(tmp_path / "dl"))
     with open(got, "rb") as f:
         assert f.read() == (run_dir / "export/encoder.safetensors").read_bytes()
@@ -178,6 +122,10 @@ def test_two_rank_torchrun_job_logs_to_server(tmp_path, server, demo_dir):
     # ... and registered as a model version pointing at those artifacts
     versions = c.search_model_versions("name = 'server-encoder'")
     assert [(v.run_id, v.source) for v in versions] == [(run.info.run_id, f"runs:/{run.info.run_id}/export")]
+    # ... which is an MLflow pyfunc model (tests/test_export_mlflow.py serves one)
+    from mlflow.models import Model
+    flavors = Model.load(c.download_artifacts(run.info.run_id, "export/MLmodel", str(tmp_path / "dl"))).flavors
+    assert flavors["python_function"]["loader_module"] == "mtx_dist.export.pyfunc"
 
 
 def test_buffered_points_reach_a_restarted_server(tmp_path, server, caplog):

@@ -68,7 +68,9 @@ def register(sub) -> None:
                                    "(encoder.safetensors, encoder.pth); 'open_clip' = both towers as an OpenCLIP "
                                    "model (open_clip_model.safetensors + open_clip_config.json); 'hf' = a Hugging Face "
                                    "transformers CLIPModel folder (config.json, model.safetensors, tokenizer and "
-                                   "image-processor files; CLIPModel/CLIPProcessor.from_pretrained). manifest.json "
+                                   "image-processor files; CLIPModel/CLIPProcessor.from_pretrained); 'timm' = the image "
+                                   "tower as a timm VisionTransformer; 'mlflow' = the folder as an MLflow pyfunc "
+                                   "model (with open_clip). manifest.json "
                                    "records geometry, preprocessing, provenance and file hashes.")
     e.add_argument("source", help="run directory (its latest checkpoint) or a checkpoint directory")
     e.add_argument("--format", type=_formats, required=True, metavar="F",

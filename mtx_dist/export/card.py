@@ -15,6 +15,10 @@ LOADERS = {
     "hf": ("Hugging Face transformers",
            "from transformers import CLIPModel, CLIPProcessor\n"
            "model, processor = CLIPModel.from_pretrained('DIR'), CLIPProcessor.from_pretrained('DIR')"),
+    "mlflow": ("MLflow pyfunc",
+               "import mlflow, pandas as pd\nmodel = mlflow.pyfunc.load_model('DIR')  # or 'models:/NAME/VERSION'\n"
+               "out = model.predict(pd.DataFrame({{'image': ['cat.jpg', None], 'text': [None, 'a photo of a cat']}}),\n"
+               "                    params={{'classes': ['cat', 'dog']}})  # image_embedding, text_embedding, label, scores"),
     "timm": ("timm", "import timm\nmodel = timm.create_model('local-dir:DIR', pretrained=True)  # num_classes=K: a new head"),
 }
 

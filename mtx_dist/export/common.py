@@ -29,8 +29,10 @@ CARD_FILE = "README.md"  # the model card
 HF_FILE = "model.safetensors"
 HF_FILES = ("config.json", HF_FILE, "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
             "preprocessor_config.json")
+MLFLOW_FILES = ("MLmodel", "python_env.yaml", "requirements.txt", "conda.yaml", "input_example.json",
+                "serving_input_example.json")  # what mlflow.pyfunc.save_model writes
 TIMM_FILES = ("config.json", HF_FILE)  # timm's local-dir layout: the same two names as transformers'
-FORMATS = ("metatransformer", "open_clip", "hf", "timm")
+FORMATS = ("metatransformer", "open_clip", "hf", "timm", "mlflow")  # mlflow: last, and needs open_clip
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

@@ -44,6 +44,7 @@ from mtx_dist.export.common import (
     OPENCLIP_CONFIG,
     OPENCLIP_FILE,
     ExportError,
+    MLFLOW_FILES,
     manifest,
     prepare,
     write_json,
@@ -134,8 +135,17 @@ def _write_timm(state_dict, spec: ModelSpec, preset: str, out_dir: str, dtype: t
                       "DIR": "the folder holding this manifest"}})
 
 
+def _write_mlflow(state_dict, spec: ModelSpec, preset: str, out_dir: str, dtype: torch.dtype) -> tuple[dict[str, int | None], dict]:
+    from mtx_dist.export.pyfunc import write_mlflow_model
+
+    return write_mlflow_model(out_dir), {"mlflow": {
+        "load": "mlflow.pyfunc.load_model(DIR or 'models:/NAME/VERSION').predict(DataFrame with image / "
+                "image_bytes / text columns[, params={'classes': [...]}])",
+        "DIR": "the folder holding this manifest"}}
+
+
 WRITERS = {"metatransformer": _write_metatransformer, "open_clip": _write_openclip, "hf": _write_hf,
-           "timm": _write_timm}
+           "timm": _write_timm, "mlflow": _write_mlflow}
 
 
 def write_export(state_dict: dict[str, torch.Tensor], spec: ModelSpec, preset: str, out_dir: str, source: dict,
@@ -147,6 +157,8 @@ def write_export(state_dict: dict[str, torch.Tensor], spec: ModelSpec, preset: s
         raise ExportError(f"export format {unknown or formats!r}: choose from {', '.join(FORMATS)}")
     if dtype not in (torch.float32, torch.bfloat16):
         raise ExportError(f"export dtype {dtype}: fp32 or bf16")
+    if "mlflow" in formats and "open_clip" not in formats:
+        formats = [*formats, "open_clip"]  # the pyfunc model loads the folder's open_clip weights
     formats = [f for f in FORMATS if f in formats]  # a fixed order, whatever order they were asked in
     if "hf" in formats and "timm" in formats:
         raise ExportError("export formats hf and timm both need config.json and model.safetensors: export them "
@@ -156,6 +168,7 @@ def write_export(state_dict: dict[str, torch.Tensor], spec: ModelSpec, preset: s
     # A previous export here goes first, manifest before files: an interrupted export then fails
     # verification plainly, and files of a format not asked for this time do not linger.
     for name in [MANIFEST_FILE, CARD_FILE, ENCODER_FILE, ENCODER_PTH, OPENCLIP_FILE, OPENCLIP_CONFIG, *HF_FILES, *TIMM_FILES,
+                 *MLFLOW_FILES,
                  *(f for f in sorted(os.listdir(out_dir)) if f.startswith("mtx-") and f.endswith(".json"))]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out_dir, name))
