@@ -7,9 +7,10 @@ Backends (``model.attention``):
   * ``sdpa``       -- ``torch.nn.functional.scaled_dot_product_attention`` (fused where torch has a
     fused kernel for the device and dtype; the math kernel otherwise).
   * ``math``       -- the explicit softmax(QK^T / sqrt(d)) V reference, used by tests.
-  * ``auto``       -- flash_attn when it can run (installed, CUDA, fp16/bf16), else triton on CUDA,
-    else sdpa. Inside ``torch.compile`` auto never picks triton (our kernel is launched from a
-    custom autograd function that the compiler does not trace): sdpa, which inductor knows.
+  * ``auto``       -- flash_attn when it can run (installed, CUDA, fp16/bf16), else sdpa (whose
+    CUDA kernels are FlashAttention-2 and memory-efficient attention, and which inductor traces).
+    Our Triton kernel runs only when asked for by name, until a GPU measurement shows it beats
+    SDPA (bench/gpu_suite.sh measures both).
 
 The backend that runs is logged once per process for each (requested, chosen) pair, so a log
 shows what actually ran. An explicitly requested backend that cannot run on the given inputs
@@ -75,11 +76,8 @@ def resolve_backend(backend: str, q: torch.Tensor | None = None) -> str:
         raise AttentionBackendError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
         chosen = "sdpa"
-        if q is not None and q.device.type == "cuda":
-            if _flash_attn_problem(q) is None:
-                chosen = "flash_attn"
-            elif not torch.compiler.is_compiling() and _triton_problem(q) is None:
-                chosen = "triton"
+        if q is not None and q.device.type == "cuda" and _flash_attn_problem(q) is None:
+            chosen = "flash_attn"
     else:
         chosen = backend
         problem = _PROBLEMS[backend](q) if backend in _PROBLEMS and q is not None else None

@@ -23,6 +23,19 @@ def test_auto_picks_sdpa_on_cpu(dtype, monkeypatch):
     assert kernels.resolve_backend("auto", q) == "sdpa"
 
 
+def test_auto_on_cuda_is_flash_attn_when_it_can_run_else_sdpa_never_triton(monkeypatch):
+    """On a GPU machine (the device checks stubbed: no GPU here) auto takes flash-attn when it can
+    run and SDPA otherwise, even where our Triton kernel could run: that one is used only by name."""
+    q = torch.empty(1, 2, 9, 64, dtype=torch.bfloat16, device="meta")
+    cuda_q = type("CudaLike", (), {"device": torch.device("cuda"), "dtype": q.dtype, "shape": q.shape})()
+    assert attn_mod._triton_problem(cuda_q) is None  # our Triton kernel could run on such inputs
+    monkeypatch.setattr(attn_mod, "_flash_attn_problem", lambda q: "not installed")
+    assert kernels.resolve_backend("auto", cuda_q) == "sdpa"
+    assert kernels.resolve_backend("triton", cuda_q) == "triton"
+    monkeypatch.setattr(attn_mod, "_flash_attn_problem", lambda q: None)
+    assert kernels.resolve_backend("auto", cuda_q) == "flash_attn"
+
+
 def test_forcing_flash_attn_without_it_is_a_clear_error():
     q, k, v = _qkv(torch.bfloat16)
     with pytest.raises(kernels.AttentionBackendError,
