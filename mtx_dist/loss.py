@@ -98,8 +98,11 @@ class SigLipLoss(nn.Module):
 
     Instead of all-gathering N text features, each rank scores its images against its own texts,
     then passes the text block it holds to the next rank around the ring, W - 1 times: peak memory
-    is one B x B logit block and B x D of received features, and each step's transfer can overlap
-    the next block's matmul. The exchange is differentiable; gradients travel back around the ring.
+    is one B x B logit block and B x D of received features. Each exchange is a blocking send/receive
+    pair (``batch_isend_irecv``, then wait) before the block's matmul: transfers do not overlap the
+    compute. A B x D block is small next to the B x B x D matmul it feeds, so the ring costs W - 1
+    latencies; overlapping would need the receive started before the previous block's terms, with
+    the same in the backward. The exchange is differentiable; gradients travel back around the ring.
     """
 
     def __init__(self, group=None) -> None:
