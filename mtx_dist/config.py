@@ -49,6 +49,12 @@ class RunConfig:
                                        "integer all-reduce)", min=1)
     compile: bool = _opt(False, "torch.compile the model inside the DeepSpeed engine (compile time is reported "
                          "apart from step time)")
+    hang_watchdog: bool = _opt(True, "a rank on which no step completes within run.hang_timeout_s writes the stacks of "
+                               "its threads to <run.dir>/hang-rank<N>.txt and exits with code 76 (rank 0 requeues "
+                               "under SLURM when run.requeue)")
+    hang_timeout_s: float = _opt(0.0, "seconds without a completed step before a rank counts as hung; 0 = auto: 20x "
+                                 "the median step time, at least 600 s (at least 3600 s for the first step, "
+                                 "checkpoints, evaluation and export)", min=0)
     requeue: bool = _opt(True, "after a preemption checkpoint under SLURM, rank 0 runs `scontrol requeue "
                          "$SLURM_JOB_ID` (the job restarts and resumes with --resume latest)")
 

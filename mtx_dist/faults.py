@@ -9,6 +9,8 @@
     nan=loss:5:0         make rank 0's loss NaN at step 5 (1-based: the 5th optimizer step)
     signal=USR1:3:1      rank 1 sends itself SIGUSR1 right after optimizer step 3 (a preemption notice
                          that reached one rank only); the first field names the signal
+    hang=step:3:1        rank 1 hangs forever right after optimizer step 3, outside any collective (in
+                         :func:`injected_hang`, the frame its hang watchdog's stack file names)
 
 With the variable unset, :func:`hit` and :func:`poison` cost one dictionary lookup.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch
 
@@ -51,6 +54,17 @@ def send_signal(step: int, rank: int) -> None:
         for name, s, r in _entries("signal"):
             if s == step and r in (None, rank):
                 os.kill(os.getpid(), getattr(signal, f"SIG{name.upper().removeprefix('SIG')}"))
+
+
+def hang(point: str, step: int, rank: int) -> None:
+    """Never return if ``hang=point:step[:rank]`` is switched on."""
+    if ENV in os.environ and _matches("hang", point, step, rank):
+        injected_hang()
+
+
+def injected_hang() -> None:
+    while True:
+        time.sleep(3600)
 
 
 def poison(point: str, step: int, rank: int, value: torch.Tensor) -> torch.Tensor:

@@ -224,6 +224,19 @@ class Tracker:
             self._note = text
             self._attempt()
 
+    def report_hang(self, path: str, what: str) -> None:
+        """From the hang watchdog's thread while the training thread is stuck: the stack file as artifact
+        ``hangs/``, the description as tag ``mtx_dist.hang``, the run marked FAILED (a requeued job
+        continues it). Direct calls, each bounded by the request timeout; failures only warn."""
+        if not (self.active and self.run_id and self._client is not None):
+            return
+        try:
+            self._client.log_artifact(self.run_id, path, "hangs")
+            self._client.set_tag(self.run_id, "mtx_dist.hang", what[:5000])
+            self._client.set_terminated(self.run_id, "FAILED")
+        except Exception as e:  # noqa: BLE001 - the store may be what hangs
+            log.warning("MLflow: could not report the hang to %s (%s: %s)", self.uri, type(e).__name__, e)
+
     def run_url(self) -> str | None:
         """The run's page in the store's UI (http(s) stores), in MLflow 3's model-training view: its UI
         takes the view from a browser-wide switch that defaults to GenAI, unless the URL names it."""

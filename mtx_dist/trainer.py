@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from mtx_dist.step import StepSetup, train_step
 from mtx_dist import shard_sets
 from mtx_dist.system_metrics import SystemMetrics
 from mtx_dist.tracking import Tracker, cluster_tags, import_mlflow, tracking_uri
+from mtx_dist.watchdog import HangWatchdog
 
 # The end-of-run export: the frozen image blocks for adaptation, both towers for OpenCLIP, and the
 # folder as an MLflow pyfunc model (so the version registered from it is servable).
@@ -118,11 +120,14 @@ def _train(cfg: Config, preemption: Preemption) -> TrainResult:
                                         tags=tags, resume=bool(cfg.checkpoint.resume)) or state.mlflow_run_id
     describe_data(tracker, train_shards, val_shards if cfg.run.eval_at_end else None)
     monitor = start_system_metrics(cfg, runtime, tracker, tags)
+    watchdog = start_watchdog(cfg, runtime, tracker, state.step)
     try:
-        result = _loop(cfg, runtime, engine, loader, state, tracker, preemption)
+        result = _loop(cfg, runtime, engine, loader, state, tracker, preemption, watchdog)
         if cfg.run.eval_at_end and not result.preempted:
+            watchdog.beat(state.step, "evaluation")
             result.eval = _evaluate(cfg, runtime, engine, val_shards, tracker, state.step)
         if cfg.run.export_at_end and not result.preempted:
+            watchdog.beat(state.step, "export")
             result.export_dir = _export(cfg, runtime, engine, state, tracker, result.eval)
     except KeyboardInterrupt:
         _stop(monitor)
@@ -133,6 +138,7 @@ def _train(cfg: Config, preemption: Preemption) -> TrainResult:
         tracker.finish("FAILED")
         raise
     finally:
+        watchdog.stop()
         destroy_groups(groups)
     job = os.environ.get("SLURM_JOB_ID")
     if result.preempted and runtime.is_main and cfg.run.requeue and job:
@@ -152,6 +158,22 @@ def _train(cfg: Config, preemption: Preemption) -> TrainResult:
     if runtime.is_main:
         _summary(cfg, result)
     return result
+
+
+def start_watchdog(cfg: Config, runtime: Runtime, tracker: Tracker, step: int) -> HangWatchdog:
+    """Every rank's hang watchdog (a stopped one when ``run.hang_watchdog`` is off); rank 0 reports a
+    hang to MLflow and requeues the SLURM job (``run.requeue``)."""
+    def report(path: str, what: str) -> None:
+        tracker.report_hang(path, what)
+        job = os.environ.get("SLURM_JOB_ID")
+        if cfg.run.requeue and job:
+            ok, said = slurm_requeue(job)
+            print(f"hang watchdog: " + (f"requeued SLURM job {job}" if ok else f"requeue of SLURM job {job} failed: "
+                                        f"{said}"), file=sys.stderr, flush=True)
+
+    dog = HangWatchdog(cfg.run.dir, runtime.env.rank, cfg.run.hang_timeout_s,
+                       on_hang=report if runtime.is_main else None)
+    return dog.start(step) if cfg.run.hang_watchdog else dog
 
 
 def describe_data(tracker: Tracker, train_shards: str, val_shards: str | None) -> None:
@@ -262,7 +284,7 @@ def step_setup(cfg: Config, runtime: Runtime, engine) -> StepSetup:
 
 
 def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState, tracker: Tracker,
-          preemption: Preemption | None = None) -> TrainResult:
+          preemption: Preemption | None, watchdog: HangWatchdog) -> TrainResult:
     groups, world = runtime.groups, runtime.env.world_size
     setup = step_setup(cfg, runtime, engine)
     accum = cfg.optim.grad_accum
@@ -296,6 +318,8 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
         state.samples += samples_per_step
         faults.hit("step", state.step, runtime.env.rank)
         faults.send_signal(state.step, runtime.env.rank)
+        faults.hang("step", state.step, runtime.env.rank)
+        watchdog.beat(state.step)
         if result.skipped:  # non-finite loss or gradients on some rank: nobody updated
             state.skipped_steps += 1
             in_a_row += 1
@@ -355,8 +379,10 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
         stop = signal.Signals(result.signal) if result.signal else None
         if stop or state.step % cfg.checkpoint.every == 0 or state.step == cfg.run.steps:
             state.loader = feed.state_dict()
+            watchdog.beat(state.step, "checkpoint")
             last_ckpt = ckpt.save(engine, cfg.run.dir, state, runtime.env.rank, keep=cfg.checkpoint.keep,
                                   config_toml=cfg.to_toml())
+            watchdog.beat(state.step)
         if stop:
             break
     bar.close()
