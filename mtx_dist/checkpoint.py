@@ -5,7 +5,8 @@ Layout under ``<run.dir>/checkpoints/``::
     step00000100/                 one tag per save (DeepSpeed's files + ours)
         mp_rank_00_model_states.pt ...       DeepSpeed
         train_state-rank0.json               step, samples, data-stream state, RNG, MLflow run
-        checkpoint.json                      manifest: every file with its size (+ sha256 of the small ones)
+        checkpoint.json                      manifest: every file with its size (+ sha256 of the small ones,
+                                             of all with checkpoint.verify = "full")
     latest                        text file naming the newest complete tag (DeepSpeed's format)
 
 A save is atomic. Every rank writes into ``step00000100.tmp/`` and fsyncs what it wrote; after a
@@ -21,6 +22,11 @@ so before it sees a checkpoint :func:`validate` checks the manifest (files prese
 loads every ``.pt`` file with ``weights_only=True``. On resume a ``latest`` that fails is skipped with a
 warning and the next older complete checkpoint is used; when checkpoints exist but none is valid the
 run stops rather than silently starting from scratch.
+
+Sizes and the small files' hashes catch truncation and damaged metadata; a flipped bit inside tensor
+data keeps the size. ``checkpoint.verify = "full"`` records the sha256 of every file at save (rank 0
+hashes what every rank wrote) and checks them all at resume; ``mtx-dist verify`` checks every hash a
+manifest records.
 """
 
 from __future__ import annotations
@@ -177,14 +183,16 @@ def _recording_writes(engine):
             ce.save = shadowed
 
 
-def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3, config_toml: str | None = None) -> str:
+def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3, config_toml: str | None = None,
+         full_hashes: bool = False) -> str:
     """Write a checkpoint of the current step atomically, on every rank; returns its directory.
 
     ``keep``: complete checkpoints kept (this one included); rank 0 deletes older ones once
     ``latest`` names the new one. ``config_toml``: the run's config, written by rank 0 as
     ``config.toml`` (listed in the manifest) so that the checkpoint says what model it holds. A write
     that fails (e.g. the disk is full) removes the unfinished directory and raises
-    :class:`CheckpointError`; the previous checkpoint and ``latest`` are untouched.
+    :class:`CheckpointError`; the previous checkpoint and ``latest`` are untouched. ``full_hashes``:
+    the manifest records the sha256 of every file, not only of the small ones.
     """
     root = checkpoint_root(run_dir)
     tag, step = tag_for(state.step), state.step
@@ -207,7 +215,7 @@ def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3, conf
         faults.hit("save-state", step, rank)
         _barrier()  # every rank's files are on disk
         if rank == 0:
-            _commit(root, tmp, final, tag, step, keep)
+            _commit(root, tmp, final, tag, step, keep, full_hashes)
     except CheckpointError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -217,7 +225,7 @@ def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3, conf
     return final
 
 
-def _commit(root: str, tmp: str, final: str, tag: str, step: int, keep: int) -> None:
+def _commit(root: str, tmp: str, final: str, tag: str, step: int, keep: int, full_hashes: bool = False) -> None:
     """Rank 0, once every rank's files are durable: manifest, rename, ``latest``, then old ones go."""
     world = dist.get_world_size() if _distributed() else 1
     states = [os.path.basename(_state_file(tmp, r)) for r in range(world)]
@@ -228,7 +236,7 @@ def _commit(root: str, tmp: str, final: str, tag: str, step: int, keep: int) -> 
     for rel in _files(tmp):
         path = os.path.join(tmp, rel)
         files[rel] = {"size": os.path.getsize(path)}
-        if files[rel]["size"] <= HASH_MAX_BYTES:
+        if full_hashes or files[rel]["size"] <= HASH_MAX_BYTES:
             files[rel]["sha256"] = sha256_file(path)
     manifest = {"format": MANIFEST_FORMAT, "version": 1, "tag": tag, "step": step, "world_size": world,
                 "train_states": states, "files": files}
@@ -328,20 +336,21 @@ def _fingerprint(tag_dir: str) -> tuple:
                  for st in [os.stat(os.path.join(tag_dir, rel))])
 
 
-_validated: dict[str, tuple[tuple, dict]] = {}  # realpath -> (fingerprint, manifest): not read twice
+_validated: dict[tuple[str, bool], tuple[tuple, dict]] = {}  # (realpath, full) -> (fingerprint, manifest)
 
 
-def validate(tag_dir: str) -> dict:
+def validate(tag_dir: str, full: bool = False) -> dict:
     """Check a checkpoint directory before anything unpickles it; returns its manifest.
 
     The manifest exists and parses; every file it lists exists with the listed size (and sha256 where
-    listed); every ``.pt`` file is listed and loads with ``torch.load(weights_only=True)``; the train
-    states parse. Raises :class:`CheckpointError` naming the tag, the file and the reason.
+    listed: of the small files, or with ``full`` of every file the manifest hashed); every ``.pt`` file
+    is listed and loads with ``torch.load(weights_only=True)``; the train states parse. Raises
+    :class:`CheckpointError` naming the tag, the file and the reason.
     """
     tag = os.path.basename(os.path.normpath(tag_dir))
     if not os.path.isdir(tag_dir):
         raise CheckpointError(f"{tag}: no such checkpoint directory ({tag_dir})")
-    key, fingerprint = os.path.realpath(tag_dir), _fingerprint(tag_dir)
+    key, fingerprint = (os.path.realpath(tag_dir), full), _fingerprint(tag_dir)
     if key in _validated and _validated[key][0] == fingerprint:
         return _validated[key][1]
     path = os.path.join(tag_dir, MANIFEST)
@@ -360,15 +369,15 @@ def validate(tag_dir: str) -> dict:
         return CheckpointError(f"{tag}: {rel} is not a valid checkpoint file: {why}")
 
     for rel, meta in sorted(files.items()):
-        full = os.path.join(tag_dir, rel)
+        path_ = os.path.join(tag_dir, rel)
         if os.path.isabs(rel) or os.path.normpath(rel).startswith(".."):
             raise bad(rel, f"{MANIFEST} names a path outside the checkpoint")
-        if not os.path.isfile(full):
+        if not os.path.isfile(path_):
             raise bad(rel, f"missing (listed in {MANIFEST})")
-        size = os.path.getsize(full)
+        size = os.path.getsize(path_)
         if size != meta.get("size"):
             raise bad(rel, f"{size} bytes where {MANIFEST} lists {meta.get('size')} (truncated or altered)")
-        if "sha256" in meta and sha256_file(full) != meta["sha256"]:
+        if "sha256" in meta and (full or size <= HASH_MAX_BYTES) and sha256_file(path_) != meta["sha256"]:
             raise bad(rel, f"its sha256 differs from the one in {MANIFEST} (altered)")
     for rel in _files(tag_dir):
         if rel.endswith(".pt") and rel not in files:  # DeepSpeed globs some of its files: a stray one would load
@@ -391,22 +400,23 @@ def validate(tag_dir: str) -> dict:
     return manifest
 
 
-def resolve(run_dir: str, resume: str) -> str | None:
+def resolve(run_dir: str, resume: str, full: bool = False) -> str | None:
     """The validated tag to resume from (see :func:`validate`).
 
     ``latest``: the tag ``latest`` names, else -- with a :class:`CheckpointWarning` for each one skipped
     -- the next older complete checkpoint; None when there is no checkpoint at all (a fresh start);
     :class:`CheckpointError` when checkpoints exist but none is valid. A tag or path: that checkpoint
-    (ConfigError when it does not exist, CheckpointError when it is not valid). Under
+    (ConfigError when it does not exist, CheckpointError when it is not valid). ``full``: check every
+    recorded sha256 (see :func:`validate`). Under
     torch.distributed rank 0 decides and broadcasts, so every rank loads the same checkpoint.
     """
     if not _distributed() or dist.get_world_size() == 1:
-        return _resolve(run_dir, resume)
+        return _resolve(run_dir, resume, full)
     box: list = [None]
     error = None
     if dist.get_rank() == 0:
         try:
-            box[0] = ("ok", _resolve(run_dir, resume))
+            box[0] = ("ok", _resolve(run_dir, resume, full))
         except Exception as e:  # noqa: BLE001 -- told to every rank, re-raised below
             error, box[0] = e, ("config" if isinstance(e, ConfigError) else "checkpoint", str(e))
     dist.broadcast_object_list(box, src=0)
@@ -418,13 +428,13 @@ def resolve(run_dir: str, resume: str) -> str | None:
     raise (ConfigError if kind == "config" else CheckpointError)(value)
 
 
-def _resolve(run_dir: str, resume: str) -> str | None:
+def _resolve(run_dir: str, resume: str, full: bool = False) -> str | None:
     root = checkpoint_root(run_dir)
     if resume != "latest":
         tag = os.path.basename(os.path.normpath(resume))
         if not os.path.isdir(os.path.join(root, tag)):
             raise ConfigError(f"config key 'checkpoint.resume' = {resume!r}: no checkpoint {tag!r} in {root}")
-        validate(os.path.join(root, tag))
+        validate(os.path.join(root, tag), full)
         return tag
     tags, latest = _tags(root), _read_latest(root)
     if latest is None and not tags:
@@ -436,7 +446,7 @@ def _resolve(run_dir: str, resume: str) -> str | None:
     failures = []
     for i, tag in enumerate(candidates):
         try:
-            validate(os.path.join(root, tag))
+            validate(os.path.join(root, tag), full)
             return tag
         except CheckpointError as e:
             failures.append(str(e))
@@ -447,12 +457,12 @@ def _resolve(run_dir: str, resume: str) -> str | None:
                           "\nRepair or move them away, or resume a valid one with checkpoint.resume=TAG.")
 
 
-def load(engine, run_dir: str, tag: str, rank: int) -> TrainState:
+def load(engine, run_dir: str, tag: str, rank: int, full: bool = False) -> TrainState:
     """Load a checkpoint on every rank: validated first (cached when :func:`resolve` just did it),
     so DeepSpeed, which unpickles with weights_only=False, only ever sees files that are data."""
     root = checkpoint_root(run_dir)
     tag_dir = os.path.join(root, tag)
-    manifest = validate(tag_dir)
+    manifest = validate(tag_dir, full)
     state_path = _state_file(tag_dir, rank)
     if not os.path.isfile(state_path):
         raise CheckpointError(f"{tag}: no {os.path.basename(state_path)}: the checkpoint was written by "

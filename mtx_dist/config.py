@@ -157,6 +157,9 @@ class CheckpointConfig:
     every: int = _opt(100, "steps between checkpoints (a final one is always written)", min=1)
     resume: str = _opt("", "'' = fresh run, 'latest', or a checkpoint tag/path under run.dir")
     keep: int = _opt(3, "complete checkpoints kept; older ones are deleted after a newer one is written", min=1)
+    verify: str = _opt("size", "what a checkpoint's manifest records and resume checks: size = every file's size "
+                       "and the small files' sha256; full = the sha256 of every file (catches flipped bits inside "
+                       "tensor data; costs a read of every file at save and resume)", ("size", "full"))
 
 
 @dataclass

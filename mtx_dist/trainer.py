@@ -99,11 +99,12 @@ def _train(cfg: Config, preemption: Preemption) -> TrainResult:
 
     state = ckpt.TrainState()
     if cfg.checkpoint.resume:
-        tag = ckpt.resolve(cfg.run.dir, cfg.checkpoint.resume)
+        full = cfg.checkpoint.verify == "full"
+        tag = ckpt.resolve(cfg.run.dir, cfg.checkpoint.resume, full)
         if tag is None:
             _say(runtime, f"no checkpoint in {ckpt.checkpoint_root(cfg.run.dir)} yet: starting fresh")
         else:
-            state = ckpt.load(engine, cfg.run.dir, tag, runtime.env.rank)
+            state = ckpt.load(engine, cfg.run.dir, tag, runtime.env.rank, full)
             try:
                 loader.load_state_dict(state.loader)
             except LoaderStateError as e:  # the data config changed since the checkpoint
@@ -381,7 +382,7 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
             state.loader = feed.state_dict()
             watchdog.beat(state.step, "checkpoint")
             last_ckpt = ckpt.save(engine, cfg.run.dir, state, runtime.env.rank, keep=cfg.checkpoint.keep,
-                                  config_toml=cfg.to_toml())
+                                  config_toml=cfg.to_toml(), full_hashes=cfg.checkpoint.verify == "full")
             watchdog.beat(state.step)
         if stop:
             break

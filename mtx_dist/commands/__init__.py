@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-COMMANDS = ("train", "shards", "export", "adapt", "eval", "launch")
+COMMANDS = ("train", "shards", "export", "adapt", "eval", "launch", "verify")
 
 
 def register_all(sub) -> tuple[type[BaseException], ...]:

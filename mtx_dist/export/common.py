@@ -129,11 +129,11 @@ def manifest(formats: list[str], spec: ModelSpec, preset: str, source: dict, dty
     return doc
 
 
-def verify_export(out_dir: str, require: str = ENCODER_FILE) -> dict:
+def verify_export(out_dir: str, require: str | None = ENCODER_FILE) -> dict:
     """Check an export directory against its manifest; returns the manifest.
 
     Every file listed must exist with the listed sha256; ``require`` (by default the
-    Meta-Transformer blocks, ``encoder.safetensors``) must be listed; each listed ``.safetensors``
+    Meta-Transformer blocks, ``encoder.safetensors``; None: no particular file) must be listed; each listed ``.safetensors``
     file must load with safetensors (data only -- never pickle) holding the listed number of
     tensors, and the encoder blocks ``0..depth-1``. Raises :class:`ExportError` naming the file and
     what is wrong.
@@ -150,7 +150,7 @@ def verify_export(out_dir: str, require: str = ENCODER_FILE) -> dict:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not files:
         raise ExportError(f"{path}: not an encoder export manifest (no files)")
-    if require not in files:
+    if require is not None and require not in files:
         formats = manifest.get("formats") or [manifest.get("format")]
         raise ExportError(f"{path}: this export ({', '.join(map(str, formats))}) has no {require}; "
                           f"export the checkpoint with --format "
