@@ -4,7 +4,9 @@ Default store: ``sqlite:///mlflow.db`` in the working directory (MLflow's own de
 ``tracking.uri`` or ``$MLFLOW_TRACKING_URI`` says otherwise. MLflow's telemetry is switched off
 unless the user has set ``MLFLOW_DISABLE_TELEMETRY`` / ``DO_NOT_TRACK`` themselves.
 
-Tracking never stops training. Every MLflow call goes through one guard: a failure (server down,
+Tracking never stops training. With ``background=True`` (the trainer) every MLflow call runs on one
+delivery thread: logging only appends to the buffer, so a slow or silent store costs the training
+thread nothing. Every MLflow call goes through one guard: a failure (server down,
 store locked, network) is warned about (rate-limited), metric points stay in a bounded buffer and
 the whole pending work (creating the run, params, metrics, artifacts, model registration) is tried
 again on a later call after a backoff, and once more at the end. What still could not be delivered
@@ -19,14 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import subprocess
+import threading
 import time
 from collections import deque
 from typing import Any
 
 from data_pipelines.files import atomic_open
-from mtx_dist import package_version
 from mtx_dist.config import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ METRICS_PER_BATCH, PARAMS_PER_BATCH = 1000, 100
 # MLflow 3's UI opens an experiment without this tag in its GenAI view; this kind is model training.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 NOTE_TAG = "mlflow.note.content"  # the run's description on its page
+FINISH_WAIT_S = 60.0  # finish() waits this long (at least 6 request timeouts) for the delivery thread
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -68,87 +69,15 @@ def import_mlflow(cfg: TrackingConfig):
     return mlflow
 
 
-# -- run tags: code version and where the job ran -----------------------------------------------
-
-def git_info(path: str | None = None, timeout_s: float = 5.0) -> tuple[str, str]:
-    """(commit, dirty) of the git checkout holding ``path`` (default: this package), or ("unknown", "unknown").
-
-    Read with git itself: MLflow's own git tag describes the entry script's repository, which is not
-    necessarily where this package's code lives, and it records no uncommitted changes."""
-    cwd = path or os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                                timeout=timeout_s)
-        # An installed package can sit inside some unrelated repository (a virtualenv in a project):
-        # the commit only describes this code if git tracks files here.
-        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "--", "."], cwd=cwd, capture_output=True,
-                                 text=True, timeout=timeout_s)
-        if commit.returncode != 0 or tracked.returncode != 0:
-            return "unknown", "unknown"
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                                capture_output=True, text=True, timeout=timeout_s)
-        dirty = "unknown" if status.returncode != 0 else str(bool(status.stdout.strip())).lower()
-        return commit.stdout.strip(), dirty
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown", "unknown"
-
-
-def host_ranges(hosts: list[str]) -> str:
-    """Rank-ordered host names as ``a:0-7,b:8-15`` (one entry per contiguous block of ranks)."""
-    parts, start = [], 0
-    for r in range(1, len(hosts) + 1):
-        if r == len(hosts) or hosts[r] != hosts[start]:
-            parts.append(f"{hosts[start]}:{start}" + (f"-{r - 1}" if r - 1 > start else ""))
-            start = r
-    return ",".join(parts)
-
-
-SLURM_TAGS = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_ARRAY_JOB_ID": "slurm.array_job_id",
-              "SLURM_ARRAY_TASK_ID": "slurm.array_task_id", "SLURM_RESTART_COUNT": "slurm.restart_count",
-              "SLURM_JOB_NODELIST": "slurm.nodelist", "SLURM_JOB_PARTITION": "slurm.partition"}
-
-
-def launcher_name(source: str, environ=None) -> str:
-    """The discovery's source, naming the launcher behind plain RANK/WORLD_SIZE variables where its own
-    marker variables show it (only for the record: discovery treats both the same)."""
-    env = os.environ if environ is None else environ
-    if source == "env" and "TORCHELASTIC_RUN_ID" in env:
-        return "torchrun"
-    if source == "env" and "CROSS_RANK" in env and "LOCAL_SIZE" in env:
-        return "deepspeed"
-    return source
-
-
-def cluster_tags(env, tp_size: int, dp_size: int, enabled: bool = True) -> dict[str, str]:
-    """Tags describing this job. A collective when the world has more than one rank (every rank must
-    call it; only rank 0's result is used): the host names of all ranks are gathered once."""
-    if not enabled:
-        return {}
-    hosts = [socket.gethostname()]
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        hosts = [None] * dist.get_world_size()
-        dist.all_gather_object(hosts, socket.gethostname())
-    if env.rank != 0:
-        return {}
-    commit, dirty = git_info()
-    tags = {"world_size": env.world_size, "tensor_parallel": tp_size, "data_parallel": dp_size,
-            "launcher": launcher_name(env.source), "hosts": host_ranges(hosts)[:5000], "num_hosts": len(set(hosts)),
-            "mtx_dist.version": package_version(), "mtx_dist.git_commit": commit, "mtx_dist.git_dirty": dirty}
-    if commit != "unknown":
-        tags["mlflow.source.git.commit"] = commit  # shown by MLflow's UI
-    tags.update({tag: os.environ[var] for var, tag in SLURM_TAGS.items() if os.environ.get(var)})
-    return {k: str(v) for k, v in tags.items()}
-
-
 # -- the tracker ---------------------------------------------------------------------------------
 
 class Tracker:
     """An MLflow run handle that never raises on the training path. ``active`` is False off rank 0
     or when tracking is disabled; then every method does nothing."""
 
-    def __init__(self, cfg: TrackingConfig, active: bool, run_dir: str | None = None) -> None:
+    def __init__(self, cfg: TrackingConfig, active: bool, run_dir: str | None = None, background: bool = False) -> None:
         self.cfg = cfg
+        self.background = background
         self.active = active and cfg.enabled
         self.uri = tracking_uri(cfg)
         self.run_dir = run_dir
@@ -167,6 +96,12 @@ class Tracker:
         self._failures = 0
         self._next_try = 0.0
         self._last_warn = -float("inf")
+        self._lock = threading.Lock()  # the buffer and the lists of pending work, shared with the delivery thread
+        self._wake = threading.Event()
+        self._closing = False
+        self._worker: threading.Thread | None = None
+        self._first_attempt = threading.Event()
+        self._status = "FINISHED"
 
     # public API ------------------------------------------------------------------------------
 
@@ -182,47 +117,49 @@ class Tracker:
             run_id = self._recorded_run_id()
         self._start = {"name": run_name, "params": params, "toml": config_toml, "run_id": run_id, "step": step,
                        "tags": dict(tags or {})}
-        self._attempt(force=True)
+        if self.background:
+            self._worker = threading.Thread(target=self._deliver_loop, name="mtx-mlflow", daemon=True)
+            self._worker.start()
+            self._first_attempt.wait(self.cfg.request_timeout_s)  # a healthy store names the run right away
+        else:
+            self._attempt(force=True)
         return self.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.active or self._start is None:
             return
         now = int(time.time() * 1000)  # the time of the measurement, also for points delivered later
-        for k, v in metrics.items():
-            if len(self._buffer) >= self.cfg.buffer:
-                self._buffer.popleft()  # keep the newest points
-                self.dropped += 1
-                if self.dropped == 1:
-                    log.warning("MLflow: the buffer of %d metric points is full; dropping the oldest (counted, "
-                                "reported at the end)", self.cfg.buffer)
-            self._buffer.append((k, float(v), now, int(step)))
-        self._attempt()
+        with self._lock:
+            for k, v in metrics.items():
+                self._buffer.append((k, float(v), now, int(step)))
+            self._trim()
+        self._poke()
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         if self.active and self._start is not None:
             self._artifacts.append((local_dir, artifact_path))
-            self._attempt()
+            self._poke()
 
     def register_model(self, artifact_path: str) -> None:
         """Register ``runs:/<run>/<artifact_path>`` as a new version of model ``tracking.register_as``
         (after those artifacts are uploaded). A store without a model registry only warns."""
         if self.active and self._start is not None and self.cfg.register_as:
             self._registrations.append(artifact_path)
-            self._attempt()
+            self._poke()
 
     def log_dataset(self, shard_set, context: str) -> None:
         """Record a :class:`mtx_dist.shard_sets.ShardSet` as a dataset input of the run (``context``:
         ``training``, ``validation`` or ``evaluation``)."""
         if self.active and self._start is not None:
-            self._inputs.append((shard_set, context))
-            self._attempt()
+            with self._lock:
+                self._inputs.append((shard_set, context))
+            self._poke()
 
     def set_note(self, text: str) -> None:
         """The run's description (MLflow's note), replacing the previous one."""
         if self.active and self._start is not None:
             self._note = text
-            self._attempt()
+            self._poke()
 
     def report_hang(self, path: str, what: str) -> None:
         """From the hang watchdog's thread while the training thread is stuck: the stack file as artifact
@@ -246,17 +183,27 @@ class Tracker:
 
     @property
     def undelivered(self) -> int:
-        return len(self._buffer) + self.dropped
+        with self._lock:
+            return len(self._buffer) + self.dropped
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Last delivery attempt (whatever the backoff), end the run, report what was not delivered."""
+        """Last delivery attempt (whatever the backoff), end the run, report what was not delivered.
+        In background mode the delivery thread makes the last attempt; this waits for it at most
+        ``max(FINISH_WAIT_S, 6 x tracking.request_timeout_s)``."""
         if not self.active or self._start is None:
             return
-        if self._attempt(force=True) and self.run_id is not None:
-            try:
-                self._client.set_terminated(self.run_id, status)
-            except Exception as e:  # noqa: BLE001 - the run stays RUNNING in the store; training is done
-                self._fail(e, "ending the run")
+        self._status = status
+        if self._worker is not None:
+            self._closing = True
+            self._wake.set()
+            wait = max(FINISH_WAIT_S, 6 * self.cfg.request_timeout_s)
+            self._worker.join(wait)
+            if self._worker.is_alive():
+                log.warning("MLflow: %s did not take the last deliveries within %.0f s; reporting what is pending "
+                            "as undelivered", self.uri, wait)
+            self._worker = None
+        else:
+            self._last_attempt()
         lost = self.undelivered
         if self.run_id is None:
             log.warning("MLflow: no run could be created in %s; nothing was tracked", self.uri)
@@ -268,6 +215,42 @@ class Tracker:
         self._start = None
 
     # the guard -------------------------------------------------------------------------------
+
+    def _poke(self) -> None:
+        """New work: wake the delivery thread, or (no thread) attempt it here."""
+        if self.background:
+            self._wake.set()
+        else:
+            self._attempt()
+
+    def _trim(self) -> None:
+        """Under the lock: keep the newest ``tracking.buffer`` points, counting the dropped ones."""
+        while len(self._buffer) > self.cfg.buffer:
+            self._buffer.popleft()
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("MLflow: the buffer of %d metric points is full; dropping the oldest (counted, "
+                            "reported at the end)", self.cfg.buffer)
+
+    def _deliver_loop(self) -> None:
+        """The delivery thread: the first attempt, then one attempt per wake-up (a log call, or the end
+        of a backoff while work is pending), then the last attempt when :meth:`finish` asks."""
+        self._attempt(force=True)
+        self._first_attempt.set()
+        while not self._closing:
+            timeout = max(self._next_try - time.monotonic(), 0.05) if self._failures else None
+            self._wake.wait(timeout)
+            self._wake.clear()
+            if not self._closing:
+                self._attempt()
+        self._last_attempt()
+
+    def _last_attempt(self) -> None:
+        if self._attempt(force=True) and self.run_id is not None:
+            try:
+                self._client.set_terminated(self.run_id, self._status)
+            except Exception as e:  # noqa: BLE001 - the run stays RUNNING in the store; training is done
+                self._fail(e, "ending the run")
 
     def _attempt(self, force: bool = False) -> bool:
         """Deliver everything pending unless waiting out a backoff. True when nothing is pending."""
@@ -305,11 +288,18 @@ class Tracker:
         if not self._setup_done:
             self._setup_run()
         from mlflow.entities import Metric
-        while self._buffer:
-            chunk = [Metric(*self._buffer[i]) for i in range(min(METRICS_PER_BATCH, len(self._buffer)))]
-            self._client.log_batch(self.run_id, metrics=chunk)
-            for _ in chunk:
-                self._buffer.popleft()
+        while True:
+            with self._lock:  # taken out while in flight; put back in front if the request fails
+                chunk = [self._buffer.popleft() for _ in range(min(METRICS_PER_BATCH, len(self._buffer)))]
+            if not chunk:
+                break
+            try:
+                self._client.log_batch(self.run_id, metrics=[Metric(*m) for m in chunk])
+            except BaseException:
+                with self._lock:
+                    self._buffer.extendleft(reversed(chunk))
+                    self._trim()
+                raise
             self.delivered += len(chunk)
         while self._artifacts:
             local_dir, path = self._artifacts[0]
@@ -317,17 +307,22 @@ class Tracker:
             self._artifacts.pop(0)
         while self._registrations:
             self._register(self._registrations.pop(0))
-        if self._inputs:
+        with self._lock:
+            inputs = list(self._inputs)
+        if inputs:
             from mlflow.entities import Dataset, DatasetInput, InputTag
             from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
             batch = [DatasetInput(Dataset(d.name, d.digest, d.source_type, json.dumps({"uri": d.source}),
                                           profile=json.dumps(d.profile)), tags=[InputTag(MLFLOW_DATASET_CONTEXT, c)])
-                     for d, c in self._inputs]
+                     for d, c in inputs]
             self._client.log_inputs(self.run_id, datasets=batch)
-            self._inputs.clear()
-        if self._note is not None:
-            self._client.set_tag(self.run_id, NOTE_TAG, self._note)
-            self._note = None
+            with self._lock:
+                del self._inputs[:len(inputs)]
+        note = self._note
+        if note is not None:
+            self._client.set_tag(self.run_id, NOTE_TAG, note)
+            if self._note is note:
+                self._note = None
 
     def _open_run(self) -> str:
         from mlflow.exceptions import MlflowException
@@ -431,13 +426,15 @@ class Tracker:
             log.warning("MLflow: cannot record the run id in %s (%s)", path, e)
 
     def _write_undelivered(self) -> str | None:
-        if not self._buffer or not self.run_dir:
+        with self._lock:
+            points = list(self._buffer)
+        if not points or not self.run_dir:
             return None
         path = os.path.join(self.run_dir, UNDELIVERED_FILE)
         try:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(path, "a") as f:
-                for key, value, timestamp, step in self._buffer:
+                for key, value, timestamp, step in points:
                     f.write(json.dumps({"run_id": self.run_id, "key": key, "value": value, "step": step,
                                         "timestamp": timestamp}) + "\n")
         except OSError as e:

@@ -30,7 +30,8 @@ from mtx_dist.parallel import destroy_groups
 from mtx_dist.step import StepSetup, train_step
 from mtx_dist import shard_sets
 from mtx_dist.system_metrics import SystemMetrics
-from mtx_dist.tracking import Tracker, cluster_tags, import_mlflow, tracking_uri
+from mtx_dist.run_tags import cluster_tags
+from mtx_dist.tracking import Tracker, import_mlflow, tracking_uri
 from mtx_dist.watchdog import HangWatchdog
 
 # The end-of-run export: the frozen image blocks for adaptation, both towers for OpenCLIP, and the
@@ -111,7 +112,7 @@ def _train(cfg: Config, preemption: Preemption) -> TrainResult:
                 raise ConfigError(f"cannot resume {tag}: {e}") from e
             _say(runtime, f"resumed from {os.path.join(ckpt.checkpoint_root(cfg.run.dir), tag)} at step {state.step}")
 
-    tracker = Tracker(cfg.tracking, active=runtime.is_main, run_dir=cfg.run.dir)
+    tracker = Tracker(cfg.tracking, active=runtime.is_main, run_dir=cfg.run.dir, background=True)
     # A collective (host names of all ranks): every rank calls it, rank 0 logs the tags.
     tags = cluster_tags(runtime.env, groups.tp_size, groups.dp_size, enabled=cfg.tracking.enabled)
     # None while the store is unreachable (the run is created later; training does not wait for it):
@@ -380,6 +381,7 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
         stop = signal.Signals(result.signal) if result.signal else None
         if stop or state.step % cfg.checkpoint.every == 0 or state.step == cfg.run.steps:
             state.loader = feed.state_dict()
+            state.mlflow_run_id = tracker.run_id or state.mlflow_run_id  # created late if the store was slow
             watchdog.beat(state.step, "checkpoint")
             last_ckpt = ckpt.save(engine, cfg.run.dir, state, runtime.env.rank, keep=cfg.checkpoint.keep,
                                   config_toml=cfg.to_toml(), full_hashes=cfg.checkpoint.verify == "full")

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 from launchers.env import free_port
@@ -68,3 +69,52 @@ class MlflowServer:
     def _log_tail(self) -> str:
         with open(os.path.join(self.root, "server.log"), "rb") as f:
             return f.read()[-2000:].decode(errors="replace")
+
+
+class GatedProxy:
+    """An HTTP proxy in front of a server that holds every request while its gate is closed: a store
+    that is live but slow, as slow as the test wants. ``held`` counts requests waiting at the gate."""
+
+    def __init__(self, upstream: str, hold_limit_s: float = 240.0) -> None:
+        import http.server
+        import threading
+
+        self.upstream, self.gate, self.held = upstream.rstrip("/"), threading.Event(), 0
+        self.gate.set()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                proxy.held += 1
+                proxy.gate.wait(hold_limit_s)
+                proxy.held -= 1
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+                req = urllib.request.Request(proxy.upstream + self.path, data=body, method=self.command,
+                                             headers={k: v for k, v in self.headers.items()
+                                                      if k.lower() in ("content-type", "accept")})
+                try:
+                    with urllib.request.urlopen(req, timeout=60) as r:
+                        status, payload, ctype = r.status, r.read(), r.headers.get("Content-Type", "")
+                except urllib.error.HTTPError as e:
+                    status, payload, ctype = e.code, e.read(), e.headers.get("Content-Type", "")
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.gate.set()
+        self.server.shutdown()
+        self.server.server_close()

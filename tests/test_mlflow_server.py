@@ -18,9 +18,10 @@ import pytest
 
 from launchers.env import free_port
 from mtx_dist.config import TrackingConfig
-from mtx_dist.tracking import RUN_ID_FILE, UNDELIVERED_FILE, Tracker, git_info
+from mtx_dist.run_tags import git_info
+from mtx_dist.tracking import RUN_ID_FILE, UNDELIVERED_FILE, Tracker
 from tests.helpers import DIST_VARS, REPO
-from tests.mlflow_server import MlflowServer
+from tests.mlflow_server import GatedProxy, MlflowServer
 
 pytestmark = pytest.mark.slow
 
@@ -269,3 +270,33 @@ def test_store_outage_mid_run_training_continues_and_system_metrics_resume(tmp_p
     assert steps == sorted(set(steps))  # one count, continued: no system-metrics step logged twice
     note = c.get_run(run_id).data.tags["mlflow.note.content"]  # the description says how the run ended
     assert "(stopped by SIGTERM; not requeued)" in note, note
+
+
+def test_a_slow_store_never_holds_up_logging(server):
+    """Behind a proxy that holds every request (a live store that answers as late as the test wants),
+    the trainer's background tracker returns from every log call at once while its delivery thread
+    waits on the store; once the store answers, every point arrives at its step."""
+    server.ensure()
+    proxy = GatedProxy(server.url)
+    try:
+        t = Tracker(TrackingConfig(uri=proxy.url, experiment="slow-store", request_timeout_s=300), active=True,
+                    background=True)
+        run_id = t.start("slow", {"run.steps": 200}, "")
+        assert run_id is not None  # the gate was open: a healthy store names the run at start
+        proxy.gate.clear()
+        t.log_metrics({"loss": 0.0}, step=0)
+        deadline = time.monotonic() + 120
+        while proxy.held == 0:  # the delivery thread's request is now waiting at the gate
+            assert time.monotonic() < deadline, "the delivery thread sent nothing"
+            time.sleep(0.05)
+        for step in range(1, 201):  # with a synchronous tracker the first call would wait at the gate
+            t.log_metrics({"loss": float(step), "lr": 0.1}, step=step)
+        assert proxy.held >= 1 and t.delivered == 0  # all of that while the store had not answered once
+        proxy.gate.set()
+        t.finish()
+        assert t.undelivered == 0 and t.delivered == 401
+        history = client(server).get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(201))
+        assert client(server).get_run(run_id).info.status == "FINISHED"
+    finally:
+        proxy.close()

@@ -11,8 +11,8 @@ import pytest
 
 from launchers.env import DistEnv, free_port
 from mtx_dist.config import TrackingConfig
-from mtx_dist.tracking import (RUN_ID_FILE, UNDELIVERED_FILE, Tracker, cluster_tags, git_info, host_ranges,
-                               launcher_name)
+from mtx_dist.run_tags import cluster_tags, git_info, host_ranges, launcher_name
+from mtx_dist.tracking import RUN_ID_FILE, UNDELIVERED_FILE, Tracker
 
 
 @pytest.fixture(autouse=True)
@@ -338,3 +338,20 @@ def test_system_metrics_monitor_names_its_node_only_when_there_are_several():
     assert monitor_node_id("gpu7", 3, 4, 4) == "gpu7"  # a node per host: the host names it
     # two nodes of one job on one host (a test cluster) must not write the same metric names
     assert [monitor_node_id("box", k, 2, 1) for k in (0, 1)] == ["box-node0", "box-node1"]
+
+
+def test_background_tracker_on_a_dead_store_buffers_and_reports_like_the_synchronous_one(tmp_path, caplog):
+    """The delivery thread keeps the guard's promises: no exception, the newest points kept, the report
+    and the undelivered file at the end, and finish() returns."""
+    caplog.set_level(logging.WARNING, logger="mtx_dist.tracking")
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    t = Tracker(TrackingConfig(uri=uri, retry_s=0.0, buffer=5), active=True, run_dir=str(tmp_path / "run"),
+                background=True)
+    assert t.start("r", {"run.steps": 8}, "") is None
+    for step in range(1, 5):
+        t.log_metrics({"loss": 1.0 / step, "lr": 0.1 * step}, step=step)
+    t.finish()
+    assert t.run_id is None and t.delivered == 0 and t.undelivered == 8 and t.dropped == 3
+    rows = [json.loads(line) for line in (tmp_path / "run" / UNDELIVERED_FILE).read_text().splitlines()]
+    assert [(r["key"], r["step"]) for r in rows] == [("lr", 2), ("loss", 3), ("lr", 3), ("loss", 4), ("lr", 4)]
+    assert any("were not delivered" in m for m in warnings_of(caplog))

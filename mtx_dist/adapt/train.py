@@ -92,7 +92,7 @@ def train_adapter(cfg: AdaptConfig, tracking: TrackingConfig | None = None, prog
                "trainable_params": sum(p.numel() for p in params), "encoder_sha256": encoder.sha256,
                "reading": raw.info}
 
-    tracker = Tracker(tracking or TrackingConfig(), active=True)
+    tracker = Tracker(tracking or TrackingConfig(), active=True, background=True)
     run_params = {f"adapt.{k}": v for k, v in dataclasses.asdict(cfg).items()}
     run_params.update({"encoder.sha256": encoder.sha256, "samples.train": len(train_idx),
                        "samples.val": len(val_idx), "trainable_params": summary["trainable_params"]})
