@@ -32,9 +32,9 @@ import time
 
 import torch
 
-from tests.dist_workers import global_batch
+from mtx_dist.synthetic import synthetic_pairs
 from launchers.env import DIST_VARS
-from tests.helpers import torchvision_shim
+from mtx_dist.interop.torchvision_shim import torchvision_shim
 
 GRAD_CLIP = 1.0
 
@@ -129,7 +129,7 @@ def main() -> None:
 
     ours_model, ours_step = build_ours(args)
     oc_model, oc_step = build_openclip(args, spec, device)
-    image, text = global_batch(spec, args.batch, step=0)
+    image, text = synthetic_pairs(spec, args.batch, step=0)
     batch = (image.to(device), text.to(device))
     sides = {"ours": ours_step, "openclip": oc_step}
     for step in sides.values():

@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from tests.dist import run_ranks
+from launchers.local import run_ranks
 
 WORLD = 2
 MIB = 2 ** 20
@@ -95,7 +95,7 @@ def one_step(preset: str, stage: int, batch: int, bucket: int, precision: str) -
     from mtx_dist.engine import build_engine, build_model, setup_runtime
     from mtx_dist.loss import build_loss
     from mtx_dist.parallel import destroy_groups
-    from tests.dist_workers import global_batch, local_slice
+    from mtx_dist.synthetic import synthetic_pairs
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's use of deprecated collectives
@@ -109,9 +109,9 @@ def one_step(preset: str, stage: int, batch: int, bucket: int, precision: str) -
     groups = runtime.groups
     engine = build_engine(cfg, build_model(cfg, runtime), runtime)
     loss_fn = build_loss("clip", groups.dp_group)
-    image, text = global_batch(engine.module.spec, batch * groups.dp_size, step=0)
+    image, text = synthetic_pairs(engine.module.spec, batch * groups.dp_size, step=0)
     image = image.to(runtime.dtype)
-    local = [local_slice(t, groups.dp_rank, groups.dp_size) for t in (image, text)]
+    local = [t.chunk(groups.dp_size, dim=0)[groups.dp_rank] for t in (image, text)]
     measured = {}
     for step in range(2):
         loss = loss_fn(*engine(*local))

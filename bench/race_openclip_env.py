@@ -5,7 +5,7 @@
     python race_openclip_env.py judge --threads 2 --val POOL::POOL... --geometry DIR --out scores.json LABEL=MODEL ...
 
 ``train`` runs OpenCLIP's own trainer (``open_clip_train.main``) unchanged, through runpy, after
-defining the torchvision op schemas that a CPU torch lacks (``tests.helpers.torchvision_shim``).
+defining the torchvision op schemas that a CPU torch lacks (``mtx_dist.interop.torchvision_shim``).
 Loader workers are forked, so they inherit the shim.
 
 ``judge`` scores models with OpenCLIP's own code: ``open_clip.create_model_and_transforms`` (its eval
@@ -29,10 +29,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _setup(threads: int) -> None:
-    sys.path.insert(0, REPO)  # tests.helpers (stdlib and launchers only) for the shim
+    sys.path.insert(0, REPO)  # mtx_dist.interop.torchvision_shim (torch only) for the shim
     import torch
 
-    from tests.helpers import torchvision_shim
+    from mtx_dist.interop.torchvision_shim import torchvision_shim
 
     torch.set_num_threads(threads)
     torchvision_shim()

@@ -69,6 +69,17 @@ def import_mlflow(cfg: TrackingConfig):
     return mlflow
 
 
+def _import_for_delivery(cfg: TrackingConfig) -> None:
+    """Every MLflow module the delivery path imports lazily."""
+    import_mlflow(cfg)
+    import mlflow.entities  # noqa: F401
+    import mlflow.exceptions  # noqa: F401
+    import mlflow.tracking.context.registry  # noqa: F401
+    import mlflow.utils.mlflow_tags  # noqa: F401
+    from mlflow.tracking import MlflowClient
+    MlflowClient(tracking_uri(cfg))  # builds (and caches) the store for the URI
+
+
 # -- the tracker ---------------------------------------------------------------------------------
 
 class Tracker:
@@ -118,6 +129,9 @@ class Tracker:
         self._start = {"name": run_name, "params": params, "toml": config_toml, "run_id": run_id, "step": step,
                        "tags": dict(tags or {})}
         if self.background:
+            # MLflow's imports are seconds of Python bytecode: done here, before training, since on the
+            # delivery thread they would hold the GIL against every torch call of the training thread.
+            _import_for_delivery(self.cfg)
             self._worker = threading.Thread(target=self._deliver_loop, name="mtx-mlflow", daemon=True)
             self._worker.start()
             self._first_attempt.wait(self.cfg.request_timeout_s)  # a healthy store names the run right away

@@ -170,7 +170,7 @@ def start_watchdog(cfg: Config, runtime: Runtime, tracker: Tracker, step: int) -
         job = os.environ.get("SLURM_JOB_ID")
         if cfg.run.requeue and job:
             ok, said = slurm_requeue(job)
-            print(f"hang watchdog: " + (f"requeued SLURM job {job}" if ok else f"requeue of SLURM job {job} failed: "
+            print("hang watchdog: " + (f"requeued SLURM job {job}" if ok else f"requeue of SLURM job {job} failed: "
                                         f"{said}"), file=sys.stderr, flush=True)
 
     dog = HangWatchdog(cfg.run.dir, runtime.env.rank, cfg.run.hang_timeout_s,

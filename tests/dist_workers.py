@@ -14,8 +14,8 @@ from mtx_dist.loss import SINGLE_PROCESS_LOSSES, build_loss, clip_loss, logit_in
 from mtx_dist.models import ContrastiveModel, get_preset
 from mtx_dist.models.presets import ModelSpec
 from mtx_dist.optim import build_optimizer, build_scheduler
+from mtx_dist.synthetic import EOT, synthetic_pairs
 
-EOT = 49407
 
 
 def micro_cfg(*overrides: str):
@@ -23,18 +23,7 @@ def micro_cfg(*overrides: str):
                               "optim.grad_clip=0.5", "data.batch_size=4", *overrides])
 
 
-def global_batch(spec: ModelSpec, n: int, step: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
-    """A deterministic synthetic batch of ``n`` image-text pairs for ``step`` (two alternating batches,
-    so that a few steps of training visibly lower the loss)."""
-    g = torch.Generator().manual_seed(seed + step % 2)
-    size, ctx = spec.vision.image_size, spec.text.context_length
-    image = torch.randn(n, 3, size, size, generator=g)
-    lengths = torch.randint(2, ctx, (n,), generator=g)
-    text = torch.randint(1, 49000, (n, ctx), generator=g)
-    pos = torch.arange(ctx)
-    text = torch.where(pos < lengths[:, None], text, torch.zeros_like(text))
-    text[torch.arange(n), lengths - 1] = EOT
-    return image, text
+global_batch = synthetic_pairs  # the tests' name
 
 
 def short_text(spec: ModelSpec, n: int, longest: int = 6, seed: int = 5) -> torch.Tensor:

@@ -1,9 +1,4 @@
-"""Helpers shared by the tests.
-
-torchvision has no CPU build on PyPI; the CUDA wheel installs but its import fails on a CPU torch
-because the ``torchvision::nms`` operator schema is missing. Tests that import timm or open_clip
-(interop references only; the package itself never needs torchvision) define those schemas first.
-"""
+"""Helpers shared by the tests."""
 
 from __future__ import annotations
 
@@ -12,23 +7,9 @@ import subprocess
 import sys
 
 from launchers.env import DIST_VARS  # noqa: F401 (the tests import it from here)
+from mtx_dist.interop.torchvision_shim import torchvision_shim  # noqa: F401 (likewise)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_torchvision_shim = None
-
-
-def torchvision_shim() -> None:
-    global _torchvision_shim
-    if _torchvision_shim is not None or "torchvision" in sys.modules:
-        return
-    import torch
-
-    lib = torch.library.Library("torchvision", "DEF")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-    _torchvision_shim = lib  # keep the library object alive for the session
-
-
 
 
 def run_cli(args: list[str], cwd: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
