@@ -35,7 +35,6 @@ import base64
 import contextlib
 import errno
 import functools
-import importlib
 import json
 import os
 import re
@@ -49,6 +48,7 @@ import torch.distributed as dist
 
 from data_pipelines.files import atomic_write_text, fsync_path, sha256_file
 from mtx_dist import faults
+from mtx_dist.deepspeed_compat import checkpoint_safe_globals, recording_checkpoint_writes
 from mtx_dist.config import ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -154,35 +154,6 @@ def _read_latest(root: str) -> str | None:
 
 # -- save -------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _recording_writes(engine):
-    """The paths DeepSpeed writes through its checkpoint engine inside the block: this rank's files.
-    Yields None when the engine has no such hook (then every file of the directory is fsynced)."""
-    ce = getattr(engine, "checkpoint_engine", None)
-    original = getattr(ce, "save", None)
-    if original is None:
-        yield None
-        return
-    written: list[str] = []
-
-    def save(*args, **kwargs):
-        result = original(*args, **kwargs)
-        path = kwargs.get("path", args[1] if len(args) > 1 else None)
-        if path is not None:
-            written.append(os.fspath(path))
-        return result
-
-    shadowed = vars(ce).get("save")
-    ce.save = save
-    try:
-        yield written
-    finally:
-        if shadowed is None:
-            del ce.save
-        else:
-            ce.save = shadowed
-
-
 def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3, config_toml: str | None = None,
          full_hashes: bool = False) -> str:
     """Write a checkpoint of the current step atomically, on every rank; returns its directory.
@@ -203,7 +174,7 @@ def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3, conf
             os.makedirs(root, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # left by a killed save of this step
         _barrier()
-        with _recording_writes(engine) as written:
+        with recording_checkpoint_writes(engine) as written:
             engine.save_checkpoint(root, tag=os.path.basename(tmp), save_latest=False)
         faults.hit("save-model", step, rank)
         state.capture_rng()
@@ -295,18 +266,6 @@ def _save_error(e: BaseException, root: str, tmp: str, tag: str) -> CheckpointEr
 # -- validate, resolve, load ------------------------------------------------------------------------
 
 @functools.cache
-def _deepspeed_globals() -> tuple:
-    """The only non-tensor classes DeepSpeed pickles into its files (found by loading checkpoints of ZeRO
-    0-3, fp32 and bf16, TP=2 with weights_only=True). Each is rebuilt from numbers; nothing else is let in."""
-    found = []
-    for module, name in (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),  # ZeRO 1/2 optimizer files
-                         ("deepspeed.runtime.zero.config", "ZeroStageEnum"),  # ZeRO 3 and bf16 optimizer files
-                         ("deepspeed.utils.tensor_fragment", "fragment_address")):  # bf16, TP optimizer files
-        with contextlib.suppress(ImportError, AttributeError):
-            found.append(getattr(importlib.import_module(module), name))
-    return tuple(found)
-
-
 def _unpickle_error(e: BaseException) -> str:
     text = str(e)
     m = re.search(r"GLOBAL ([\w.]+)", text)
@@ -326,7 +285,7 @@ def _check_pt(path: str) -> None:
             for name in z.namelist():
                 if name.endswith("/data.pkl"):
                     z.read(name)  # raises BadZipFile on a CRC mismatch
-    with torch.serialization.safe_globals(list(_deepspeed_globals())):
+    with torch.serialization.safe_globals(list(checkpoint_safe_globals())):
         torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
 
 

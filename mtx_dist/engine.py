@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from launchers import DistEnv, RendezvousError, discover
+from mtx_dist.deepspeed_compat import skip_shm_op_build, skip_single_rank_allreduce
 from mtx_dist.config import Config, ConfigError
 from mtx_dist.loss import logit_init
 from mtx_dist.models import ContrastiveModel, get_preset
@@ -52,14 +53,11 @@ def _import_deepspeed(device: torch.device):
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
-    import deepspeed.comm.torch  # noqa: F401  (binds the module object patched below)
 
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel(logging.WARNING)
     if device.type == "cpu":
-        # The CPU backend JIT-compiles a shared-memory allreduce op (~70 s, needs a compiler) the
-        # first time a process group starts; gloo does the same job for us, so skip the build.
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        skip_shm_op_build()
     return deepspeed
 
 
@@ -162,7 +160,7 @@ def build_engine(cfg: Config, model: nn.Module, runtime: Runtime):
         # One data-parallel rank: DeepSpeed's dense all-reduce would still flatten every gradient into
         # one buffer, "reduce" it over a group of one and copy it back (a fifth of a tiny-preset CPU
         # step, bench/profile_step.py). Over one rank it changes nothing, so it is not run.
-        engine.enable_backward_allreduce = False
+        skip_single_rank_allreduce(engine)
     if cfg.run.compile:
         compile_engine(engine, cfg)
     return engine

@@ -13,11 +13,8 @@ since DeepSpeed's bf16 optimizer files carry no ZeRO layout that its merger read
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import re
-import tempfile
 
 import torch
 
@@ -51,16 +48,9 @@ def _one_tp_rank(tag_dir: str, tp_rank: int) -> dict[str, torch.Tensor]:
             raise CheckpointLayoutError(f"{tag_dir}: no {os.path.basename(path)}")
         state = torch.load(path, map_location="cpu", weights_only=False)["module"]
         return {k: v.float() for k, v in state.items() if isinstance(v, torch.Tensor)}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from mtx_dist.deepspeed_compat import zero_fp32_state_dict
 
-    with tempfile.TemporaryDirectory(prefix="mtx-consolidate-") as tmp:
-        view = os.path.join(tmp, "tag")
-        os.makedirs(view)
-        for f in files:
-            os.symlink(os.path.abspath(os.path.join(tag_dir, f)), os.path.join(view, f.replace(suffix, "mp_rank_00")))
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress for every file
-            state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag="tag")
-    return {k: v.float() for k, v in state.items()}
+    return {k: v.float() for k, v in zero_fp32_state_dict(tag_dir, files, suffix).items()}
 
 
 def consolidate_checkpoint(tag_dir: str) -> dict[str, torch.Tensor]:

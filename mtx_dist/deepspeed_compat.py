@@ -1,0 +1,102 @@
+"""Every place mtx-dist relies on DeepSpeed internals, in one module.
+
+Each function below depends on something DeepSpeed does not promise as API; ``tests/
+test_deepspeed_compat.py`` checks each of those assumptions against the installed DeepSpeed and fails
+naming the one that no longer holds. Verified with DeepSpeed ``VERIFIED_WITH``.
+
+1. :func:`skip_shm_op_build` -- ``deepspeed.comm.torch.build_shm_op`` (module attribute, called when a
+   CPU process group starts): JIT-compiles a shared-memory all-reduce (~70 s, needs a compiler); gloo
+   does that job for us. The module is reached through ``sys.modules``: ``deepspeed.comm`` binds the
+   name ``torch`` to torch itself, so ``import deepspeed.comm.torch as m`` gives torch.
+2. :func:`skip_single_rank_allreduce` -- ``DeepSpeedEngine.enable_backward_allreduce`` (instance
+   attribute read by the engine's backward and gradient-accumulation boundary): off over one
+   data-parallel rank with ZeRO-0, where the dense all-reduce only flattens and copies every gradient.
+3. :func:`recording_checkpoint_writes` -- ``engine.checkpoint_engine.save(state_dict, path)`` (every
+   file DeepSpeed writes goes through it): shadowed on the instance for the duration of a save to
+   learn this rank's files, which we then fsync.
+4. :func:`checkpoint_safe_globals` -- the non-tensor classes DeepSpeed pickles into checkpoints,
+   allowed when a checkpoint is validated with ``torch.load(weights_only=True)``.
+5. :func:`zero_fp32_state_dict` -- ``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint
+   (checkpoint_dir, tag=...)`` reads ``mp_rank_00`` files only: one tensor-parallel rank's files are
+   shown to it under that name through a folder of symlinks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import os
+import sys
+import tempfile
+
+VERIFIED_WITH = "0.19.8"
+SHM_MODULE = "deepspeed.comm.torch"
+CHECKPOINT_GLOBALS = (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),  # ZeRO 1/2 optimizer files
+                      ("deepspeed.runtime.zero.config", "ZeroStageEnum"),  # ZeRO 3 and bf16 optimizer files
+                      ("deepspeed.utils.tensor_fragment", "fragment_address"))  # bf16, TP optimizer files
+
+
+def skip_shm_op_build() -> None:
+    """(1) Never JIT-build DeepSpeed's CPU shared-memory all-reduce op (CPU runs use gloo)."""
+    importlib.import_module(SHM_MODULE)
+    sys.modules[SHM_MODULE].build_shm_op = lambda: None
+
+
+def skip_single_rank_allreduce(engine) -> None:
+    """(2) No dense gradient all-reduce (with its flatten and copy back) in the engine's backward."""
+    engine.enable_backward_allreduce = False
+
+
+@contextlib.contextmanager
+def recording_checkpoint_writes(engine):
+    """(3) The paths DeepSpeed writes through its checkpoint engine inside the block: this rank's files.
+    Yields None when the engine has no such hook (then every file of the directory is fsynced)."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    original = getattr(ce, "save", None)
+    if original is None:
+        yield None
+        return
+    written: list[str] = []
+
+    def save(*args, **kwargs):
+        result = original(*args, **kwargs)
+        path = kwargs.get("path", args[1] if len(args) > 1 else None)
+        if path is not None:
+            written.append(os.fspath(path))
+        return result
+
+    shadowed = vars(ce).get("save")
+    ce.save = save
+    try:
+        yield written
+    finally:
+        if shadowed is None:
+            del ce.save
+        else:
+            ce.save = shadowed
+
+
+def checkpoint_safe_globals() -> tuple:
+    """(4) The only non-tensor classes DeepSpeed pickles into its files (found by loading checkpoints of
+    ZeRO 0-3, fp32 and bf16, TP=2 with weights_only=True). Each is rebuilt from numbers; nothing else is
+    let in."""
+    found = []
+    for module, name in CHECKPOINT_GLOBALS:
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(getattr(importlib.import_module(module), name))
+    return tuple(found)
+
+
+def zero_fp32_state_dict(tag_dir: str, files: list[str], suffix: str) -> dict:
+    """(5) The fp32 state dict DeepSpeed's merger builds from one tensor-parallel rank's ZeRO files
+    (``files``: names in ``tag_dir`` containing ``suffix``, e.g. ``mp_rank_01``)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="mtx-consolidate-") as tmp:
+        view = os.path.join(tmp, "tag")
+        os.makedirs(view)
+        for f in files:
+            os.symlink(os.path.abspath(os.path.join(tag_dir, f)), os.path.join(view, f.replace(suffix, "mp_rank_00")))
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress for every file
+            return get_fp32_state_dict_from_zero_checkpoint(tmp, tag="tag")

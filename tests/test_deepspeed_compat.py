@@ -1,0 +1,75 @@
+"""The DeepSpeed internals mtx_dist/deepspeed_compat.py relies on, checked against the installed
+DeepSpeed: each test names the assumption that broke. (Their effects are tested where they matter:
+tests/test_speed.py for the skipped all-reduce, tests/faults for checkpoint durability and validation,
+tests/test_parallel.py for consolidation.)"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+import pytest
+import torch
+
+from mtx_dist import deepspeed_compat as compat
+
+
+@pytest.fixture(scope="module")
+def deepspeed():
+    from mtx_dist.engine import _import_deepspeed
+    return _import_deepspeed(torch.device("cpu"))
+
+
+def test_shm_op_builder_is_the_module_attribute_that_is_replaced(deepspeed):
+    module = sys.modules[compat.SHM_MODULE]
+    assert module is not torch, "deepspeed.comm.torch is no longer its own module"
+    assert module.build_shm_op.__qualname__.startswith("skip_shm_op_build.")  # ours: builds nothing
+    init = inspect.getsource(module)
+    assert "build_shm_op()" in init, "deepspeed.comm.torch no longer calls build_shm_op(): the skip is moot"
+
+
+def test_backward_allreduce_switch_is_read_by_the_engine(deepspeed):
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    src = inspect.getsource(DeepSpeedEngine)
+    assert "self.enable_backward_allreduce = True" in src, "DeepSpeedEngine no longer sets enable_backward_allreduce"
+    reads = src.count("if self.enable_backward_allreduce") + src.count("elif self.enable_backward_allreduce")
+    assert reads >= 2, "DeepSpeedEngine's backward / accumulation boundary no longer reads enable_backward_allreduce"
+
+
+def test_checkpoint_engine_save_takes_state_dict_and_path(deepspeed):
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    params = list(inspect.signature(TorchCheckpointEngine.save).parameters)
+    assert params[:3] == ["self", "state_dict", "path"], f"CheckpointEngine.save({', '.join(params)})"
+
+    calls = []
+
+    class CheckpointEngine:  # DeepSpeed's signature, recording instead of writing
+        def save(self, state_dict, path):
+            calls.append(path)
+
+    class Engine:
+        checkpoint_engine = CheckpointEngine()
+
+    engine = Engine()
+    with compat.recording_checkpoint_writes(engine) as written:
+        engine.checkpoint_engine.save({}, "/x/a.pt")
+        engine.checkpoint_engine.save({}, path="/x/b.pt")
+    assert written == ["/x/a.pt", "/x/b.pt"] and calls == ["/x/a.pt", "/x/b.pt"]
+    assert "save" not in vars(engine.checkpoint_engine)  # the instance's save is DeepSpeed's again
+
+
+def test_checkpoint_globals_exist(deepspeed):
+    found = compat.checkpoint_safe_globals()
+    assert [f"{c.__module__}.{c.__name__}" for c in found] == [f"{m}.{n}" for m, n in compat.CHECKPOINT_GLOBALS]
+
+
+def test_zero_to_fp32_entry_point(deepspeed):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    params = inspect.signature(get_fp32_state_dict_from_zero_checkpoint).parameters
+    assert list(params)[:2] == ["checkpoint_dir", "tag"]
+    src = inspect.getsource(sys.modules["deepspeed.utils.zero_to_fp32"])
+    assert "mp_rank_00" in src or "model_states.pt" in src, "zero_to_fp32 no longer finds files by these names"
+
