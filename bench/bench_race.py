@@ -1,8 +1,12 @@
 """Race: OpenCLIP's own trainer against ``mtx-dist train``, to the same held-out accuracy.
 
 What is compared. Both sides train the same geometry (the ``tiny`` preset; OpenCLIP gets it as
-``--model local-dir:DIR``, a folder holding only the ``open_clip_config.json`` that our open_clip
-export writes, so it starts from its own random init) on the same shards, one run after the other,
+``--model local-dir:DIR`` from the ``open_clip_config.json`` that our open_clip export writes) from
+the same initial weights (``--init same``, the default: our model as initialised under the run's seed,
+exported for OpenCLIP, which loads the folder's weights, and given to ours as ``model.init_from``; the
+draw of the initial weights alone moves the hard set's final metric by ~0.03, so unpaired sides
+compare draws as much as trainers; ``--init own``: each side its own random init) on the same shards,
+one run after the other,
 with the same batch (64), AdamW (lr, wd 0.1, betas 0.9/0.98, eps 1e-6), linear warmup then cosine
 to zero over the same number of steps, gradient clipping at 1.0, fp32, 2 loader workers, resampled
 shards, seed 0, and 2 torch threads (``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` for both, plus
@@ -61,7 +65,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from importlib.metadata import version
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -69,6 +73,7 @@ REPO = os.path.dirname(BENCH)
 sys.path[:0] = [REPO, BENCH]
 
 from race_data import make_dataset  # noqa: E402
+from race_score import Point, Side, merge_seeds, score_race, table  # noqa: E402
 
 from launchers.env import DIST_VARS  # noqa: E402
 
@@ -99,34 +104,6 @@ DATASETS = {  # name -> (train samples, distinct scenes per held-out pool, pools
 }
 
 
-@dataclass
-class Point:
-    step: int
-    time_s: float  # checkpoint written, seconds after the trainer process started
-    path: str  # what the judge loads
-    metric: float | None = None
-    i2t_r1: float | None = None
-    t2i_r1: float | None = None
-
-
-@dataclass
-class Side:
-    dataset: str
-    name: str  # "openclip" or "ours:<variant>"
-    overrides: list[str] = field(default_factory=list)
-    wall_s: float = 0.0
-    samples_per_s: float | None = None
-    points: list[Point] = field(default_factory=list)
-    time_to_target_s: float | None = None
-    target_bound: str = ""  # "<=" when the first checkpoint already passes the target
-    speedup: float | None = None
-    error: str = ""
-    seed: int = 0
-    seed_finals: list[float] = field(default_factory=list)  # per seed, when several seeds were merged
-
-    @property
-    def final(self) -> float | None:
-        return self.points[-1].metric if self.points else None
 
 
 def say(msg: str) -> None:
@@ -202,6 +179,21 @@ def geometry_dir(root: str) -> str:
     return out
 
 
+def init_dir(root: str, seed: int) -> str:
+    """Our ``tiny`` model as initialised under ``seed``, as an open_clip export: both sides start from it."""
+    out = os.path.join(root, f"init-seed{seed}")
+    if not os.path.exists(os.path.join(out, "manifest.json")):
+        import torch
+
+        from mtx_dist.export.writers import write_export
+        from mtx_dist.models import ContrastiveModel, get_preset
+
+        torch.manual_seed(seed)
+        spec = get_preset(PRESET)
+        write_export(ContrastiveModel(spec).state_dict(), spec, PRESET, out, {"init_seed": seed}, ["open_clip"])
+    return out
+
+
 def timed(cmd: list[str], log: str, env: dict[str, str], cwd: str) -> tuple[float, float, int]:
     """Run ``cmd`` with stdout+stderr into ``log``; returns (start time, wall seconds, exit code)."""
     with open(log, "w") as f:
@@ -220,7 +212,7 @@ def run_openclip(side: Side, py: str, a: argparse.Namespace, train: str, geometr
     shutil.rmtree(logs, ignore_errors=True)
     epochs = a.steps // a.every
     cmd = [py, os.path.join(BENCH, "race_openclip_env.py"), "train", "--threads", str(a.threads), "--",
-           "--model", f"local-dir:{geometry}", "--train-data", train, "--dataset-type", "webdataset",
+           "--model", f"local-dir:{side.init or geometry}", "--train-data", train, "--dataset-type", "webdataset",
            "--dataset-resampled", "--train-num-samples", str(BATCH * a.every), "--epochs", str(epochs),
            "--batch-size", str(BATCH), "--workers", str(WORKERS), "--precision", "fp32", "--device", "cpu",
            "--lr", str(a.lr), "--warmup", str(a.warmup), "--lr-scheduler", "cosine", "--wd", "0.1",
@@ -287,7 +279,8 @@ def run_ours(side: Side, a: argparse.Namespace, train: str, val: str, work: str)
            f"optim.lr={a.lr}", f"optim.warmup_steps={a.warmup}", "optim.schedule=cosine", "optim.weight_decay=0.1",
            "optim.beta1=0.9", "optim.beta2=0.98", "optim.eps=1e-6", "optim.grad_clip=1.0",
            "parallel.precision=fp32", "parallel.zero_stage=0", f"checkpoint.every={a.every}",
-           "checkpoint.keep=100000", *side.overrides]
+           "checkpoint.keep=100000", *side.overrides,
+           *([f"model.init_from={os.path.join(side.init, 'open_clip_model.safetensors')}"] if side.init else [])]
     log = os.path.join(work, "train.log")
     t0, side.wall_s, rc = timed(cmd, log, child_env(a.threads), work)
     if rc != 0:
@@ -336,83 +329,14 @@ def judge(sides: list[Side], py: str, a: argparse.Namespace, val: str, geometry:
                     os.remove(p.path)
 
 
-def time_to(points: list[Point], target: float) -> tuple[float | None, str]:
-    """When the metric first reaches ``target``, interpolated between the checkpoints around it."""
-    for i, p in enumerate(points):
-        if p.metric is not None and p.metric >= target:
-            if i == 0:
-                return p.time_s, "<="
-            q = points[i - 1]
-            return q.time_s + (target - q.metric) / (p.metric - q.metric) * (p.time_s - q.time_s), ""
-    return None, ""
-
-
-def merge_seeds(runs: list[Side]) -> list[Side]:
-    """One side per name: at each checkpoint step the mean metric and the mean time over its seeds
-    (steps every seed reached), wall-clock and samples/s averaged; each seed's final kept."""
-    merged: dict[str, Side] = {}
-    for name in dict.fromkeys(r.name for r in runs):
-        group = [r for r in runs if r.name == name]
-        ok = [r for r in group if not r.error and r.points and all(p.metric is not None for p in r.points)]
-        out = Side(group[0].dataset, name, group[0].overrides, error=next((r.error for r in group if r.error), ""))
-        merged[name] = out
-        if not ok or len(ok) < len(group):
-            out.error = out.error or "a seed produced no scores"
-            continue
-        steps = sorted(set.intersection(*({p.step for p in r.points} for r in ok)))
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        for step in steps:
-            pts = [next(p for p in r.points if p.step == step) for r in ok]
-            out.points.append(Point(step, mean([p.time_s for p in pts]), pts[0].path, mean([p.metric for p in pts]),
-                                    mean([p.i2t_r1 for p in pts]), mean([p.t2i_r1 for p in pts])))
-        out.wall_s = mean([r.wall_s for r in ok])
-        rates = [r.samples_per_s for r in ok if r.samples_per_s]
-        out.samples_per_s = mean(rates) if rates else None
-        out.seed_finals = [r.final for r in ok]
-    return list(merged.values())
-
-
-def score_race(sides: list[Side]) -> None:
-    ref = next((s for s in sides if s.name == "openclip" and s.final is not None), None)
-    if ref is None:
-        return
-    target = ref.final
-    for s in sides:
-        if s.points and s.final is not None:
-            s.time_to_target_s, s.target_bound = time_to(s.points, target)
-    if ref.time_to_target_s and not ref.target_bound:  # OpenCLIP's own time is an interpolation or a checkpoint
-        for s in sides:
-            if s.time_to_target_s:
-                s.speedup = ref.time_to_target_s / s.time_to_target_s
-
-
-def table(sides: list[Side]) -> str:
-    def f(x, fmt):
-        return "-" if x is None else format(x, fmt)
-
-    rows = ["| data | side | wall s | samples/s | final metric (i2t/t2i R@1) | time to OpenCLIP final s | speed-up |",
-            "|---|---|---|---|---|---|---|"]
-    for s in sides:
-        if s.error:
-            rows.append(f"| {s.dataset} | {s.name} | failed: {s.error.splitlines()[0]} | | | | |")
-            continue
-        last = s.points[-1] if s.points else None
-        final = "-" if last is None or last.metric is None else f"{last.metric:.3f} ({last.i2t_r1:.3f}/{last.t2i_r1:.3f})"
-        if len(s.seed_finals) > 1:
-            final += " seeds " + "/".join(f"{x:.3f}" for x in s.seed_finals)
-        ttt = "-" if s.time_to_target_s is None else f"{s.target_bound}{s.time_to_target_s:.1f}"
-        speedup = "-" if s.speedup is None else f"{'>=' if s.target_bound else ''}{s.speedup:.2f}"
-        rows.append(f"| {s.dataset} | {s.name} | {s.wall_s:.1f} | {f(s.samples_per_s, '.1f')} | {final} | {ttt} | "
-                    f"{speedup} |")
-    return "\n".join(rows)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="demo,hard", help="comma-separated: demo, hard")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"ours on the demo set; of {', '.join(VARIANTS)}")
     p.add_argument("--hard-variants", default="trim+flip", help="ours on the hard set")
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--init", choices=("same", "own"), default="same", help="same: both sides start from our init "
+                   "of the seed (paired); own: each side from its own random init")
     p.add_argument("--seeds", type=int, default=1, help="runs per side (seeds 0..N-1): the table shows the mean "
                    "curve; one seed's final metric moves by ~0.02 here, on both sides")
     p.add_argument("--flip", type=float, default=0.5, help="the patch-dropout fraction of variants with FLIP")
@@ -472,6 +396,7 @@ def main() -> None:
         # seed-major: every side's seed 0, then every side's seed 1, ... (a drifting machine load hits all sides)
         here = [Side(d, name, overrides, seed=k) for k in range(a.seeds) for name, overrides in kinds]
         for s in here:
+            s.init = init_dir(a.work, s.seed) if a.init == "same" else ""
             work = os.path.join(a.work, "runs", d, s.name.replace(":", "-") + (f"-seed{s.seed}" if a.seeds > 1 else ""))
             os.makedirs(work, exist_ok=True)
             say(f"{d}: {s.name} seed {s.seed} {' '.join(s.overrides)}: {a.steps} steps, checkpoint every {a.every} "
@@ -500,7 +425,7 @@ def main() -> None:
         with open(a.markdown, "w") as f:
             f.write(md + "\n")
     if a.json:
-        info = {"steps": a.steps, "every": a.every, "batch": BATCH, "lr": a.lr, "warmup": a.warmup,
+        info = {"init": a.init, "steps": a.steps, "every": a.every, "batch": BATCH, "lr": a.lr, "warmup": a.warmup,
                 "threads": a.threads, "workers": WORKERS, "preset": PRESET, "torch": version("torch"),
                 "open_clip_torch": version("open_clip_torch"), "webdataset_openclip": OPENCLIP_WEBDATASET}
         with open(a.json, "w") as f:
