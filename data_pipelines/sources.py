@@ -62,18 +62,27 @@ def parse_weights(text: str) -> list[float]:
     return weights
 
 
-def split_sources(spec: str, weights: str = "") -> tuple[list[list[str]], list[float]]:
-    """Shard lists per source and their normalized weights. Without weights the whole spec (all
-    ``::`` parts) is one source; with weights each ``::`` part is a source with its weight."""
+def source_weights(spec: str, weights: str) -> list[float]:
+    """The normalized mixing weights of the ``::``-separated sources of ``spec`` (``[]`` without weights);
+    checks the text alone (no shard is listed), so a config can be validated before anything starts."""
     w = parse_weights(weights)
     if not w:
-        return [list_shards(spec)], [1.0]
+        return []
     parts = [p for p in spec.split("::") if p.strip()]
     if len(parts) != len(w):
         raise ShardSpecError(f"{len(w)} mixing weights for {len(parts)} sources in {spec!r}: give one weight per "
                              "'::'-separated source")
     total = sum(w)
-    return [list_shards(p) for p in parts], [x / total for x in w]
+    return [x / total for x in w]
+
+
+def split_sources(spec: str, weights: str = "") -> tuple[list[list[str]], list[float]]:
+    """Shard lists per source and their normalized weights. Without weights the whole spec (all
+    ``::`` parts) is one source; with weights each ``::`` part is a source with its weight."""
+    w = source_weights(spec, weights)
+    if not w:
+        return [list_shards(spec)], [1.0]
+    return [list_shards(p) for p in spec.split("::") if p.strip()], w
 
 
 def open_shard(url: str):

@@ -48,8 +48,12 @@ import torch.distributed as dist
 
 from data_pipelines.files import atomic_write_text, fsync_path, sha256_file
 from mtx_dist import faults
-from mtx_dist.deepspeed_compat import checkpoint_safe_globals, recording_checkpoint_writes
 from mtx_dist.config import ConfigError
+from mtx_dist.deepspeed_compat import (
+    checkpoint_safe_globals,
+    recording_checkpoint_writes,
+)
+from mtx_dist.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -63,8 +67,10 @@ _FULL_BYTES = 64 << 20  # after a failed write, less free space than this means 
 _TAG = re.compile(r"step(\d{8})")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that could not be written, or none that can be trusted to resume from."""
+
+    label = "checkpoint error"
 
 
 class CheckpointWarning(UserWarning):

@@ -11,17 +11,13 @@ import logging
 import os
 import sys
 
-from mtx_dist.checkpoint import CheckpointError
 from mtx_dist.commands import register_all
-from mtx_dist.config import ConfigError
-from mtx_dist.optim import TrainingDiverged
+from mtx_dist.errors import describe, user_errors
 
-
-USER_ERRORS: tuple[type[BaseException], ...] = ()
+TRAINING_STOPPED = 3  # exit code of a run stopped for repeated non-finite steps (optim.max_skipped_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    global USER_ERRORS
     p = argparse.ArgumentParser(prog="mtx-dist", description="Contrastive pretraining of a Meta-Transformer "
                                 "shared encoder: WebDataset shards -> DeepSpeed -> frozen export.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -29,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
-    USER_ERRORS = register_all(sub)
+    register_all(sub)
     return p
 
 
@@ -40,18 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"mtx-dist: config error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"mtx-dist: checkpoint error: {e}", file=sys.stderr)
-        return 2
-    except USER_ERRORS as e:
-        print(f"mtx-dist {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"mtx-dist: training stopped: {e}", file=sys.stderr)
-        return 3
+    except Exception as e:
+        from mtx_dist.optim import TrainingDiverged  # imported when needed: it brings torch
+        if isinstance(e, TrainingDiverged):
+            print(f"mtx-dist: training stopped: {e}", file=sys.stderr)
+            return TRAINING_STOPPED
+        if isinstance(e, user_errors()):  # wrong input: one line, no traceback
+            print(f"mtx-dist {args.command}: {describe(e)}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -17,11 +17,14 @@ import tomli_w
 
 from kernels import BACKENDS as ATTENTION_BACKENDS
 from launchers.signals import parse_signals
+from mtx_dist.errors import UserError
 from mtx_dist.models.presets import PRESETS
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration key or value that is not allowed."""
+
+    label = "config error"
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, min: float | None = None,
@@ -52,9 +55,10 @@ class RunConfig:
     hang_watchdog: bool = _opt(True, "a rank on which no step completes within run.hang_timeout_s writes the stacks of "
                                "its threads to <run.dir>/hang-rank<N>.txt and exits with code 76 (rank 0 requeues "
                                "under SLURM when run.requeue)")
-    hang_timeout_s: float = _opt(0.0, "seconds without a completed step before a rank counts as hung; 0 = auto: 20x "
-                                 "the median step time, at least 600 s (at least 3600 s for the first step, "
-                                 "checkpoints, evaluation and export)", min=0)
+    hang_timeout_s: float = _opt(0.0, "seconds without a completed step before a rank counts as hung (below "
+                                 "parallel.dist_timeout_s); 0 = auto: 20x the median step time, at least 300 s, at "
+                                 "most 0.8x parallel.dist_timeout_s; always at least 3600 s for the first step, "
+                                 "checkpoints, evaluation and export, and for every step with run.compile", min=0)
     requeue: bool = _opt(True, "after a preemption checkpoint under SLURM, rank 0 runs `scontrol requeue "
                          "$SLURM_JOB_ID` (the job restarts and resumes with --resume latest)")
 
@@ -282,6 +286,12 @@ def validate(cfg: Config) -> Config:
         if cfg.data.mode != "epoch":
             raise ConfigError(f"config key 'data.mode' = {cfg.data.mode!r}: data.backend = 'dali' reads in "
                               "epoch mode only")
+    if cfg.data.train_weights:  # checked on the text now, not when the loader starts
+        from data_pipelines.sources import ShardSpecError, source_weights
+        try:
+            source_weights(cfg.data.train, cfg.data.train_weights)
+        except ShardSpecError as e:
+            raise ConfigError(f"config key 'data.train_weights' = {cfg.data.train_weights!r}: {e}") from None
     for key in ("patch_dropout_final_steps", "train_image_size_final_steps"):
         if getattr(cfg.model, key) > cfg.run.steps:
             raise ConfigError(f"config key 'model.{key}' = {getattr(cfg.model, key)}: must be <= run.steps "
@@ -292,6 +302,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'model.train_image_size' = {cfg.model.train_image_size}: must be a multiple "
                           f"of the patch size ({vision.patch_size}) below the image size ({vision.image_size}) of "
                           f"preset {cfg.model.preset!r}, or 0 (full size)")
+    if cfg.run.hang_watchdog and cfg.run.hang_timeout_s >= cfg.parallel.dist_timeout_s:
+        raise ConfigError(f"config key 'run.hang_timeout_s' = {cfg.run.hang_timeout_s}: must be below "
+                          f"parallel.dist_timeout_s ({cfg.parallel.dist_timeout_s}): ranks waiting for a hung one sit "
+                          f"in a collective, which would time out first")
     if cfg.run.compile and cfg.model.attention == "triton":
         raise ConfigError("config key 'run.compile' = true: model.attention = 'triton' (our kernel, launched from a "
                           "custom autograd function) is not traced by torch.compile; use 'auto', 'sdpa' or "

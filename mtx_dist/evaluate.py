@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mtx_dist.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Zero-shot prompt templates: a class embedding is the renormalized mean of the normalized text
@@ -38,7 +40,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
-class EvalDataError(ValueError):
+class EvalDataError(UserError, ValueError):
     """Evaluation data that cannot give the requested metrics (no usable samples, bad class file)."""
 
 

@@ -12,7 +12,9 @@
     hang=step:3:1        rank 1 hangs forever right after optimizer step 3, outside any collective (in
                          :func:`injected_hang`, the frame its hang watchdog's stack file names)
 
-With the variable unset, :func:`hit` and :func:`poison` cost one dictionary lookup.
+With ``MTX_FAULTS_RESTART=K`` the faults apply only while ``SLURM_RESTART_COUNT`` is K (unset counts as
+0), so a requeued job runs clean. With the variable unset, :func:`hit` and :func:`poison` cost one
+dictionary lookup.
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ import time
 import torch
 
 ENV = "MTX_FAULTS"
+RESTART_ENV = "MTX_FAULTS_RESTART"
 
 
 def _entries(kind: str) -> list[tuple[str, int, int | None]]:
     raw = os.environ.get(ENV, "")
+    only_in = os.environ.get(RESTART_ENV)
+    if only_in is not None and os.environ.get("SLURM_RESTART_COUNT", "0") != only_in:
+        return []
     out = []
     for item in filter(None, (s.strip() for s in raw.split(","))):
         k, _, spec = item.partition("=")

@@ -69,15 +69,16 @@ def import_mlflow(cfg: TrackingConfig):
     return mlflow
 
 
-def _import_for_delivery(cfg: TrackingConfig) -> None:
-    """Every MLflow module the delivery path imports lazily."""
+def _client_for_delivery(cfg: TrackingConfig, uri: str):
+    """The client, with every MLflow module the delivery path imports lazily (it builds the store: a
+    sqlite store opens its database here)."""
     import_mlflow(cfg)
     import mlflow.entities  # noqa: F401
     import mlflow.exceptions  # noqa: F401
     import mlflow.tracking.context.registry  # noqa: F401
     import mlflow.utils.mlflow_tags  # noqa: F401
     from mlflow.tracking import MlflowClient
-    MlflowClient(tracking_uri(cfg))  # builds (and caches) the store for the URI
+    return MlflowClient(uri)
 
 
 # -- the tracker ---------------------------------------------------------------------------------
@@ -113,6 +114,8 @@ class Tracker:
         self._worker: threading.Thread | None = None
         self._first_attempt = threading.Event()
         self._status = "FINISHED"
+        self._in_flight: list = []  # metric points in a request right now (delivery thread)
+        self._abandoned = False  # finish() stopped waiting for the delivery thread
 
     # public API ------------------------------------------------------------------------------
 
@@ -131,7 +134,10 @@ class Tracker:
         if self.background:
             # MLflow's imports are seconds of Python bytecode: done here, before training, since on the
             # delivery thread they would hold the GIL against every torch call of the training thread.
-            _import_for_delivery(self.cfg)
+            try:
+                self._client = _client_for_delivery(self.cfg, self.uri)
+            except Exception as e:  # noqa: BLE001 - e.g. a sqlite store that cannot be opened: retried later
+                self._fail(e, "connecting")
             self._worker = threading.Thread(target=self._deliver_loop, name="mtx-mlflow", daemon=True)
             self._worker.start()
             self._first_attempt.wait(self.cfg.request_timeout_s)  # a healthy store names the run right away
@@ -198,7 +204,7 @@ class Tracker:
     @property
     def undelivered(self) -> int:
         with self._lock:
-            return len(self._buffer) + self.dropped
+            return len(self._buffer) + len(self._in_flight) + self.dropped
 
     def finish(self, status: str = "FINISHED") -> None:
         """Last delivery attempt (whatever the backoff), end the run, report what was not delivered.
@@ -213,6 +219,8 @@ class Tracker:
             wait = max(FINISH_WAIT_S, 6 * self.cfg.request_timeout_s)
             self._worker.join(wait)
             if self._worker.is_alive():
+                with self._lock:
+                    self._abandoned = True  # the thread makes no further call that could deliver twice
                 log.warning("MLflow: %s did not take the last deliveries within %.0f s; reporting what is pending "
                             "as undelivered", self.uri, wait)
             self._worker = None
@@ -260,7 +268,7 @@ class Tracker:
         self._last_attempt()
 
     def _last_attempt(self) -> None:
-        if self._attempt(force=True) and self.run_id is not None:
+        if self._attempt(force=True) and self.run_id is not None and not self._abandoned:
             try:
                 self._client.set_terminated(self.run_id, self._status)
             except Exception as e:  # noqa: BLE001 - the run stays RUNNING in the store; training is done
@@ -295,31 +303,38 @@ class Tracker:
 
     def _deliver(self) -> None:
         if self._client is None:
-            mlflow = import_mlflow(self.cfg)
-            self._client = mlflow.tracking.MlflowClient(self.uri)
+            self._client = _client_for_delivery(self.cfg, self.uri)
         if self.run_id is None:
             self.run_id = self._open_run()
         if not self._setup_done:
             self._setup_run()
         from mlflow.entities import Metric
-        while True:
+        while not self._abandoned:
             with self._lock:  # taken out while in flight; put back in front if the request fails
-                chunk = [self._buffer.popleft() for _ in range(min(METRICS_PER_BATCH, len(self._buffer)))]
+                self._in_flight = [self._buffer.popleft() for _ in range(min(METRICS_PER_BATCH, len(self._buffer)))]
+            chunk = self._in_flight
             if not chunk:
                 break
             try:
                 self._client.log_batch(self.run_id, metrics=[Metric(*m) for m in chunk])
             except BaseException:
                 with self._lock:
-                    self._buffer.extendleft(reversed(chunk))
-                    self._trim()
+                    if not self._abandoned:  # else finish() has reported them already
+                        self._buffer.extendleft(reversed(chunk))
+                        self._trim()
+                    self._in_flight = []
                 raise
+            with self._lock:
+                self._in_flight = []
             self.delivered += len(chunk)
+        # Only the versions asked for before this attempt's uploads: a version never points at
+        # artifacts that are not there yet.
+        registrations = len(self._registrations)
         while self._artifacts:
             local_dir, path = self._artifacts[0]
             self._client.log_artifacts(self.run_id, local_dir, path)
             self._artifacts.pop(0)
-        while self._registrations:
+        for _ in range(registrations):
             self._register(self._registrations.pop(0))
         with self._lock:
             inputs = list(self._inputs)
@@ -441,7 +456,7 @@ class Tracker:
 
     def _write_undelivered(self) -> str | None:
         with self._lock:
-            points = list(self._buffer)
+            points = list(self._in_flight) + list(self._buffer)
         if not points or not self.run_dir:
             return None
         path = os.path.join(self.run_dir, UNDELIVERED_FILE)

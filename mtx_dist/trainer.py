@@ -32,7 +32,7 @@ from mtx_dist import shard_sets
 from mtx_dist.system_metrics import SystemMetrics
 from mtx_dist.run_tags import cluster_tags
 from mtx_dist.tracking import Tracker, import_mlflow, tracking_uri
-from mtx_dist.watchdog import HangWatchdog
+from mtx_dist.watchdog import LONG_PHASE_S, HangWatchdog
 
 # The end-of-run export: the frozen image blocks for adaptation, both towers for OpenCLIP, and the
 # folder as an MLflow pyfunc model (so the version registered from it is servable).
@@ -105,7 +105,8 @@ def _train(cfg: Config, preemption: Preemption) -> TrainResult:
         if tag is None:
             _say(runtime, f"no checkpoint in {ckpt.checkpoint_root(cfg.run.dir)} yet: starting fresh")
         else:
-            state = ckpt.load(engine, cfg.run.dir, tag, runtime.env.rank, full)
+            # every hash was checked by rank 0 (resolve); the other ranks check sizes and pickles
+            state = ckpt.load(engine, cfg.run.dir, tag, runtime.env.rank, full and runtime.env.rank == 0)
             try:
                 loader.load_state_dict(state.loader)
             except LoaderStateError as e:  # the data config changed since the checkpoint
@@ -132,10 +133,12 @@ def _train(cfg: Config, preemption: Preemption) -> TrainResult:
             watchdog.beat(state.step, "export")
             result.export_dir = _export(cfg, runtime, engine, state, tracker, result.eval)
     except KeyboardInterrupt:
+        watchdog.stop()  # before the waits below: they are not a hang
         _stop(monitor)
         tracker.finish("KILLED")
         raise
     except BaseException:
+        watchdog.stop()
         _stop(monitor)
         tracker.finish("FAILED")
         raise
@@ -166,15 +169,21 @@ def start_watchdog(cfg: Config, runtime: Runtime, tracker: Tracker, step: int) -
     """Every rank's hang watchdog (a stopped one when ``run.hang_watchdog`` is off); rank 0 reports a
     hang to MLflow and requeues the SLURM job (``run.requeue``)."""
     def report(path: str, what: str) -> None:
-        tracker.report_hang(path, what)
         job = os.environ.get("SLURM_JOB_ID")
-        if cfg.run.requeue and job:
-            ok, said = slurm_requeue(job)
-            print("hang watchdog: " + (f"requeued SLURM job {job}" if ok else f"requeue of SLURM job {job} failed: "
-                                        f"{said}"), file=sys.stderr, flush=True)
+        if cfg.run.requeue and job:  # first: the hung rank leaves soon, and srun may then end this one
+            if not dog.progressed:
+                print(f"hang watchdog: not requeueing SLURM job {job}: no step completed since this job started, "
+                      f"so a restart would hang again", file=sys.stderr, flush=True)
+            else:
+                ok, said = slurm_requeue(job)
+                print("hang watchdog: " + (f"requeued SLURM job {job}" if ok else
+                                           f"requeue of SLURM job {job} failed: {said}"), file=sys.stderr, flush=True)
+        tracker.report_hang(path, what)
 
     dog = HangWatchdog(cfg.run.dir, runtime.env.rank, cfg.run.hang_timeout_s,
-                       on_hang=report if runtime.is_main else None)
+                       on_hang=report if runtime.is_main else None,
+                       collective_timeout_s=cfg.parallel.dist_timeout_s,
+                       min_step_limit_s=LONG_PHASE_S if cfg.run.compile else 0.0)
     return dog.start(step) if cfg.run.hang_watchdog else dog
 
 

@@ -16,6 +16,22 @@ from launchers.env import free_port
 START_TIMEOUT_S = 120
 
 
+def wait_until_answering(url: str, proc: subprocess.Popen, timeout_s: float, log_tail=lambda: "") -> None:
+    """Until ``url`` answers 200; RuntimeError if ``proc`` exits first, TimeoutError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}: {log_tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s: {log_tail()}")
+
+
 class MlflowServer:
     """``mlflow server`` on a loopback port in its own process group; restartable on the same port and DB."""
 
@@ -32,19 +48,11 @@ class MlflowServer:
              "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
              "--artifacts-destination", f"{self.root}/artifacts"],
             cwd=self.root, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}: {self._log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise TimeoutError(f"mlflow server gave no /health in {START_TIMEOUT_S} s: {self._log_tail()}")
+        try:
+            wait_until_answering(f"{self.url}/health", self.proc, START_TIMEOUT_S, self._log_tail)
+        except TimeoutError:
+            self.stop()
+            raise
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is None:

@@ -101,3 +101,45 @@ def test_resume_with_changed_data_layout_is_refused(tmp_path):
     assert "cannot resume step00000002" in res.stderr and "x 1 workers; this run has 1 x 2" in res.stderr
     res = run_cli(["train", *MICRO, "--resume", "step00000099"], cwd=str(tmp_path))
     assert res.returncode == 2 and "'checkpoint.resume' = 'step00000099': no checkpoint" in res.stderr
+
+
+def test_user_errors_are_one_line_with_exit_code_2_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    """Every subcommand's wrong input ends the same way, from one place (mtx_dist.cli + mtx_dist.errors)."""
+    from mtx_dist.cli import build_parser, main
+
+    cases = [(["train", "model.presett=tiny"], "mtx-dist train: config error: unknown config key 'model.presett'"),
+             (["export", str(tmp_path), "--format", "open_clip", "--out", str(tmp_path / "o")],
+              "mtx-dist export: SourceError: "),
+             (["eval", str(tmp_path), "--data", str(tmp_path / "none-{0..1}.tar")], "mtx-dist eval: EvalDataError: "),
+             (["launch", "--"], "mtx-dist launch: LaunchEnvError: nothing to launch"),
+             (["shards", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "s")],
+              "mtx-dist shards: ShardWriterError: ")]
+    for argv, start in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(start) and "\n" not in err and "Traceback" not in err, (argv, err)
+
+    from data_pipelines.dali_index import DaliIndexError
+    from launchers.command import HostfileError
+    from launchers.env import RendezvousError
+    from mtx_dist.adapt.errors import DataError, EncoderMismatchError, WavFormatError
+    from mtx_dist.checkpoint import CheckpointError
+    from mtx_dist.errors import user_errors
+    from mtx_dist.evaluate import EvalDataError
+    from mtx_dist.export.common import ExportError
+    from mtx_dist.export.source import SourceError
+    from mtx_dist.interop.hf import HfConversionError
+    from mtx_dist.interop.openclip import OpenClipImportError
+    from mtx_dist.parallel.consolidate import CheckpointLayoutError
+    from mtx_dist.parallel.groups import ParallelLayoutError
+    every = (DaliIndexError, HostfileError, RendezvousError, DataError, EncoderMismatchError, WavFormatError,
+             CheckpointError, EvalDataError, ExportError, SourceError, HfConversionError, OpenClipImportError,
+             CheckpointLayoutError, ParallelLayoutError)
+    assert all(issubclass(cls, user_errors()) for cls in every)
+
+    args = build_parser().parse_args(["verify", str(tmp_path)])
+    monkeypatch.setattr(args, "func", lambda a: {}["a bug"])
+    monkeypatch.setattr("mtx_dist.cli.build_parser", lambda: type("P", (), {"parse_args": lambda self, argv: args})())
+    with pytest.raises(KeyError):
+        main(["verify", str(tmp_path)])

@@ -46,6 +46,11 @@ def test_file_then_overrides(tmp_path):
     (["run.steps=10"], "config key 'optim.warmup_steps' = 30: must be <= run.steps (10)"),
     (["data.backend=dali", "data.mode=resampled"], "config key 'data.mode' = 'resampled': data.backend = 'dali'"),
     (["data.backend=dali", "data.train_weights=0.7,0.3"], "config key 'data.train_weights' = '0.7,0.3': mixing"),
+    # checked when the config loads, before any process group or loader starts
+    (["data.train=a-{0..3}.tar::b.tar", "data.train_weights=0.5"],
+     "config key 'data.train_weights' = '0.5': 1 mixing weights for 2 sources in 'a-{0..3}.tar::b.tar'"),
+    (["data.train=a.tar::b.tar", "data.train_weights=x,y"],
+     "config key 'data.train_weights' = 'x,y': mixing weights 'x,y' must be comma-separated numbers"),
 ])
 def test_bad_keys_and_values_name_the_key(overrides, needle):
     with pytest.raises(ConfigError) as e:

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 import urllib.error
 import urllib.request
 
@@ -29,7 +28,7 @@ from mtx_dist.export import MANIFEST_FILE, verify_export, write_export
 from mtx_dist.models import ContrastiveModel
 from mtx_dist.tracking import Tracker
 from tests.helpers import DIST_VARS, REPO
-from tests.mlflow_server import MlflowServer
+from tests.mlflow_server import MlflowServer, wait_until_answering
 
 CLASSES = ["red circle", "blue square", "green triangle"]
 TEXTS = ["a red circle on the left", "a blue square", "a photo of a green triangle at the top"]
@@ -166,16 +165,7 @@ def test_registered_version_loads_and_is_served_over_http(exported, tmp_path):
                                  cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+        wait_until_answering(f"{url}/ping", serve, 180, lambda: (tmp_path / "serve.log").read_text()[-3000:])
         # image bytes travel base64-encoded (the signature declares the column binary)
         raw = [base64.b64encode(open(p, "rb").read()).decode() for p in jpegs[:2]]
         body = {"dataframe_split": {"columns": ["image_bytes", "text"], "data": [[raw[0], TEXTS[0]], [raw[1], TEXTS[1]]]},

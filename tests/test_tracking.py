@@ -355,3 +355,20 @@ def test_background_tracker_on_a_dead_store_buffers_and_reports_like_the_synchro
     rows = [json.loads(line) for line in (tmp_path / "run" / UNDELIVERED_FILE).read_text().splitlines()]
     assert [(r["key"], r["step"]) for r in rows] == [("lr", 2), ("loss", 3), ("lr", 3), ("loss", 4), ("lr", 4)]
     assert any("were not delivered" in m for m in warnings_of(caplog))
+
+
+def test_background_tracker_survives_a_store_that_cannot_be_opened_and_delivers_once_it_can(tmp_path):
+    """Building the client opens a sqlite store: with the delivery thread that happens at start, on
+    the training thread, and must not raise; the run and every point arrive once the store opens."""
+    blocker = tmp_path / "db"
+    blocker.write_text("not a directory")
+    uri = f"sqlite:///{blocker}/mlflow.db"
+    t = Tracker(TrackingConfig(uri=uri, retry_s=0.0), active=True, run_dir=str(tmp_path / "run"), background=True)
+    assert t.start("late", {"run.steps": 2}, "") is None
+    t.log_metrics({"loss": 2.0}, step=1)
+    blocker.unlink()
+    blocker.mkdir(exist_ok=True)  # the delivery thread, retrying meanwhile, may create it first
+    t.log_metrics({"loss": 1.0}, step=2)
+    t.finish()
+    assert t.run_id is not None and t.undelivered == 0
+    assert [(m.step, m.value) for m in client(uri).get_metric_history(t.run_id, "loss")] == [(1, 2.0), (2, 1.0)]

@@ -3,8 +3,10 @@ prints them as one line (exit code 2)."""
 
 from __future__ import annotations
 
+from mtx_dist.errors import UserError
 
-class AdaptError(ValueError):
+
+class AdaptError(UserError, ValueError):
     """Input for modality adaptation that cannot be used."""
 
 

@@ -2,8 +2,8 @@
 
 A module adds its parser and sets ``func`` (called with the parsed arguments, returning the exit
 code). Heavy imports happen inside ``func``, so ``mtx-dist --help`` and config errors stay fast.
-A module may list in ``ERRORS`` the exception types that mean "the user's input is wrong": the CLI
-prints those as one line and exits 2 instead of showing a traceback.
+Wrong input raises a :class:`mtx_dist.errors.UserError` (or a leaf error named in
+:func:`mtx_dist.errors.user_errors`): the CLI prints it as one line and exits 2.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ import importlib
 COMMANDS = ("train", "shards", "export", "adapt", "eval", "launch", "verify")
 
 
-def register_all(sub) -> tuple[type[BaseException], ...]:
-    """Add every subcommand's parser; returns the user-error types they declare."""
-    errors: list[type[BaseException]] = []
+def register_all(sub) -> None:
+    """Add every subcommand's parser."""
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"mtx_dist.commands.{name}")
@@ -24,5 +23,3 @@ def register_all(sub) -> tuple[type[BaseException], ...]:
                 raise
             continue  # not part of this build
         module.register(sub)
-        errors.extend(getattr(module, "ERRORS", ()))
-    return tuple(errors)

@@ -8,10 +8,6 @@ import dataclasses
 import json
 
 from mtx_dist.adapt.config import DEVICES, MODALITIES, TASKS, AdaptConfig
-from mtx_dist.adapt.errors import AdaptError
-from mtx_dist.export import ExportError
-
-ERRORS = (AdaptError, ExportError)
 _REQUIRED = ("encoder", "modality", "data", "out")
 _CHOICES = {"modality": MODALITIES, "task": TASKS, "pool": ("cls", "mean"), "device": DEVICES}
 

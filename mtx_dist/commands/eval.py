@@ -5,11 +5,6 @@ from __future__ import annotations
 import argparse
 
 from mtx_dist.evaluate import TEMPLATES, EvalDataError
-from mtx_dist.export.common import ExportError
-from mtx_dist.export.source import SourceError
-from mtx_dist.parallel.consolidate import CheckpointLayoutError
-
-ERRORS = (EvalDataError, ExportError, SourceError, CheckpointLayoutError)
 
 
 def _positive(text: str) -> int:

@@ -5,13 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from mtx_dist.export.common import DTYPES, FORMATS, ExportError
-from mtx_dist.export.source import SourceError
+from mtx_dist.export.common import DTYPES, FORMATS
 from mtx_dist.interop.hf import HfConversionError
-from mtx_dist.interop.openclip import OpenClipImportError
-from mtx_dist.parallel.consolidate import CheckpointLayoutError
-
-ERRORS = (ExportError, SourceError, CheckpointLayoutError, OpenClipImportError, HfConversionError)
 
 
 def _formats(text: str) -> list[str]:

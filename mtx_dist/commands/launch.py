@@ -11,10 +11,8 @@ import os
 import sys
 import tempfile
 
-from launchers.command import LAUNCHERS, HostfileError, execute, format_hostfile, plan_from_environment, render
+from launchers.command import LAUNCHERS, execute, format_hostfile, plan_from_environment, render
 from launchers.env import LaunchEnvError
-
-ERRORS = (LaunchEnvError, HostfileError)
 
 
 def _write_atomically(path: str, text: str) -> None:

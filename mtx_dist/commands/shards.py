@@ -7,10 +7,6 @@ import argparse
 import re
 import sys
 
-from data_pipelines.dali_index import DaliIndexError
-from data_pipelines.writer.errors import ShardWriterError
-
-ERRORS = (ShardWriterError, DaliIndexError)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from launchers import LaunchEnvError
 from mtx_dist.config import describe, load_config
-
-ERRORS = (LaunchEnvError,)  # launcher variables that contradict each other, a peer that never joined
 
 DEFAULT_CONFIG_HELP = "defaults = configs/tiny-cpu.toml (a CPU quickstart on generated demo shards)"
 

@@ -16,8 +16,9 @@ import re
 import torch
 from safetensors.torch import save_file
 
-from data_pipelines.transforms import CLIP_MEAN, CLIP_STD
 from data_pipelines.files import atomic_write_with, sha256_file
+from data_pipelines.transforms import CLIP_MEAN, CLIP_STD
+from mtx_dist.errors import UserError
 from mtx_dist.models.presets import ModelSpec
 
 ENCODER_FILE = "encoder.safetensors"
@@ -36,7 +37,7 @@ FORMATS = ("metatransformer", "open_clip", "hf", "timm", "mlflow")  # mlflow: la
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An exported encoder that does not match its manifest, or cannot be read or written."""
 
 

@@ -16,6 +16,7 @@ import torch
 
 from mtx_dist import checkpoint as ckpt
 from mtx_dist.config import Config, ConfigError, load_config
+from mtx_dist.errors import UserError
 from mtx_dist.export.common import (
     MANIFEST_FILE,
     OPENCLIP_FILE,
@@ -28,7 +29,7 @@ from mtx_dist.models.presets import ModelSpec
 CONFIG_FILE = "config.toml"
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """A path that is not a run directory, a checkpoint, or an export of the kind needed."""
 
 

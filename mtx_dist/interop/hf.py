@@ -19,6 +19,7 @@ import torch
 
 from data_pipelines.tokenizer import ClipTokenizer
 from data_pipelines.transforms import CLIP_MEAN, CLIP_STD
+from mtx_dist.errors import UserError
 from mtx_dist.models.presets import ModelSpec, TextSpec, VisionSpec
 
 HF_SOT, HF_EOT = "<|startoftext|>", "<|endoftext|>"
@@ -44,10 +45,11 @@ _BLOCK = (
     ("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("attn.proj", "self_attn.out_proj"),
     ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"),
 )
+
 _TOWERS = (("visual", "vision_model"), ("text", "text_model"))
 
 
-class HfConversionError(ValueError):
+class HfConversionError(UserError, ValueError):
     """A model or folder that has no faithful counterpart on the other side; names the difference."""
 
 

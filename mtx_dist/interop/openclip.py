@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from mtx_dist.errors import UserError
 from mtx_dist.models.presets import ModelSpec
 
 # (our name, OpenCLIP name) for everything outside the blocks
@@ -43,6 +44,7 @@ _BLOCK = (
     ("mlp.fc1.weight", "mlp.c_fc.weight"), ("mlp.fc1.bias", "mlp.c_fc.bias"),
     ("mlp.fc2.weight", "mlp.c_proj.weight"), ("mlp.fc2.bias", "mlp.c_proj.bias"),
 )
+
 _TOWERS = (("visual.blocks.", "visual.transformer.resblocks."), ("text.blocks.", "transformer.resblocks."))
 _SCALARS = ("logit_scale", "logit_bias")
 # Entries of some OpenCLIP/OpenAI checkpoints that are derived, not weights.
@@ -51,7 +53,7 @@ IGNORED = ("attn_mask", "input_resolution", "context_length", "vocab_size")
 OPENCLIP_ARCH = {"vit-b16": "ViT-B-16", "vit-l14": "ViT-L-14"}
 
 
-class OpenClipImportError(ValueError):
+class OpenClipImportError(UserError, ValueError):
     """An OpenCLIP checkpoint that cannot be read into a model of the configured geometry."""
 
 

@@ -18,12 +18,13 @@ import re
 
 import torch
 
+from mtx_dist.errors import UserError
 from mtx_dist.parallel.tensor import unshard_tensor
 
 _MP_RANK = re.compile(r"mp_rank_(\d+)")
 
 
-class CheckpointLayoutError(ValueError):
+class CheckpointLayoutError(UserError, ValueError):
     """A checkpoint directory whose files do not form a complete DeepSpeed checkpoint."""
 
 

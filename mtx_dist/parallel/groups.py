@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from mtx_dist.errors import UserError
 
-class ParallelLayoutError(ValueError):
+
+class ParallelLayoutError(UserError, ValueError):
     """The world size cannot be split into the requested tensor-parallel size."""
 
 

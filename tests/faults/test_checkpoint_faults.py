@@ -169,7 +169,7 @@ def test_altered_and_code_carrying_files_are_refused(tmp_path, demo, reference):
     os.remove(os.path.join(root, "step00000002", ckpt.MANIFEST))
     res = _train(run_dir, demo, "checkpoint.resume=latest")
     assert res.returncode == 2, res.stderr[-3000:]
-    assert "mtx-dist: checkpoint error: no valid checkpoint to resume from" in res.stderr
+    assert "mtx-dist train: checkpoint error: no valid checkpoint to resume from" in res.stderr
     for line in ("step00000006: mp_rank_00_model_states.pt is not a valid checkpoint file: BadZipFile",
                  refused, "step00000002: no checkpoint.json"):
         assert line in res.stderr
@@ -208,7 +208,7 @@ def test_disk_full_during_save_fails_cleanly(small_disk, demo):
     res = _train(run_dir, demo, "run.steps=4")
     assert res.returncode == 2, res.stderr[-3000:]
     root = ckpt.checkpoint_root(run_dir)
-    assert f"mtx-dist: checkpoint error: could not write checkpoint step00000004 in {root}: No space left on " \
+    assert f"mtx-dist train: checkpoint error: could not write checkpoint step00000004 in {root}: No space left on " \
            "device (ENOSPC)" in res.stderr
     assert "the previous checkpoint step00000002 is untouched" in res.stderr
     assert sorted(os.listdir(root)) == ["latest", "step00000002"]  # the unfinished .tmp was removed

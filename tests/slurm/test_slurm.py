@@ -1,5 +1,7 @@
-"""slurm/pretrain.sbatch on a real two-node SLURM cluster (CPU, gloo): a whole run, and a run preempted
-with ``scancel --signal=USR1 --full`` that checkpoints, requeues itself and finishes from the checkpoint."""
+"""slurm/pretrain.sbatch on a real two-node SLURM cluster (CPU, gloo): a whole run, a run preempted
+with ``scancel --signal=USR1 --full`` that checkpoints, requeues itself and finishes from the checkpoint,
+and a run in which one rank hangs: the hang watchdog ends it, rank 0 requeues it, and it finishes from
+the last checkpoint."""
 
 from __future__ import annotations
 
@@ -24,16 +26,18 @@ JOB_TIMEOUT_S = 240
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
-def _submit(cluster, demo_shards, work, name):
+def _submit(cluster, demo_shards, work, name, *more, faults=""):
     train, val, _ = demo_shards
     overrides = ["model.preset=micro", "optim.warmup_steps=1", "run.log_every=5", f"data.train={train}",
                  f"data.val={val}", "data.batch_size=8", "data.workers=1", "data.shuffle_buffer=32",
                  "run.eval_at_end=false", "run.export_at_end=false", f"run.dir={work}/{name}", f"run.name={name}",
-                 f"run.steps={STEPS}", "checkpoint.every=5", "parallel.dist_timeout_s=60"]
+                 f"run.steps={STEPS}", "checkpoint.every=5", "parallel.dist_timeout_s=60", *more]
     env = {k: v for k, v in cluster.env.items() if k not in DIST_VARS and not k.startswith("SLURM_")}
     env.update(SLURM_CONF=cluster.conf, PYTHONPATH=REPO, OMP_NUM_THREADS="1",
                MTX_DIST=f"{sys.executable} -m mtx_dist.cli", MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db",
                OVERRIDES=" ".join(overrides))
+    if faults:  # the first run only: the requeued job must run clean
+        env.update(MTX_FAULTS=faults, MTX_FAULTS_RESTART="0")
     out = f"{work}/{name}.out"
     # 2 nodes x 1 task, no GPUs: the CPU/gloo form of the script's 8-GPU defaults
     job = cluster.sbatch("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
@@ -140,3 +144,30 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(cluster, demo_sh
         if not s - 5 < step < s:
             assert history[s] == pytest.approx(ref_history[s], rel=1e-6, abs=1e-7), s
     assert run.info.status == "FINISHED"
+
+
+def test_hung_rank_ends_the_job_which_requeues_and_finishes_from_the_last_checkpoint(cluster, demo_shards,
+                                                                                   reference):
+    """Rank 1 (node n2) hangs after step 12, outside any collective; rank 0 waits in step 13's. Both
+    watchdogs fire after run.hang_timeout_s, write their stacks; rank 0 requeues; the restarted job
+    resumes from step 10 and ends with the uninterrupted job's weights."""
+    work = reference[0]
+    job, out = _submit(cluster, demo_shards, work, "hung", "run.hang_timeout_s=30", faults="hang=step:12:1")
+    info = cluster.wait(job, lambda i: i.get("Restarts") == "1" or i.get("JobState") in ENDED, JOB_TIMEOUT_S)
+    assert info.get("Restarts") == "1", _log(out)[-3000:]
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster.env, capture_output=True,
+                   timeout=30)  # skip the requeue's start delay
+    info = cluster.wait(job, lambda i: i.get("JobState") in ENDED, JOB_TIMEOUT_S)
+    log = _log(out)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert f"hang watchdog: requeued SLURM job {job}" in log, log[-3000:]
+    hung = open(os.path.join(work, "hung", "hang-rank1.txt")).read()
+    waiting = open(os.path.join(work, "hung", "hang-rank0.txt")).read()
+    assert "last completed step 11, phase 'step'" in hung and "injected_hang" in hung
+    assert "last completed step 12, phase 'step'" in waiting and "injected_hang" not in waiting
+    assert re.search(r"resumed from \S+/step00000010 at step 10\b", log), log[-3000:]
+    assert f"trained to step {STEPS} of {STEPS}" in log
+    ref, got = _weights(os.path.join(work, "reference"), STEPS), _weights(os.path.join(work, "hung"), STEPS)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)  # steps 11-12 trained again, exactly as before
+    client, run = _mlflow_run(work, "hung")
+    assert run.info.status == "FINISHED" and "last completed step 12" in run.data.tags["mtx_dist.hang"]
