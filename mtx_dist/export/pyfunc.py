@@ -108,8 +108,7 @@ class EncoderModel:
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        out = [self.model.encode_text(self.tokenize(texts[i:i + BATCH]).to(self.device)).float().cpu()
-               for i in range(0, len(texts), BATCH)]
+        out = [self._encode_tokens(self.tokenize(texts[i:i + BATCH])) for i in range(0, len(texts), BATCH)]
         return torch.cat(out) if out else torch.empty(0, self.spec.embed_dim)
 
     # -- pyfunc --------------------------------------------------------------------------------

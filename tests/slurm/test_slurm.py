@@ -45,6 +45,18 @@ def _submit(cluster, demo_shards, work, name, *more, faults=""):
     return job, out
 
 
+def _requeued_then_completed(cluster, job, out) -> str:
+    """Wait for the job's one requeue, start it at once, wait for it to complete; returns its log."""
+    info = cluster.wait(job, lambda i: i.get("Restarts") == "1" or i.get("JobState") in ENDED, JOB_TIMEOUT_S)
+    assert info.get("Restarts") == "1", _log(out)[-3000:]
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster.env, capture_output=True,
+                   timeout=30)  # skip the requeue's start delay
+    info = cluster.wait(job, lambda i: i.get("JobState") in ENDED, JOB_TIMEOUT_S)
+    log = _log(out)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    return log
+
+
 def _log(path):
     with open(path, errors="replace") as f:
         return f.read().replace("\r", "\n")
@@ -106,13 +118,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(cluster, demo_sh
         time.sleep(0.2)
     cluster.scancel("--signal=USR1", "--full", job)  # the batch shell and every task of the step
 
-    info = cluster.wait(job, lambda i: i.get("Restarts") == "1" or i.get("JobState") in ENDED, JOB_TIMEOUT_S)
-    assert info.get("Restarts") == "1", _log(out)[-3000:]
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster.env, capture_output=True,
-                   timeout=30)  # skip the requeue's start delay
-    info = cluster.wait(job, lambda i: i.get("JobState") in ENDED, JOB_TIMEOUT_S)
-    log = _log(out)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    log = _requeued_then_completed(cluster, job, out)
 
     preempted = re.search(r"preempted at step (\d+) by SIGUSR1 on some rank; every rank checkpointed; "
                           rf"requeueing SLURM job {job}", log)
@@ -153,13 +159,7 @@ def test_hung_rank_ends_the_job_which_requeues_and_finishes_from_the_last_checkp
     resumes from step 10 and ends with the uninterrupted job's weights."""
     work = reference[0]
     job, out = _submit(cluster, demo_shards, work, "hung", "run.hang_timeout_s=30", faults="hang=step:12:1")
-    info = cluster.wait(job, lambda i: i.get("Restarts") == "1" or i.get("JobState") in ENDED, JOB_TIMEOUT_S)
-    assert info.get("Restarts") == "1", _log(out)[-3000:]
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster.env, capture_output=True,
-                   timeout=30)  # skip the requeue's start delay
-    info = cluster.wait(job, lambda i: i.get("JobState") in ENDED, JOB_TIMEOUT_S)
-    log = _log(out)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    log = _requeued_then_completed(cluster, job, out)
     assert f"hang watchdog: requeued SLURM job {job}" in log, log[-3000:]
     hung = open(os.path.join(work, "hung", "hang-rank1.txt")).read()
     waiting = open(os.path.join(work, "hung", "hang-rank0.txt")).read()
