@@ -15,7 +15,9 @@ Measurements are interleaved: the sides take turns of ``--block`` steps (default
 A B B A A B ..., so machine noise (other jobs on a shared machine) falls on both alike; the
 reported time is the median per-step time, and the paired ratio is the median over turns of the
 ratio of neighbouring step times, the figure least moved by load that drifts. On ``--device cuda``
-both run in bf16 (OpenCLIP: autocast; ours: ``parallel.precision=bf16``).
+both run in bf16 (OpenCLIP: autocast; ours: ``parallel.precision=bf16``) unless ``--precision`` says
+otherwise; ``--precision amp_bf16``: both autocast the forward to bf16 (OpenCLIP's ``amp_bf16``, ours
+``parallel.precision=amp_bf16``), also on CPU.
 
     PYTHONPATH=. python bench/bench_step.py [--preset tiny] [--batch 64] [--json out.json]
 """
@@ -46,7 +48,7 @@ def build_ours(args):
     from mtx_dist.trainer import step_setup
 
     cfg = load_config(None, [f"model.preset={args.preset}", "parallel.zero_stage=0", f"run.device={args.device}",
-                             f"parallel.precision={'bf16' if args.device == 'cuda' else 'fp32'}",
+                             f"parallel.precision={args.precision}",
                              f"data.batch_size={args.batch}", f"optim.grad_clip={GRAD_CLIP}",
                              "optim.warmup_steps=1", "run.steps=100000"])
     runtime = setup_runtime(cfg)
@@ -80,7 +82,7 @@ def build_openclip(args, spec, device):
     opt = torch.optim.AdamW([{"params": exclude, "weight_decay": 0.0}, {"params": include, "weight_decay": 0.1}],
                             lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = open_clip.loss.ClipLoss()
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision != "fp32" \
         else contextlib.nullcontext
 
     def step(image, text):
@@ -117,8 +119,12 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=1, help="steps a side runs before the other takes its turn")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (both sides)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "amp_bf16"), default=None,
+                    help="ours: parallel.precision; OpenCLIP autocasts to bf16 unless fp32 (default: bf16 on cuda, "
+                         "fp32 on cpu)")
     ap.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     args = ap.parse_args()
+    args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
 
     torch.set_num_threads(args.threads)
     for k in DIST_VARS:  # a single process: setup_runtime picks a free loopback port itself

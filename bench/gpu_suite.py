@@ -246,7 +246,7 @@ def run_attention(args: argparse.Namespace, sec: Section) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import kernels
-    from kernels.attention import math_attention
+    from kernels.dispatch import math_attention
 
     dev, dtype = args.dev, (torch.bfloat16 if args.dev.type == "cuda" else torch.float32)
     sdpa_names = {int(v.value): k for k, v in SDPBackend.__members__.items()}

@@ -255,7 +255,9 @@ class DaliLoader:
         return {"backend": "dali", "batches": self.batches, "position": dict(self._state),
                 "world_size": self.cfg.world_size, "identity": self._identity, "skipped": dict(self.skipped)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, every_rank=None) -> None:
+        """Exact resume on the saved data-parallel size only (``every_rank``: unused; DALI's reader cannot
+        re-deal an epoch over another number of streams, which the trainer refuses first)."""
         if state.get("backend") != "dali":
             raise LoaderStateError("loader state was saved by the cpu backend; resume with data.backend=cpu")
         if state["world_size"] != self.cfg.world_size:

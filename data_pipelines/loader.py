@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import bisect
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from data_pipelines.elastic import EpochPlan, plans_from_json, plans_to_json, replan
 from data_pipelines.sources import list_shards, read_shard, split_sources  # noqa: F401  (list_shards re-exported)
 from data_pipelines.tokenizer import ClipTokenizer
 from data_pipelines.transforms import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb, eval_transform, train_transform
@@ -95,6 +97,10 @@ def stream_identity(cfg: StreamConfig) -> str:
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _silent(url: str, exn: Exception) -> None:
+    pass
+
+
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
@@ -108,7 +114,8 @@ class ImageTextStream(torch.utils.data.IterableDataset):
     sample, the worker's position and the skips since the previous batch."""
 
     def __init__(self, cfg: StreamConfig, start: list[dict] | None = None, first_worker: int = 0,
-                 sources: tuple[list[list[str]], list[float]] | None = None) -> None:
+                 sources: tuple[list[list[str]], list[float]] | None = None,
+                 plans: list[dict[int, EpochPlan]] | None = None) -> None:
         super().__init__()
         if cfg.mode not in MODES:
             raise ValueError(f"loader mode {cfg.mode!r}: allowed values are {', '.join(MODES)}")
@@ -119,38 +126,67 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         # stream must continue with the logical worker whose turn is next, so process i plays
         # logical worker (first_worker + i) mod W.
         self.first_worker = first_worker
+        # per source, the epochs an elastic resume re-dealt (data_pipelines.elastic)
+        self.plans = plans if plans is not None else [{} for _ in self.sources]
 
     # -- raw samples of one source -------------------------------------------------------------
-    def _epoch_samples(self, s: int, epoch: int, g: int, n_streams: int, on_error) -> Iterator[dict]:
-        cfg, urls = self.cfg, self.sources[s]
+    def order(self, s: int, epoch: int) -> list[int]:
+        """The shards (indices in the source's URL list) of an epoch, in reading order: permuted per
+        epoch, without those an elastic resume's plan marks done."""
+        order = list(range(len(self.sources[s])))
+        if self.cfg.train:
+            random.Random(_seed(self.cfg.seed, s, epoch)).shuffle(order)
+            plan = self.plans[s].get(epoch)
+            if plan is not None:
+                order = [i for i in order if i not in plan.done]
+        return order
+
+    def share_of(self, s: int, epoch: int, g: int, n_streams: int) -> list[int] | None:
+        """The shards stream ``g`` of ``n_streams`` reads whole in an epoch; None when there are fewer
+        shards than streams (then every stream reads all of them, keeping its share of the samples)."""
+        order = self.order(s, epoch)
+        return order[g::n_streams] if len(order) >= n_streams else None
+
+    def _read(self, s: int, shard: int, on_error, on_shard_end=None, epoch: int | None = None) -> Iterator[dict]:
+        """Samples of one shard, each marked with its shard and member index, without the members an
+        elastic resume's plan says were consumed; ``on_shard_end(shard, members)`` once read to its end."""
+        plan = self.plans[s].get(epoch) if epoch is not None and self.cfg.train else None
+        skip = plan.consumed.get(shard, frozenset()) if plan is not None else frozenset()
+        n = 0
+        for n, sample in enumerate(read_shard(self.sources[s][shard], on_error), 1):
+            if n - 1 not in skip:
+                sample["__shard__"], sample["__member__"] = shard, n - 1
+                yield sample
+        if on_shard_end is not None:
+            on_shard_end(shard, n)
+
+    def epoch_samples(self, s: int, epoch: int, g: int, n_streams: int, on_error,
+                      on_shard_end=None) -> Iterator[dict]:
+        """Raw samples stream ``g`` of ``n_streams`` emits in one epoch (round, when resampled) of source ``s``."""
+        cfg, plan = self.cfg, self.plans[s].get(epoch) if self.cfg.train else None
+
+        def read(shards, quiet=lambda j: False):
+            return itertools.chain.from_iterable(self._read(s, i, _silent if quiet(j) else on_error, on_shard_end, epoch)
+                                                 for j, i in enumerate(shards))
+
         if cfg.train and cfg.mode == "resampled":
             rng = random.Random(_seed(cfg.seed, s, epoch, g, 1))
-            picks = [rng.choice(urls) for _ in range(-(-len(urls) // n_streams))]
-            samples = itertools.chain.from_iterable(read_shard(u, on_error) for u in picks)
+            n = len(self.sources[s])
+            samples = read([rng.randrange(n) for _ in range(-(-n // n_streams))])
         else:
-            order = list(urls)
-            if cfg.train:
-                random.Random(_seed(cfg.seed, s, epoch)).shuffle(order)
-            if len(order) >= n_streams:  # whole shards dealt out; streams differ by one shard at most
-                samples = itertools.chain.from_iterable(read_shard(u, on_error) for u in order[g::n_streams])
-            else:  # fewer shards than streams: every stream reads all, keeping its share of samples
-                samples = self._shared(order, g, n_streams, on_error)
+            share = self.share_of(s, epoch, g, n_streams)
+            if share is not None:  # whole shards dealt out: streams differ by one shard at most
+                samples = read(share)
+            else:  # fewer shards than streams: every stream reads all, keeping every n-th sample from the
+                # g-th; a broken shard is reported by one stream only, so it counts once
+                everything = read(self.order(s, epoch), quiet=lambda j: j % n_streams != g)
+                samples = itertools.islice(everything, g, None, n_streams)
         if cfg.train and cfg.shuffle_buffer > 1:
-            rng = random.Random(_seed(cfg.seed, s, epoch, g))
+            # an elastic resume's plan epoch shuffles with seeds of its own (its streams are new)
+            extra = () if plan is None else (plan.generation, 3)
+            rng = random.Random(_seed(cfg.seed, s, epoch, g, *extra))
             samples = wds.shuffle(cfg.shuffle_buffer, min(100, cfg.shuffle_buffer), rng=rng)(samples)
         return samples
-
-    @staticmethod
-    def _shared(urls: list[str], g: int, n_streams: int, on_error) -> Iterator[dict]:
-        """Shards read by every stream, each keeping every ``n_streams``-th sample. A broken one is
-        reported by one stream only, so it counts once."""
-        i = 0
-        for j, url in enumerate(urls):
-            report = on_error if j % n_streams == g else (lambda url, exn: None)
-            for sample in read_shard(url, report):
-                if i % n_streams == g:
-                    yield sample
-                i += 1
 
     def _source(self, s: int, start: tuple[int, int], g: int, n_streams: int,
                 on_error: Callable[[int, str, Exception], None]) -> Iterator[tuple[int, int, dict]]:
@@ -164,13 +200,13 @@ class ImageTextStream(torch.utils.data.IterableDataset):
 
         for epoch in itertools.count(first) if self.cfg.train else [first]:
             index = 0
-            for sample in self._epoch_samples(s, epoch, g, n_streams, report):
+            for sample in self.epoch_samples(s, epoch, g, n_streams, report):
                 index += 1
                 if index <= drawn:  # fast-forward to the restored position without decoding
                     replaying[0] = index < drawn
                     continue
                 yield epoch, index, sample
-            if index == 0 and drawn == 0 and self.cfg.train:
+            if index == 0 and drawn == 0 and self.cfg.train and epoch not in self.plans[s]:
                 raise RuntimeError(f"loader stream {g} of {n_streams} found no samples in source {s} "
                                    f"({len(self.sources[s])} shards of {self.cfg.shards!r}): fewer samples than "
                                    "data-parallel ranks x workers, or every shard unreadable")
@@ -307,11 +343,12 @@ class Loader:
         self.positions: list[dict] = [start_position(len(self.sources))] * self.n_workers
         self.batches = 0
         self.skipped: Counter = Counter()
+        self.plans: list[dict[int, EpochPlan]] = [{} for _ in self.sources]  # set by an elastic resume
         self._identity = stream_identity(cfg)
 
     def __iter__(self) -> Iterator[dict]:
         dataset = ImageTextStream(self.cfg, list(self.positions), first_worker=self.batches % self.n_workers,
-                                  sources=(self.sources, self.weights))
+                                  sources=(self.sources, self.weights), plans=self.plans)
         released = multiprocessing.Event()
         _unreleased.add(released)
         loader = torch.utils.data.DataLoader(
@@ -335,22 +372,61 @@ class Loader:
     def state_dict(self) -> dict:
         return {"batches": self.batches, "positions": [json.loads(json.dumps(p)) for p in self.positions],
                 "workers": self.n_workers, "world_size": self.cfg.world_size, "identity": self._identity,
-                "skipped": dict(self.skipped)}
+                "skipped": dict(self.skipped), "plans": plans_to_json(self.plans)}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state["workers"] != self.n_workers or state["world_size"] != self.cfg.world_size:
-            raise LoaderStateError(
-                f"loader state was saved with {state['world_size']} data-parallel ranks x {state['workers']} "
-                f"workers; this run has {self.cfg.world_size} x {self.n_workers}. Resuming would repeat or "
-                "skip samples: keep data.workers and the data-parallel size of the saved run"
-            )
-        if state["identity"] != self._identity:
-            raise LoaderStateError("loader state was saved for different shards, weights, mode, batch size, seed "
-                                   "or transforms; exact resume is impossible")
+    def load_state_dict(self, state: dict, every_rank: Callable[[], list[dict]] | None = None) -> None:
+        """Restore a saved position: exactly, on the layout (data-parallel ranks x workers) it was saved
+        with; on another one, given ``every_rank`` (the loader states of every rank of the saved run, in
+        rank order), the current epoch goes on over the new streams with no sample repeated or lost
+        (``data_pipelines.elastic``)."""
         positions = state["positions"]
         if not all(isinstance(p, dict) and len(p.get("src", ())) == len(self.sources) for p in positions):
             raise LoaderStateError("loader state has an unknown layout (saved by an older version); exact resume "
                                    "is impossible")
+        if state["workers"] != self.n_workers or state["world_size"] != self.cfg.world_size:
+            if every_rank is None:
+                raise LoaderStateError(
+                    f"loader state was saved with {state['world_size']} data-parallel ranks x {state['workers']} "
+                    f"workers; this run has {self.cfg.world_size} x {self.n_workers}, and the other ranks' states "
+                    "were not given: resuming would repeat or skip samples")
+            self._elastic(every_rank())
+            return
+        if state["identity"] != self._identity:
+            raise LoaderStateError("loader state was saved for different shards, weights, mode, batch size, seed "
+                                   "or transforms; exact resume is impossible")
         self.positions = [{"mix": int(p["mix"]), "src": [[int(e), int(d)] for e, d in p["src"]]} for p in positions]
+        self.plans = plans_from_json(state.get("plans"), len(self.sources))
         self.batches = state["batches"]
         self.skipped = Counter(state.get("skipped", {}))
+
+    def _elastic(self, states: list[dict]) -> None:
+        """Continue from the states of a run with another layout (see :meth:`load_state_dict`)."""
+        world, workers = states[0]["world_size"], states[0]["workers"]
+        if len(states) != world or any((st["world_size"], st["workers"]) != (world, workers) for st in states):
+            raise LoaderStateError(f"an elastic resume needs the loader states of all {world} data-parallel ranks "
+                                   f"of the saved run, each with {workers} workers")
+        for r, st in enumerate(states):
+            if st["identity"] != stream_identity(dataclasses.replace(self.cfg, rank=r, world_size=world)):
+                raise LoaderStateError(f"the loader state of rank {r} was saved for different shards, weights, mode, "
+                                       "batch size, seed or transforms")
+        n_src = len(self.sources)
+        positions = [st["positions"][w] for st in states for w in range(workers)]  # stream g = rank x W + worker
+        old_plans = plans_from_json(states[0].get("plans"), n_src)
+        if self.cfg.mode == "resampled":  # draws with replacement: the new streams start fresh rounds
+            self.plans = [{} for _ in range(n_src)]
+            starts = [1 + max(int(p["src"][s][0]) for p in positions) for s in range(n_src)]
+        else:
+            old = ImageTextStream(self.cfg, sources=(self.sources, self.weights), plans=old_plans)
+
+            def replay(s, epoch, g, n, on_shard_end):
+                for sample in old.epoch_samples(s, epoch, g, n, _silent, on_shard_end):
+                    yield sample["__shard__"], sample["__member__"]
+
+            self.plans, starts = replan(n_src, world * workers, positions, old_plans, old.share_of, replay)
+        self.positions = [{"mix": 0, "src": [[starts[s], 0] for s in range(n_src)]} for _ in range(self.n_workers)]
+        self.batches = 0
+        # the skip counters are summed over ranks when logged: rank 0 carries the saved run's totals
+        self.skipped = sum((Counter(st.get("skipped", {})) for st in states), Counter()) if self.cfg.rank == 0 \
+            else Counter()
+        log.info("elastic resume: %d ranks x %d workers -> %d x %d; epochs re-dealt per source: %s", world, workers,
+                 self.cfg.world_size, self.n_workers, [sorted(p) for p in self.plans])

@@ -1,9 +1,22 @@
-"""Attention kernels and their dispatch. A leaf package: imports torch only.
+"""Attention kernels and their dispatch. A leaf package: imports torch only, and only when used.
 
-Every transformer block calls :func:`attention`; the backend is a plain string so
-model code stays free of kernel details.
+Every transformer block calls :func:`attention` (``kernels.dispatch``); the backend is a plain string
+so model code stays free of kernel details. The backend names are importable without torch (the
+config validates ``model.attention`` before anything heavy loads); the functions load on first use.
 """
 
-from kernels.attention import BACKENDS, AttentionBackendError, attention, resolve_backend
+from __future__ import annotations
 
-__all__ = ["BACKENDS", "AttentionBackendError", "attention", "resolve_backend"]
+import importlib
+
+BACKENDS = ("auto", "flash_attn", "triton", "sdpa", "math")
+_LAZY = {"AttentionBackendError": "dispatch", "attention": "dispatch", "resolve_backend": "dispatch"}
+__all__ = ["BACKENDS", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -150,7 +150,7 @@ def _tags(root: str) -> list[str]:
     return sorted(tags, key=_step_of, reverse=True)
 
 
-def _read_latest(root: str) -> str | None:
+def read_latest(root: str) -> str | None:
     try:
         with open(os.path.join(root, LATEST)) as f:
             return f.read().strip() or None
@@ -170,40 +170,68 @@ def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3, conf
     that fails (e.g. the disk is full) removes the unfinished directory and raises
     :class:`CheckpointError`; the previous checkpoint and ``latest`` are untouched. ``full_hashes``:
     the manifest records the sha256 of every file, not only of the small ones.
+    (``checkpoint.async``: :class:`mtx_dist.async_checkpoint.AsyncCheckpointer`, same files and protocol.)
     """
-    root = checkpoint_root(run_dir)
-    tag, step = tag_for(state.step), state.step
-    final, tmp = os.path.join(root, tag), os.path.join(root, tag + TMP_SUFFIX)
-    faults.hit("save-begin", step, rank)
+    p = SavePaths.of(run_dir, state.step)
+    faults.hit("save-begin", p.step, rank)
     try:
-        if rank == 0:
-            os.makedirs(root, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a killed save of this step
-        _barrier()
+        begin_save(p, rank)
         with recording_checkpoint_writes(engine) as written:
-            engine.save_checkpoint(root, tag=os.path.basename(tmp), save_latest=False)
-        faults.hit("save-model", step, rank)
+            engine.save_checkpoint(p.root, tag=os.path.basename(p.tmp), save_latest=False)
+        faults.hit("save-model", p.step, rank)
         state.capture_rng()
-        _write_text(_state_file(tmp, rank), json.dumps(asdict(state)))
-        if rank == 0 and config_toml is not None:
-            _write_text(os.path.join(tmp, CONFIG_FILE), config_toml)  # before the manifest lists the files
-        for path in (written if written is not None else [os.path.join(tmp, f) for f in _files(tmp)]):
-            fsync_path(path)
-        faults.hit("save-state", step, rank)
+        write_rank_files(p, rank, json.dumps(asdict(state)), config_toml, written)
+        faults.hit("save-state", p.step, rank)
         _barrier()  # every rank's files are on disk
         if rank == 0:
-            _commit(root, tmp, final, tag, step, keep, full_hashes)
+            commit(p, keep, full_hashes)
     except CheckpointError:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(p.tmp, ignore_errors=True)
         raise
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        raise _save_error(e, root, tmp, tag) from e
+        raise save_error(e, p) from e
     _barrier()  # nobody goes on before `latest` names the new checkpoint
-    return final
+    return p.final
 
 
-def _commit(root: str, tmp: str, final: str, tag: str, step: int, keep: int, full_hashes: bool = False) -> None:
+@dataclass(frozen=True)
+class SavePaths:
+    """Where the save of one step goes: written into ``tmp``, renamed to ``final`` under ``root``."""
+
+    root: str
+    tag: str
+    step: int
+    final: str
+    tmp: str
+
+    @classmethod
+    def of(cls, run_dir: str, step: int) -> SavePaths:
+        root, tag = checkpoint_root(run_dir), tag_for(step)
+        return cls(root, tag, step, os.path.join(root, tag), os.path.join(root, tag + TMP_SUFFIX))
+
+
+def begin_save(p: SavePaths, rank: int) -> None:
+    """Every rank: rank 0 makes the folder and clears what a killed save of this step left; a barrier."""
+    if rank == 0:
+        os.makedirs(p.root, exist_ok=True)
+        shutil.rmtree(p.tmp, ignore_errors=True)
+    _barrier()
+
+
+def write_rank_files(p: SavePaths, rank: int, state_json: str, config_toml: str | None,
+                     written: list[str] | None) -> None:
+    """This rank's train state (and rank 0's config), then an fsync of everything this rank wrote
+    (``written``: DeepSpeed's files; None = every file of the folder)."""
+    _write_text(_state_file(p.tmp, rank), state_json)
+    if rank == 0 and config_toml is not None:
+        _write_text(os.path.join(p.tmp, CONFIG_FILE), config_toml)  # before the manifest lists the files
+    for path in (written if written is not None else [os.path.join(p.tmp, f) for f in _files(p.tmp)]):
+        fsync_path(path)
+
+
+def commit(p: SavePaths, keep: int, full_hashes: bool = False) -> None:
     """Rank 0, once every rank's files are durable: manifest, rename, ``latest``, then old ones go."""
+    root, tmp, final, tag, step = p.root, p.tmp, p.final, p.tag, p.step
     world = dist.get_world_size() if _distributed() else 1
     states = [os.path.basename(_state_file(tmp, r)) for r in range(world)]
     missing = [s for s in states if not os.path.isfile(os.path.join(tmp, s))]
@@ -239,7 +267,7 @@ def _prune(root: str, current: str, keep: int) -> None:
     """Delete complete checkpoints beyond the newest ``keep`` up to ``current`` (never the one
     ``latest`` names; never newer ones, e.g. of a timeline resumed from an older tag), and leftovers
     of killed saves. A directory is renamed before it is deleted, so it never looks half there."""
-    latest, step = _read_latest(root), _step_of(current)
+    latest, step = read_latest(root), _step_of(current)
     complete = [t for t in _tags(root) if _step_of(t) <= step and os.path.isfile(os.path.join(root, t, MANIFEST))]
     for tag in complete[keep:]:
         if tag not in (current, latest):
@@ -251,7 +279,9 @@ def _prune(root: str, current: str, keep: int) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def _save_error(e: BaseException, root: str, tmp: str, tag: str) -> CheckpointError:
+def save_error(e: BaseException, p: SavePaths) -> CheckpointError:
+    """The error a failed write raises, naming the cause (a full disk said so); removes the unfinished folder."""
+    root, tmp, tag = p.root, p.tmp, p.tag
     free = None
     with contextlib.suppress(OSError):
         free = shutil.disk_usage(root).free
@@ -263,7 +293,7 @@ def _save_error(e: BaseException, root: str, tmp: str, tag: str) -> CheckpointEr
                f"failed write" if free is not None else "No space left on device (ENOSPC)")
     else:
         why = f"{type(e).__name__}: {e}"
-    previous = _read_latest(root)
+    previous = read_latest(root)
     kept = f"the previous checkpoint {previous} is untouched" if previous else "no earlier checkpoint exists"
     return CheckpointError(f"could not write checkpoint {tag} in {root}: {why}. The unfinished {tag}{TMP_SUFFIX} "
                            f"was removed and {kept}" + (" (free space, then --resume latest)" if full else ""))
@@ -401,7 +431,7 @@ def _resolve(run_dir: str, resume: str, full: bool = False) -> str | None:
             raise ConfigError(f"config key 'checkpoint.resume' = {resume!r}: no checkpoint {tag!r} in {root}")
         validate(os.path.join(root, tag), full)
         return tag
-    tags, latest = _tags(root), _read_latest(root)
+    tags, latest = _tags(root), read_latest(root)
     if latest is None and not tags:
         return None
     candidates = list(tags)
@@ -422,16 +452,36 @@ def _resolve(run_dir: str, resume: str, full: bool = False) -> str | None:
                           "\nRepair or move them away, or resume a valid one with checkpoint.resume=TAG.")
 
 
+def saved_run(run_dir: str, tag: str) -> tuple[list[dict], dict]:
+    """Every rank's train state (rank order) and the run's config (as TOML data) of a validated checkpoint."""
+    import tomllib
+
+    tag_dir = os.path.join(checkpoint_root(run_dir), tag)
+    manifest = validate(tag_dir)
+    states = []
+    for rel in manifest.get("train_states", []):
+        with open(os.path.join(tag_dir, rel)) as f:
+            states.append(json.load(f))
+    config = {}
+    if os.path.isfile(os.path.join(tag_dir, CONFIG_FILE)):
+        with open(os.path.join(tag_dir, CONFIG_FILE), "rb") as f:
+            config = tomllib.load(f)
+    return states, config
+
+
 def load(engine, run_dir: str, tag: str, rank: int, full: bool = False) -> TrainState:
     """Load a checkpoint on every rank: validated first (cached when :func:`resolve` just did it),
     so DeepSpeed, which unpickles with weights_only=False, only ever sees files that are data."""
     root = checkpoint_root(run_dir)
     tag_dir = os.path.join(root, tag)
     manifest = validate(tag_dir, full)
-    state_path = _state_file(tag_dir, rank)
+    saved_world = int(manifest.get("world_size", 1))
+    # More ranks than saved them (an elastic resume, checked by the trainer): global counters are the
+    # same in every rank's state; the RNG state is that of rank (rank mod saved ranks).
+    state_path = _state_file(tag_dir, rank if rank < saved_world else rank % saved_world)
     if not os.path.isfile(state_path):
         raise CheckpointError(f"{tag}: no {os.path.basename(state_path)}: the checkpoint was written by "
-                              f"{manifest.get('world_size')} rank(s)")
+                              f"{saved_world} rank(s)")
     path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag!r} from {root}")

@@ -12,7 +12,7 @@ import os
 import sys
 
 from mtx_dist.commands import register_all
-from mtx_dist.errors import describe, user_errors
+from mtx_dist.errors import TrainingDiverged, describe, user_errors
 
 TRAINING_STOPPED = 3  # exit code of a run stopped for repeated non-finite steps (optim.max_skipped_steps)
 
@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as e:
-        from mtx_dist.optim import TrainingDiverged  # imported when needed: it brings torch
         if isinstance(e, TrainingDiverged):
             print(f"mtx-dist: training stopped: {e}", file=sys.stderr)
             return TRAINING_STOPPED

@@ -28,8 +28,10 @@ class ConfigError(UserError, ValueError):
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, min: float | None = None,
-         max: float | None = None) -> Any:
-    meta = {"help": help, "choices": choices, "min": min, "max": max}
+         max: float | None = None, key: str | None = None) -> Any:
+    """A config key. ``key``: its name in TOML and on the command line when that is not a Python
+    identifier (``checkpoint.async``, field ``async_``)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "key": key}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -116,7 +118,10 @@ class ParallelConfig:
     tensor_parallel: int = _opt(1, "tensor-parallel size T (megatron-core); data-parallel size = world / T",
                                 min=1, max=64)
     zero_stage: int = _opt(0, "DeepSpeed ZeRO stage (partitions over the data-parallel group)", (0, 1, 2, 3))
-    precision: str = _opt("fp32", "training precision", ("fp32", "bf16"))
+    precision: str = _opt("fp32", "training precision: fp32; bf16 = DeepSpeed's bf16 (bf16 weights and gradients, fp32 "
+                          "master copy in the optimizer); amp_bf16 = fp32 weights, gradients and optimizer with the "
+                          "forward under torch.autocast(bfloat16) (OpenCLIP's --precision amp_bf16; the loss stays "
+                          "fp32)", ("fp32", "bf16", "amp_bf16"))
     activation_checkpointing: bool = _opt(False, "recompute each transformer block in the backward")
     overlap_comm: bool = _opt(True, "ZeRO: overlap gradient reduction with the backward")
     reduce_bucket_size: int = _opt(500_000_000, "ZeRO: elements per gradient reduce bucket", min=1)
@@ -164,6 +169,11 @@ class CheckpointConfig:
     verify: str = _opt("size", "what a checkpoint's manifest records and resume checks: size = every file's size "
                        "and the small files' sha256; full = the sha256 of every file (catches flipped bits inside "
                        "tensor data; costs a read of every file at save and resume)", ("size", "full"))
+    async_: bool = _opt(False, "asynchronous saves: training stops only to copy the state into host memory (kept "
+                        "between saves: one more copy of this rank's checkpoint in RAM); a background thread writes "
+                        "the files, and the checkpoint becomes `latest` once every rank has written (agreed at a "
+                        "later step). At most one save in flight; a preemption or the end of the run waits for it",
+                        key="async")
 
 
 @dataclass
@@ -199,7 +209,8 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {s: {_key(f): getattr(sub, f.name) for f in dataclasses.fields(sub)}
+                for s in _fields(Config) for sub in [getattr(self, s)]}
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
@@ -211,8 +222,13 @@ class Config:
 
 # -- loading ------------------------------------------------------------------------------------
 
+def _key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key") or f.name
+
+
 def _fields(cls) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
+    """The keys of a section (or the section names of Config) and their fields."""
+    return {_key(f): f for f in dataclasses.fields(cls)}
 
 
 def _unknown(key: str, name: str, allowed: list[str]) -> ConfigError:
@@ -252,7 +268,8 @@ def _apply(cfg: Config, data: dict, source: str) -> None:
             key = f"{sname}.{k}"
             if k not in fields:
                 raise _unknown(key, k, list(fields))
-            setattr(sub, k, _check_value(key, fields[k], hints[k], v))
+            name = fields[k].name
+            setattr(sub, name, _check_value(key, fields[k], hints[name], v))
 
 
 def _parse_override(item: str) -> tuple[str, Any, str]:
@@ -344,8 +361,9 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"config key '{key}' must be section.key; keys of '{parts[0]}': "
                               f"{', '.join(_fields(type(getattr(cfg, parts[0]))))}")
         section = getattr(cfg, parts[0], None)
-        if not isinstance(value, str) and section is not None \
-                and typing.get_type_hints(type(section)).get(parts[1]) is str:
+        name = _fields(type(section)).get(parts[1]) if dataclasses.is_dataclass(section) else None
+        if not isinstance(value, str) and name is not None \
+                and typing.get_type_hints(type(section)).get(name.name) is str:
             value = raw.strip()  # a string key takes the text as written: run.dir=2024 is the folder "2024"
         _apply(cfg, {parts[0]: {parts[1]: value}}, "the command line")
     return validate(cfg)
@@ -359,5 +377,5 @@ def describe() -> str:
         for f in dataclasses.fields(sfield.default_factory):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             extra = f"  one of {', '.join(map(str, f.metadata['choices']))}" if f.metadata.get("choices") else ""
-            lines.append(f"  {f.name} = {default!r}  # {f.metadata['help']}{extra}")
+            lines.append(f"  {_key(f)} = {default!r}  # {f.metadata['help']}{extra}")
     return "\n".join(lines)

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 import torch
 
+from mtx_dist import faults
+
 from data_pipelines.demo import DemoSpec, shard_spec, write_demo_split
 from data_pipelines.loader import Loader, StreamConfig
 from data_pipelines.sources import ShardSpecError
@@ -82,8 +84,8 @@ class DevicePrefetcher:
     Being one batch ahead, it keeps the loader state of the batches actually handed out:
     checkpoints must use this object's ``state_dict``/``skipped``, not the loader's."""
 
-    def __init__(self, loader, device: torch.device, enabled: bool = True) -> None:
-        self.loader, self.device = loader, device
+    def __init__(self, loader, device: torch.device, enabled: bool = True, rank: int = 0) -> None:
+        self.loader, self.device, self.rank = loader, device, rank
         self.ahead = enabled and device.type == "cuda"
         self._state, self._skipped = loader.state_dict(), Counter(loader.skipped)
 
@@ -95,7 +97,7 @@ class DevicePrefetcher:
         return self._skipped if self.ahead else self.loader.skipped
 
     def __iter__(self) -> Iterator[dict]:
-        batches = iter(self.loader)
+        batches = _hang_injectable(iter(self.loader), self.rank)
         if not self.ahead:
             for batch in batches:
                 if batch["image"].dtype == torch.uint8:
@@ -127,6 +129,14 @@ class DevicePrefetcher:
             self._state, self._skipped = self.loader.state_dict(), Counter(self.loader.skipped)
             upcoming = fetch()
             yield batch
+
+
+def _hang_injectable(batches: Iterator[dict], rank: int) -> Iterator[dict]:
+    """The loader's batches; with ``MTX_FAULTS=hang=loader:N[:rank]`` the N-th never comes (a loader that
+    deadlocked, as seen by the training thread; for the hang-watchdog tests)."""
+    for n, batch in enumerate(batches, 1):
+        faults.hang("loader", n, rank)
+        yield batch
 
 
 def skipped_totals(skipped: Counter, group, dp_size: int, device: torch.device) -> dict[str, int]:

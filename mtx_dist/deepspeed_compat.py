@@ -11,9 +11,11 @@ naming the one that no longer holds. Verified with DeepSpeed ``VERIFIED_WITH``.
 2. :func:`skip_single_rank_allreduce` -- ``DeepSpeedEngine.enable_backward_allreduce`` (instance
    attribute read by the engine's backward and gradient-accumulation boundary): off over one
    data-parallel rank with ZeRO-0, where the dense all-reduce only flattens and copies every gradient.
-3. :func:`recording_checkpoint_writes` -- ``engine.checkpoint_engine.save(state_dict, path)`` (every
-   file DeepSpeed writes goes through it): shadowed on the instance for the duration of a save to
-   learn this rank's files, which we then fsync.
+3. :func:`recording_checkpoint_writes` and :func:`deferred_checkpoint_writes` --
+   ``engine.checkpoint_engine.save(state_dict, path)`` (every file DeepSpeed writes goes through it, and
+   it is the last to see the state dict): shadowed on the instance for the duration of a save, to learn
+   this rank's files (which we then fsync), or to take a copy of each state dict and write it later
+   (asynchronous checkpoints).
 4. :func:`checkpoint_safe_globals` -- the non-tensor classes DeepSpeed pickles into checkpoints,
    allowed when a checkpoint is validated with ``torch.load(weights_only=True)``.
 5. :func:`zero_fp32_state_dict` -- ``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint
@@ -49,32 +51,59 @@ def skip_single_rank_allreduce(engine) -> None:
 
 
 @contextlib.contextmanager
-def recording_checkpoint_writes(engine):
-    """(3) The paths DeepSpeed writes through its checkpoint engine inside the block: this rank's files.
-    Yields None when the engine has no such hook (then every file of the directory is fsynced)."""
+def _shadowed_checkpoint_save(engine, save):
+    """``engine.checkpoint_engine.save(state_dict, path)`` becomes ``save(original, state_dict, path)``
+    inside the block; yields False (and shadows nothing) when the engine has no such hook."""
     ce = getattr(engine, "checkpoint_engine", None)
     original = getattr(ce, "save", None)
     if original is None:
-        yield None
+        yield False
         return
-    written: list[str] = []
 
-    def save(*args, **kwargs):
-        result = original(*args, **kwargs)
+    def shadow(*args, **kwargs):
+        state_dict = kwargs.get("state_dict", args[0] if args else None)
         path = kwargs.get("path", args[1] if len(args) > 1 else None)
-        if path is not None:
-            written.append(os.fspath(path))
-        return result
+        return save(original, state_dict, os.fspath(path))
 
     shadowed = vars(ce).get("save")
-    ce.save = save
+    ce.save = shadow
     try:
-        yield written
+        yield True
     finally:
         if shadowed is None:
             del ce.save
         else:
             ce.save = shadowed
+
+
+@contextlib.contextmanager
+def recording_checkpoint_writes(engine):
+    """(3) The paths DeepSpeed writes through its checkpoint engine inside the block: this rank's files.
+    Yields None when the engine has no such hook (then every file of the directory is fsynced)."""
+    written: list[str] = []
+
+    def save(original, state_dict, path):
+        result = original(state_dict, path)
+        written.append(path)
+        return result
+
+    with _shadowed_checkpoint_save(engine, save) as hooked:
+        yield written if hooked else None
+
+
+@contextlib.contextmanager
+def deferred_checkpoint_writes(engine, snapshot):
+    """(3) Nothing is written inside the block: each file DeepSpeed would write is recorded as
+    ``(write, snapshot(state_dict, path), path)``, and ``write(copy, path)`` (DeepSpeed's own writer)
+    writes it later, e.g. on another thread. Yields that list, or None when the engine has no such hook
+    (then saves cannot be deferred)."""
+    deferred: list = []
+
+    def save(original, state_dict, path):
+        deferred.append((original, snapshot(state_dict, path), path))
+
+    with _shadowed_checkpoint_save(engine, save) as hooked:
+        yield deferred if hooked else None
 
 
 def checkpoint_safe_globals() -> tuple:

@@ -133,7 +133,9 @@ def deepspeed_config(cfg: Config) -> dict:
     if p.zero_stage == 3:
         zero.update(stage3_prefetch_bucket_size=p.stage3_prefetch_bucket_size,
                     stage3_param_persistence_threshold=p.stage3_param_persistence_threshold)
+    amp = {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}} if p.precision == "amp_bf16" else {}
     return {
+        **amp,  # DeepSpeed runs the engine's forward under torch.autocast (and reduces Linear gradients in bf16)
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.optim.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,  # explicit: DeepSpeed's default is 1.0, not off

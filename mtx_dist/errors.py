@@ -15,6 +15,10 @@ class UserError(Exception):
     label = ""
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive optimizer steps skipped for non-finite values (the CLI's exit code 3)."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Every error type the CLI reports as one line with exit code 2."""
     from data_pipelines.dali_index import DaliIndexError

@@ -11,6 +11,7 @@
                          that reached one rank only); the first field names the signal
     hang=step:3:1        rank 1 hangs forever right after optimizer step 3, outside any collective (in
                          :func:`injected_hang`, the frame its hang watchdog's stack file names)
+    hang=loader:4:1      rank 1's 4th batch never arrives from its loader (a deadlocked loader)
 
 With ``MTX_FAULTS_RESTART=K`` the faults apply only while ``SLURM_RESTART_COUNT`` is K (unset counts as
 0), so a requeued job runs clean. With the variable unset, :func:`hit` and :func:`poison` cost one

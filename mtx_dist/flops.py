@@ -61,7 +61,7 @@ def train_flops_per_sample(spec: ModelSpec, vision_tokens: float | None = None,
 
 def peak_tflops(device_name: str, precision: str) -> float | None:
     """Datasheet peak for a device name as torch reports it (e.g. 'NVIDIA H100 80GB HBM3'), or None."""
-    table = PEAK_TFLOPS[precision]
+    table = PEAK_TFLOPS["bf16" if precision == "amp_bf16" else precision]  # autocast's matmuls run in bf16
     for key in sorted(table, key=len, reverse=True):  # 'H100 PCIe' before 'H100'
         if all(part in device_name for part in key.split()):
             return table[key]

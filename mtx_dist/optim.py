@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mtx_dist.config import OptimConfig
+from mtx_dist.errors import TrainingDiverged  # noqa: F401  (raised by the trainer; re-exported)
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -26,10 +27,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive optimizer steps skipped for non-finite values."""
-
-
 class GuardedAdamW(torch.optim.AdamW):
     """AdamW whose update is skipped on every rank at once when any rank's gradients are non-finite
     or any rank asked for it (``request_skip``, e.g. for a non-finite loss).
@@ -42,10 +39,11 @@ class GuardedAdamW(torch.optim.AdamW):
     schedule either, as when its ZeRO-1/2 optimizer skips non-finite gradients by itself (in that
     case this ``step`` is never called, so ``expect_step`` presumes a skip until ``step`` runs).
 
-    The step's one small collective: a (non-finite, preemption signal) pair all-reduced with MAX, so
-    the preemption agreement (``share_signal`` before, ``agreed_signal`` after) costs no collective of
-    its own. Reading the pair is the step's one host synchronisation: DeepSpeed needs ``overflow`` as
-    a Python bool before it advances the LR schedule.
+    The step's one small collective: (non-finite, preemption signal, checkpoint status) all-reduced with
+    MAX, so the preemption agreement and the progress of an asynchronous checkpoint (``share_signal``
+    before, ``agreed_signal`` / ``agreed_checkpoint`` after) cost no collective of their own. Reading them
+    is the step's one host synchronisation: DeepSpeed needs ``overflow`` as a Python bool before it
+    advances the LR schedule.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -55,6 +53,10 @@ class GuardedAdamW(torch.optim.AdamW):
         self.skipped_last = False
         self.overflow = False
         self.agreed_signal = 0  # the highest signal number any rank shared for the last step (0 = none)
+        self._checkpoint = 0
+        # the highest checkpoint status any rank shared (see mtx_dist.async_checkpoint); a step decided
+        # without the collective (DeepSpeed skipped it by itself) reports UNDECIDED: "still busy"
+        self.agreed_checkpoint = 0
         self._groups: list[dict] | None = None  # every param group, while an engine step is expected
         self._decided: bool | None = None  # this engine step's skip decision, once made
 
@@ -67,12 +69,13 @@ class GuardedAdamW(torch.optim.AdamW):
         so no group is updated when another is skipped and the step has one collective."""
         self.skipped_last = True
         self.agreed_signal = 0
+        self.agreed_checkpoint = UNDECIDED
         self._groups, self._decided = self.param_groups, None
 
     def end_step(self) -> None:
         """After the engine's optimizer step: forget this step's skip requests and decision."""
         self._request = None
-        self._signal = 0
+        self._signal = self._checkpoint = 0
         self._groups = self._decided = None
 
     def request_skip(self, flag: torch.Tensor) -> None:
@@ -80,9 +83,10 @@ class GuardedAdamW(torch.optim.AdamW):
         flag = flag.detach().reshape(()).to(torch.bool)
         self._request = flag if self._request is None else self._request | flag
 
-    def share_signal(self, signum: int) -> None:
-        """Send this rank's preemption signal number (0 = none) with the next step's collective."""
-        self._signal = int(signum)
+    def share_signal(self, signum: int, checkpoint: int = 0) -> None:
+        """Send this rank's preemption signal number (0 = none) and checkpoint status (0 = nothing in
+        flight) with the next step's collective."""
+        self._signal, self._checkpoint = int(signum), int(checkpoint)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -101,8 +105,8 @@ class GuardedAdamW(torch.optim.AdamW):
         """Skip this step? Agreed by every rank through the step's one collective."""
         grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
         device = grads[0].device if grads else groups[0]["params"][0].device
-        flags = torch.zeros(2, device=device)
-        flags[1] = self._signal
+        flags = torch.zeros(3, device=device)
+        flags[1], flags[2] = self._signal, self._checkpoint
         if grads:  # a NaN or inf anywhere makes a norm, hence their sum, non-finite
             flags[0] = (~torch.stack(torch._foreach_norm(grads)).sum().isfinite()).float()
         if self._request is not None:
@@ -110,10 +114,13 @@ class GuardedAdamW(torch.optim.AdamW):
             self._request = None
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        bad, signum = flags.tolist()
-        self.agreed_signal = int(signum)
+        bad, signum, checkpoint = flags.tolist()
+        self.agreed_signal, self.agreed_checkpoint = int(signum), int(checkpoint)
         self.skipped_last = self.overflow = bad > 0
         return self.skipped_last
+
+
+UNDECIDED = 1  # the checkpoint status of a step decided without the collective: "busy", nothing advances
 
 
 # AdamW kernels measured on a 2-core AVX-512 CPU (torch 2.13, preset `tiny`, 8.0 M parameters, see

@@ -2,8 +2,8 @@
 
 :func:`train_step` is what the trainer runs and what the benchmarks time (bench/bench_step.py,
 bench/bench_race.py, bench/gpu_suite.sh). Its collectives per step are the gradients' own (DeepSpeed)
-plus one small all-reduce of the optimizer's (non-finite, preemption signal) pair, and its one host
-synchronisation is reading that pair (see :class:`mtx_dist.optim.GuardedAdamW`). Losses, logit
+plus one small all-reduce of the optimizer's (non-finite, preemption signal, checkpoint status) flags,
+and its one host synchronisation is reading them (see :class:`mtx_dist.optim.GuardedAdamW`). Losses, logit
 scale and gradient norm stay on the device as tensors; the trainer reads them on log steps only.
 """
 
@@ -46,6 +46,7 @@ class StepResult:
     bias: torch.Tensor | None  # logit bias (SigLIP), on the device
     skipped: bool  # no rank updated: a non-finite loss or gradient somewhere (agreed by every rank)
     signal: int  # the preemption signal some rank shared with this step (0 = none; agreed by every rank)
+    checkpoint: int  # the highest asynchronous-checkpoint status any rank shared (agreed by every rank)
     data_wait_s: float  # host time spent waiting for batches
     grad_norm: float | None  # ZeRO-0 only, when asked for (a log step: DeepSpeed reports none there)
     last_batch: dict
@@ -61,13 +62,15 @@ def patch_generator(setup: StepSetup, step: int, micro: int) -> torch.Generator:
 
 def train_step(setup: StepSetup, batches: Iterator[dict], step: int, patch_dropout: float = 0.0,
                signal: int = 0, want_grad_norm: bool = False,
-               on_batch: Callable[[dict], None] | None = None, image_size: int = 0) -> StepResult:
+               on_batch: Callable[[dict], None] | None = None, image_size: int = 0,
+               checkpoint: int = 0) -> StepResult:
     """Optimizer step number ``step + 1`` (``step`` steps done before it) over ``setup.accum`` micro-batches
     from ``batches``. ``signal``: this rank's pending preemption signal number, shared with the step's
     collective. ``on_batch`` sees each batch as it arrives (debug key recording). ``image_size``: train
-    this step at that resolution (CLIPA low-resolution training; 0 = as the batch comes)."""
+    this step at that resolution (CLIPA low-resolution training; 0 = as the batch comes). ``checkpoint``:
+    this rank's asynchronous-checkpoint status (:meth:`AsyncCheckpointer.status`), shared likewise."""
     engine, optimizer = setup.engine, setup.engine.client_optimizer
-    optimizer.share_signal(signal)
+    optimizer.share_signal(signal, checkpoint)
     losses, data_wait, grad_norm = [], 0.0, None
     for micro in range(setup.accum):
         t0 = time.perf_counter()
@@ -100,7 +103,7 @@ def train_step(setup: StepSetup, batches: Iterator[dict], step: int, patch_dropo
             optimizer.expect_step()
         engine.step()
         losses.append(loss.detach())
-    skipped, agreed = optimizer.skipped_last, optimizer.agreed_signal
+    skipped, agreed, saving = optimizer.skipped_last, optimizer.agreed_signal, optimizer.agreed_checkpoint
     optimizer.end_step()
     return StepResult(torch.stack(losses), scale.detach(), None if bias is None else bias.detach(), skipped, agreed,
-                      data_wait, grad_norm, batch)
+                      saving, data_wait, grad_norm, batch)

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from mtx_dist import checkpoint as ckpt
+from mtx_dist.async_checkpoint import AsyncCheckpointer
 from mtx_dist import faults
 from data_pipelines.loader import LoaderStateError
 from launchers.signals import Preempted, Preemption, parse_signals
@@ -25,7 +26,7 @@ from mtx_dist.export import write_export
 from mtx_dist.flops import peak_tflops, train_flops_per_sample
 from mtx_dist.loss import build_loss
 from mtx_dist.models import get_preset, kept_patches
-from mtx_dist.optim import TrainingDiverged
+from mtx_dist.errors import TrainingDiverged
 from mtx_dist.parallel import destroy_groups
 from mtx_dist.step import StepSetup, train_step
 from mtx_dist import shard_sets
@@ -105,10 +106,12 @@ def _train(cfg: Config, preemption: Preemption) -> TrainResult:
         if tag is None:
             _say(runtime, f"no checkpoint in {ckpt.checkpoint_root(cfg.run.dir)} yet: starting fresh")
         else:
+            saved_states, saved_config = ckpt.saved_run(cfg.run.dir, tag)
+            check_layout_change(cfg, runtime, tag, saved_states, saved_config)
             # every hash was checked by rank 0 (resolve); the other ranks check sizes and pickles
             state = ckpt.load(engine, cfg.run.dir, tag, runtime.env.rank, full and runtime.env.rank == 0)
             try:
-                loader.load_state_dict(state.loader)
+                loader.load_state_dict(state.loader, every_rank=lambda: [s["loader"] for s in saved_states])
             except LoaderStateError as e:  # the data config changed since the checkpoint
                 raise ConfigError(f"cannot resume {tag}: {e}") from e
             _say(runtime, f"resumed from {os.path.join(ckpt.checkpoint_root(cfg.run.dir), tag)} at step {state.step}")
@@ -163,6 +166,43 @@ def _train(cfg: Config, preemption: Preemption) -> TrainResult:
     if runtime.is_main:
         _summary(cfg, result)
     return result
+
+
+def keys_log_path(rank: int) -> str | None:
+    """Debugging aid: ``MTX_RECORD_KEYS=path`` records rank 0's sample keys per step; a path with
+    ``{rank}`` records every rank's, one file each."""
+    path = os.environ.get("MTX_RECORD_KEYS")
+    if not path:
+        return None
+    return path.format(rank=rank) if "{rank}" in path else (path if rank == 0 else None)
+
+
+def check_layout_change(cfg: Config, runtime: Runtime, tag: str, saved_states: list[dict], saved_config: dict) -> None:
+    """A resume on another data-parallel size (or loader workers) continues the epoch exactly (the
+    loader's elastic resume); what cannot be resharded yet is refused here, before anything loads."""
+    groups = runtime.groups
+    old_world = len(saved_states)
+    old_dp = int(saved_states[0]["loader"].get("world_size", old_world)) if saved_states else old_world
+    old_tp = max(1, old_world // max(old_dp, 1))
+    if old_tp != groups.tp_size:
+        raise ConfigError(f"cannot resume {tag}: it was saved with tensor-parallel size {old_tp}, this run has "
+                          f"{groups.tp_size}; changing it on resume is not supported (keep "
+                          f"parallel.tensor_parallel = {old_tp})")
+    if old_dp == groups.dp_size:
+        return
+    old = saved_config.get("parallel", {})
+    layouts = [(old.get("zero_stage", 0), old.get("precision", "fp32")), (cfg.parallel.zero_stage, cfg.parallel.precision)]
+    if any(stage != 0 or precision == "bf16" for stage, precision in layouts):  # amp_bf16 keeps fp32 states
+        raise ConfigError(
+            f"cannot resume {tag} on {groups.dp_size} data-parallel ranks: it was saved on {old_dp}, with ZeRO-"
+            f"{layouts[0][0]} {layouts[0][1]} (this run: ZeRO-{layouts[1][0]} {layouts[1][1]}). A changed data-"
+            "parallel size needs ZeRO-0 with fp32 (or amp_bf16) on both sides for now: DeepSpeed's ZeRO and bf16 optimizer "
+            "states are partitioned per data-parallel rank, and resharding them is not wired in yet. Resume on "
+            f"{old_dp} data-parallel ranks")
+    if cfg.data.backend == "dali":
+        raise ConfigError(f"cannot resume {tag} on {groups.dp_size} data-parallel ranks (saved on {old_dp}) with "
+                          "data.backend = 'dali': its reader cannot re-deal an epoch; use data.backend = 'cpu' or the "
+                          "saved data-parallel size")
 
 
 def start_watchdog(cfg: Config, runtime: Runtime, tracker: Tracker, step: int) -> HangWatchdog:
@@ -296,6 +336,17 @@ def step_setup(cfg: Config, runtime: Runtime, engine) -> StepSetup:
 
 def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState, tracker: Tracker,
           preemption: Preemption | None, watchdog: HangWatchdog) -> TrainResult:
+    saver = AsyncCheckpointer(cfg.run.dir, runtime.env.rank, runtime.device, cfg.checkpoint.keep,
+                              cfg.checkpoint.verify == "full") if cfg.checkpoint.async_ else None
+    try:
+        return _steps(cfg, runtime, engine, loader, state, tracker, preemption, watchdog, saver)
+    finally:
+        if saver is not None:
+            saver.close()
+
+
+def _steps(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState, tracker: Tracker,
+           preemption: Preemption | None, watchdog: HangWatchdog, saver: AsyncCheckpointer | None) -> TrainResult:
     groups, world = runtime.groups, runtime.env.world_size
     setup = step_setup(cfg, runtime, engine)
     accum = cfg.optim.grad_accum
@@ -303,9 +354,9 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
     spec, peak = get_preset(cfg.model.preset), _peak(cfg, runtime)
     first_step, losses, pending = state.step, [], []
     last_ckpt = None
-    feed = DevicePrefetcher(loader, runtime.device, cfg.data.prefetch)  # holds the state of batches handed out
+    feed = DevicePrefetcher(loader, runtime.device, cfg.data.prefetch, rank=runtime.env.rank)  # holds the state of batches handed out
     batches = iter(feed)
-    keys_log = os.environ.get("MTX_RECORD_KEYS") if runtime.env.rank == 0 else None  # debug: sample keys per step
+    keys_log = keys_log_path(runtime.env.rank)
     engine.train()
     bar = tqdm(total=cfg.run.steps, initial=state.step, disable=not runtime.is_main, unit="step",
                dynamic_ncols=True, mininterval=1.0, desc="train")
@@ -319,7 +370,11 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
         drop, size = patch_dropout_at(cfg, state.step), train_image_size_at(cfg, state.step)
         on_batch = (lambda b, s=state.step: record_keys(keys_log, s, b)) if keys_log else None
         result = train_step(setup, batches, state.step, drop, int(preemption.received or 0) if ask else 0,
-                            want_grad_norm=log_now, on_batch=on_batch, image_size=size)
+                            want_grad_norm=log_now, on_batch=on_batch, image_size=size,
+                            checkpoint=saver.status() if saver else 0)
+        if saver is not None:
+            saver.agreed(result.checkpoint)  # an asynchronous save moves on, or its failure raises on every rank
+            last_ckpt = saver.last or last_ckpt
         pending.append(result.losses)
         data_wait += result.data_wait_s
         grid = (size or spec.vision.image_size) // spec.vision.patch_size
@@ -392,8 +447,13 @@ def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState,
             state.loader = feed.state_dict()
             state.mlflow_run_id = tracker.run_id or state.mlflow_run_id  # created late if the store was slow
             watchdog.beat(state.step, "checkpoint")
-            last_ckpt = ckpt.save(engine, cfg.run.dir, state, runtime.env.rank, keep=cfg.checkpoint.keep,
-                                  config_toml=cfg.to_toml(), full_hashes=cfg.checkpoint.verify == "full")
+            if saver is None:
+                last_ckpt = ckpt.save(engine, cfg.run.dir, state, runtime.env.rank, keep=cfg.checkpoint.keep,
+                                      config_toml=cfg.to_toml(), full_hashes=cfg.checkpoint.verify == "full")
+            else:
+                saver.save(engine, state, cfg.to_toml())
+                if stop or state.step == cfg.run.steps:  # leaving: wait for the save in flight
+                    last_ckpt = saver.drain()
             watchdog.beat(state.step)
         if stop:
             break

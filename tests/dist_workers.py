@@ -202,9 +202,21 @@ def train_resume(base: list[str], whole_dir: str, split_dir: str, steps: int, st
             "resumed_at": second.first_step}
 
 
+def train_recording_keys(overrides: list[str], keys_path: str) -> dict:
+    """The trainer with every rank's sample keys recorded (``keys_path`` contains ``{rank}``)."""
+    from mtx_dist.trainer import train
+
+    os.environ["MTX_RECORD_KEYS"] = keys_path
+    try:
+        result = train(load_config(None, overrides))
+    finally:
+        os.environ.pop("MTX_RECORD_KEYS", None)
+    return {"losses": result.losses, "step": result.step, "first_step": result.first_step}
+
+
 def train_with_faults(overrides: list[str], faults_spec: str) -> dict:
     """The trainer with ``MTX_FAULTS`` switched on in this rank; a divergence stop is returned, not raised."""
-    from mtx_dist.optim import TrainingDiverged
+    from mtx_dist.errors import TrainingDiverged
     from mtx_dist.trainer import train
 
     os.environ["MTX_FAULTS"] = faults_spec
@@ -222,7 +234,8 @@ def train_with_faults(overrides: list[str], faults_spec: str) -> dict:
 def count_collectives(overrides: list[str], steps: int) -> dict:
     """Collectives per :func:`mtx_dist.step.train_step` of the micro model on 2 ranks, by who issues them:
     DeepSpeed (gradient reduction), the loss (feature all-gather and its backward) or anything else.
-    Rank 1 shares preemption signal 10 with the last step; both must learn it from that step's result."""
+    Rank 1 shares preemption signal 10 with the last step, and checkpoint status i at step i (rank 0: 0);
+    both must learn them from that step's result."""
     import traceback
 
     from mtx_dist.engine import build_engine, build_model, setup_runtime
@@ -262,18 +275,19 @@ def count_collectives(overrides: list[str], steps: int) -> dict:
             yield {"image": local_slice(image, groups.dp_rank, groups.dp_size),
                    "text": local_slice(text, groups.dp_rank, groups.dp_size)}
 
-    feed, out = batches(), {"ours": [], "deepspeed": [], "loss": [], "signal": []}
+    feed, out = batches(), {"ours": [], "deepspeed": [], "loss": [], "signal": [], "checkpoint": []}
     try:
         for n in names:
             setattr(dist, n, counted(n))
         for step in range(steps):
             calls.clear()
             shared = 10 if step == steps - 1 and dist.get_rank() == 1 else 0
-            result = train_step(setup, feed, step, signal=shared)
+            result = train_step(setup, feed, step, signal=shared, checkpoint=step * dist.get_rank())
             for who in ("deepspeed", "loss"):
                 out[who].append(sorted({n for i, n, _ in calls if i == who}))
             out["ours"].append([(i, n, k) for i, n, k in calls if i not in ("deepspeed", "loss")])
             out["signal"].append(result.signal)
+            out["checkpoint"].append(result.checkpoint)
     finally:
         for n, f in originals.items():
             setattr(dist, n, f)

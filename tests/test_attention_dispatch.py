@@ -8,7 +8,7 @@ import torch
 
 import kernels
 
-attn_mod = importlib.import_module("kernels.attention")  # the module (the package exports the function)
+attn_mod = importlib.import_module("kernels.dispatch")
 
 
 def _qkv(dtype=torch.float32, n=9, d=16):
@@ -61,10 +61,10 @@ def test_model_level_error_names_the_backend():
 def test_choice_is_logged_once_per_process(caplog, monkeypatch):
     monkeypatch.setattr(attn_mod, "_announced", set())
     q, k, v = _qkv()
-    with caplog.at_level(logging.INFO, logger="kernels.attention"):
+    with caplog.at_level(logging.INFO, logger="kernels.dispatch"):
         for _ in range(3):
             kernels.attention(q, k, v, backend="auto")
-    lines = [r.getMessage() for r in caplog.records if r.name == "kernels.attention"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "kernels.dispatch"]
     assert lines == ["attention backend: sdpa (requested auto on cpu float32)"]
 
 

@@ -91,16 +91,36 @@ def test_torchrun_two_ranks(tmp_path, extra, dp):
     assert blocks["0.attn.qkv.weight"].shape == (3 * 64, 64) and blocks["1.mlp.fc2.weight"].shape == (64, 256)
 
 
-def test_resume_with_changed_data_layout_is_refused(tmp_path):
-    res = run_cli(["train", *MICRO, "run.steps=2", "run.eval_at_end=false", "run.export_at_end=false",
-                   "tracking.enabled=false"], cwd=str(tmp_path))
+def test_resume_with_more_workers_goes_on_and_a_changed_stream_is_refused(tmp_path):
+    no_end = ["run.eval_at_end=false", "run.export_at_end=false", "tracking.enabled=false"]
+    res = run_cli(["train", *MICRO, "run.steps=2", *no_end], cwd=str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
-    res = run_cli(["train", *MICRO, "run.steps=4", "data.workers=2", "tracking.enabled=false", "--resume", "latest"],
-                  cwd=str(tmp_path))
+    res = run_cli(["train", *MICRO, "run.steps=4", "data.workers=2", *no_end, "--resume", "latest"], cwd=str(tmp_path))
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]  # elastic: tests/faults
+    res = run_cli(["train", *MICRO, "run.steps=6", "data.workers=2", "data.batch_size=8", *no_end, "--resume",
+                   "latest"], cwd=str(tmp_path))
     assert res.returncode == 2
-    assert "cannot resume step00000002" in res.stderr and "x 1 workers; this run has 1 x 2" in res.stderr
+    assert "cannot resume step00000004: loader state was saved for different shards" in res.stderr, res.stderr
     res = run_cli(["train", *MICRO, "--resume", "step00000099"], cwd=str(tmp_path))
     assert res.returncode == 2 and "'checkpoint.resume' = 'step00000099': no checkpoint" in res.stderr
+
+
+def test_config_errors_come_before_torch_is_imported(tmp_path):
+    """Every subcommand registers, and a bad config is reported, in an interpreter where importing
+    torch fails: nothing heavy loads before the config is validated."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+    code = ("import sys; sys.modules['torch'] = None; from mtx_dist.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    for args, rc, needle in ((["train", "model.presett=tiny"], 2, "did you mean 'model.preset'"),
+                             (["train", "data.train=a::b", "data.train_weights=x"], 2, "'data.train_weights' = 'x'"),
+                             (["train", "--help-config"], 0, ""), (["eval", "--help"], 0, ""),
+                             (["export", "--help"], 0, "")):
+        res = subprocess.run([sys.executable, "-c", code, *args], cwd=str(tmp_path), capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+        assert res.returncode == rc and needle in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
 
 
 def test_user_errors_are_one_line_with_exit_code_2_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):

@@ -74,6 +74,20 @@ def test_flat_params_and_describe_cover_every_key():
     assert all(f"  {k.split('.')[1]} = " in text for k in flat)
 
 
+def test_a_key_that_is_a_python_keyword(tmp_path):
+    """checkpoint.async (field async_): by that name on the command line, in TOML, in the saved config,
+    in MLflow params and --help-config; the field's own name is not a key."""
+    cfg = load_config(None, ["checkpoint.async=true"])
+    assert cfg.checkpoint.async_ is True and cfg.flat()["checkpoint.async"] is True
+    assert "[checkpoint]\n" in cfg.to_toml() and "async = true" in cfg.to_toml()
+    p = tmp_path / "c.toml"
+    p.write_text(cfg.to_toml())
+    assert load_config(str(p)) == cfg
+    assert "  async = False  # asynchronous saves" in describe()
+    with pytest.raises(ConfigError, match="unknown config key 'checkpoint.async_' \\(did you mean 'checkpoint.async'"):
+        load_config(None, ["checkpoint.async_=true"])
+
+
 def test_cli_rejects_bad_key_before_starting(tmp_path):
     res = run_cli(["train", "model.presett=tiny"], cwd=str(tmp_path), timeout=120)
     assert res.returncode == 2

@@ -59,6 +59,15 @@ def test_checkpoint_engine_save_takes_state_dict_and_path(deepspeed):
     assert written == ["/x/a.pt", "/x/b.pt"] and calls == ["/x/a.pt", "/x/b.pt"]
     assert "save" not in vars(engine.checkpoint_engine)  # the instance's save is DeepSpeed's again
 
+    calls.clear()
+    with compat.deferred_checkpoint_writes(engine, lambda sd, path: {"copy of": sd["w"]}) as deferred:
+        engine.checkpoint_engine.save({"w": 1}, "/x/a.pt")
+        engine.checkpoint_engine.save(state_dict={"w": 2}, path="/x/b.pt")
+    assert calls == []  # nothing written inside the block
+    assert [(d[1], d[2]) for d in deferred] == [({"copy of": 1}, "/x/a.pt"), ({"copy of": 2}, "/x/b.pt")]
+    deferred[0][0](*deferred[0][1:])  # DeepSpeed's own writer, later
+    assert calls == ["/x/a.pt"] and "save" not in vars(engine.checkpoint_engine)
+
 
 def test_checkpoint_globals_exist(deepspeed):
     found = compat.checkpoint_safe_globals()

@@ -61,16 +61,27 @@ def _states(run_dir, step):
     return [json.load(open(os.path.join(tag, f"train_state-rank{r}.json"))) for r in (0, 1)]
 
 
-def test_signal_on_one_rank_checkpoints_both_and_resume_is_exact(demo_shards, tmp_path):
+@pytest.fixture(scope="module")
+def whole(demo_shards, tmp_path_factory):
+    """An uninterrupted two-rank run (synchronous saves): its run directory."""
+    tmp = tmp_path_factory.mktemp("whole")
+    hostfile = tmp / "hosts"
+    hostfile.write_text("localhost slots=2\n")
+    p = _torchrun(hostfile, _args(demo_shards, tmp / "run"), str(tmp))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return tmp / "run"
+
+
+# async: a save every 2 steps, so one is agreed and committed by the ranks while training goes on (step 2)
+# and one (step 4, the preemption's) is waited for; the resumed run does the same at 6 and 8.
+@pytest.mark.parametrize("saves", [[], ["checkpoint.async=true", "checkpoint.every=2"]], ids=["sync", "async"])
+def test_signal_on_one_rank_checkpoints_both_and_resume_is_exact(demo_shards, tmp_path, whole, saves):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("localhost slots=2\n")
-    whole, run = tmp_path / "whole", tmp_path / "run"
-
-    p = _torchrun(hostfile, _args(demo_shards, whole), str(tmp_path))
-    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "run"
 
     # Rank 1 sends itself SIGUSR1 right after step 3; rank 0 never receives a signal.
-    p = _torchrun(hostfile, _args(demo_shards, run), str(tmp_path), faults=f"signal=USR1:{SIGNAL_STEP}:1")
+    p = _torchrun(hostfile, [*_args(demo_shards, run), *saves], str(tmp_path), faults=f"signal=USR1:{SIGNAL_STEP}:1")
     assert p.returncode != 0
     # torchrun reports each rank's exit code; both left with the preemption code
     codes = re.findall(r"rank\s*:\s*(\d+)[^\n]*\n(?:[^\n]*\n){0,3}?\s*exitcode\s*:\s*(-?\d+)", p.stderr)
@@ -82,7 +93,7 @@ def test_signal_on_one_rank_checkpoints_both_and_resume_is_exact(demo_shards, tm
     assert [s["step"] for s in _states(run, STOP_STEP)] == [STOP_STEP, STOP_STEP]
     assert not (run / "checkpoints" / f"step{STEPS:08d}").exists()
 
-    p = _torchrun(hostfile, [*_args(demo_shards, run), "--resume", "latest"], str(tmp_path))
+    p = _torchrun(hostfile, [*_args(demo_shards, run), *saves, "--resume", "latest"], str(tmp_path))
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"at step {STOP_STEP}" in p.stdout and "resumed from" in p.stdout, p.stdout[-3000:]
     assert "loss: " in p.stdout and f"(step {STOP_STEP + 1})" in p.stdout  # the resumed segment starts at 5

@@ -208,8 +208,9 @@ def test_one_small_all_reduce_per_step_beside_the_gradients(stage):
     r0, r1 = run_ranks(2, w.count_collectives, [f"parallel.zero_stage={stage}"], 3)
     for r in (r0, r1):
         # beside DeepSpeed's gradient reduction and the loss's feature gather: exactly one collective per
-        # step, the optimizer's 2-element all-reduce of (non-finite, preemption signal)
-        assert r["ours"] == [[("mtx_dist/optim.py", "all_reduce", 2)]] * 3, r
+        # step, the optimizer's 3-element all-reduce of (non-finite, preemption signal, checkpoint status)
+        assert r["ours"] == [[("mtx_dist/optim.py", "all_reduce", 3)]] * 3, r
         assert all(r["deepspeed"]) and all(r["loss"]), r  # both present at every step
         assert r["signal"] == [0, 0, 10], r  # a signal shared by one rank at step 3 reached both
+        assert r["checkpoint"] == [0, 1, 2], r  # so did one rank's checkpoint status (MAX)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.attention import math_attention
+from kernels.dispatch import math_attention
 
 _SOURCE = Path(__file__).resolve().parents[1] / "kernels" / "triton_attention.py"
 

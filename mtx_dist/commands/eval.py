@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mtx_dist.evaluate import TEMPLATES, EvalDataError
+from mtx_dist.prompts import TEMPLATES
 
 
 def _positive(text: str) -> int:
@@ -21,7 +21,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from data_pipelines.tokenizer import TEXT_PAD_MULTIPLE, ClipTokenizer
     from mtx_dist.config import TrackingConfig
-    from mtx_dist.evaluate import evaluate_shards, read_classnames
+    from mtx_dist.evaluate import EvalDataError, evaluate_shards, read_classnames
     from mtx_dist.export.source import load_any
     from mtx_dist.tracking import Tracker
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from mtx_dist.export.common import DTYPES, FORMATS
-from mtx_dist.interop.hf import HfConversionError
+from mtx_dist.export.formats import DTYPE_NAMES, FORMATS
 
 
 def _formats(text: str) -> list[str]:
@@ -20,6 +19,7 @@ def _formats(text: str) -> list[str]:
 def _run(args: argparse.Namespace) -> int:
     import os
 
+    from mtx_dist.export.common import DTYPES
     from mtx_dist.export.source import load_checkpoint
     from mtx_dist.export.writers import write_export
 
@@ -36,8 +36,9 @@ def _run(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     import os
 
+    from mtx_dist.export.common import DTYPES
     from mtx_dist.export.writers import write_export
-    from mtx_dist.interop.hf import folder_spec, is_hf_folder, read_hf_folder
+    from mtx_dist.interop.hf import HfConversionError, folder_spec, is_hf_folder, read_hf_folder
     from mtx_dist.models.presets import PRESETS
 
     if not is_hf_folder(args.source):
@@ -71,7 +72,7 @@ def register(sub) -> None:
     e.add_argument("--format", type=_formats, required=True, metavar="F",
                    help=f"{' | '.join(FORMATS)}, or several comma-separated")
     e.add_argument("--out", required=True, help="output directory")
-    e.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="tensor dtype of the files (default fp32)")
+    e.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="tensor dtype of the files (default fp32)")
     e.add_argument("--preset", help="model preset, only for checkpoints saved without their config.toml")
     e.set_defaults(func=_run)
 
@@ -84,5 +85,5 @@ def register(sub) -> None:
     i.add_argument("--format", type=_formats, default=["metatransformer", "open_clip"], metavar="F",
                    help=f"{' | '.join(FORMATS)}, or several comma-separated (default metatransformer,open_clip)")
     i.add_argument("--out", required=True, help="output directory")
-    i.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="tensor dtype of the files (default fp32)")
+    i.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="tensor dtype of the files (default fp32)")
     i.set_defaults(func=_import)

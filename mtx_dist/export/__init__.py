@@ -4,22 +4,25 @@
 tensor count of every file. :func:`verify_export` checks a copy against it (hashes, then a
 safetensors load -- never pickle) before anyone builds on it. Formats: :mod:`mtx_dist.export.writers`;
 reading a checkpoint or run directory: :mod:`mtx_dist.export.source`.
+
+The names load on first use (PEP 562), so :mod:`mtx_dist.export.formats` can be read without torch.
 """
 
-from mtx_dist.export.common import (
-    DTYPES,
-    ENCODER_FILE,
-    ENCODER_PTH,
-    FORMATS,
-    MANIFEST_FILE,
-    OPENCLIP_CONFIG,
-    OPENCLIP_FILE,
-    ExportError,
-    sha256_file,
-    verify_export,
-)
-from mtx_dist.export.writers import BLOCK_PREFIX, encoder_blocks, export_encoder, openclip_arch, write_export
+from __future__ import annotations
 
-__all__ = ["BLOCK_PREFIX", "DTYPES", "ENCODER_FILE", "ENCODER_PTH", "FORMATS", "MANIFEST_FILE", "OPENCLIP_CONFIG",
-           "OPENCLIP_FILE", "ExportError", "encoder_blocks", "export_encoder", "openclip_arch", "sha256_file",
-           "verify_export", "write_export"]
+import importlib
+
+_WHERE = {
+    **dict.fromkeys(("DTYPES", "ENCODER_FILE", "ENCODER_PTH", "FORMATS", "MANIFEST_FILE", "OPENCLIP_CONFIG",
+                     "OPENCLIP_FILE", "ExportError", "sha256_file", "verify_export"), "common"),
+    **dict.fromkeys(("BLOCK_PREFIX", "encoder_blocks", "export_encoder", "openclip_arch", "write_export"), "writers"),
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,6 +14,8 @@ import os
 import re
 
 import torch
+
+from mtx_dist.export.formats import DTYPE_NAMES, FORMATS  # noqa: F401  (re-exported)
 from safetensors.torch import save_file
 
 from data_pipelines.files import atomic_write_with, sha256_file
@@ -33,8 +35,8 @@ HF_FILES = ("config.json", HF_FILE, "vocab.json", "merges.txt", "tokenizer_confi
 MLFLOW_FILES = ("MLmodel", "python_env.yaml", "requirements.txt", "conda.yaml", "input_example.json",
                 "serving_input_example.json")  # what mlflow.pyfunc.save_model writes
 TIMM_FILES = ("config.json", HF_FILE)  # timm's local-dir layout: the same two names as transformers'
-FORMATS = ("metatransformer", "open_clip", "hf", "timm", "mlflow")  # mlflow: last, and needs open_clip
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+assert tuple(DTYPES) == DTYPE_NAMES
 
 
 class ExportError(UserError, ValueError):

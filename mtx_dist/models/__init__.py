@@ -1,9 +1,25 @@
-"""Plain PyTorch models: no parallelism, no device logic."""
+"""Plain PyTorch models: no parallelism, no device logic.
 
-from mtx_dist.models.blocks import Attention, Block, Mlp
-from mtx_dist.models.clip import ContrastiveModel
-from mtx_dist.models.presets import PRESETS, ModelSpec, TextSpec, VisionSpec, get_preset
-from mtx_dist.models.towers import TextTower, VisionTower, kept_patches, patch_keep_indices
+The names load on first use (PEP 562): the geometry tables (``presets``) import no torch, so the
+config can validate a preset before anything heavy loads.
+"""
 
-__all__ = ["Attention", "Block", "ContrastiveModel", "Mlp", "ModelSpec", "PRESETS", "TextSpec",
-           "TextTower", "VisionSpec", "VisionTower", "get_preset", "kept_patches", "patch_keep_indices"]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "Attention": "blocks", "Block": "blocks", "Mlp": "blocks",
+    "ContrastiveModel": "clip",
+    "PRESETS": "presets", "ModelSpec": "presets", "TextSpec": "presets", "VisionSpec": "presets", "get_preset": "presets",
+    "TextTower": "towers", "VisionTower": "towers", "kept_patches": "towers", "patch_keep_indices": "towers",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

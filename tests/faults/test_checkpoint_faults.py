@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from mtx_dist import checkpoint as ckpt
-from tests.helpers import run_cli
+from tests.helpers import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -104,6 +105,43 @@ def test_kill_9_during_save_then_resume_is_exact(tmp_path, demo, reference, poin
     assert res.returncode == 0, res.stderr[-3000:]
     assert "at step 2" in res.stdout and f"trained to step {STEPS} of {STEPS}" in res.stdout
     assert sorted(os.listdir(root)) == ["latest", "step00000002", "step00000004", "step00000006"]  # no leftovers
+    _assert_identical(os.path.join(root, "step00000006"), os.path.join(ckpt.checkpoint_root(reference),
+                                                                       "step00000006"))
+
+
+def _train_state(tag_dir):
+    return json.loads(Path(tag_dir, "train_state-rank0.json").read_text())
+
+
+def test_async_saves_write_what_sync_saves_write(tmp_path, demo, reference):
+    """checkpoint.async: the same checkpoints, bit for bit in every tensor and train state, each
+    committed (manifest, `latest`) although training went on while it was written."""
+    run_dir = str(tmp_path / "run")
+    res = _train(run_dir, demo, "checkpoint.async=true")
+    assert res.returncode == 0, res.stderr[-3000:]
+    root, ref_root = ckpt.checkpoint_root(run_dir), ckpt.checkpoint_root(reference)
+    assert sorted(os.listdir(root)) == ["latest", "step00000002", "step00000004", "step00000006"]
+    assert Path(root, "latest").read_text() == "step00000006"
+    for tag in ("step00000002", "step00000004", "step00000006"):
+        assert ckpt.validate(os.path.join(root, tag))["step"] == int(tag[4:])
+        _assert_identical(os.path.join(root, tag), os.path.join(ref_root, tag))
+        assert _train_state(os.path.join(root, tag)) == _train_state(os.path.join(ref_root, tag))
+
+
+@pytest.mark.parametrize("point", ["save-write", "save-manifest"])  # in the writer thread; in rank 0's commit
+def test_kill_9_during_an_async_save_then_resume_is_exact(tmp_path, demo, reference, point):
+    run_dir = str(tmp_path / "run")
+    root = ckpt.checkpoint_root(run_dir)
+    res = _train(run_dir, demo, "checkpoint.async=true", env={"MTX_FAULTS": f"kill={point}:4"})
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    assert sorted(os.listdir(root)) == ["latest", "step00000002", "step00000004.tmp"]
+    assert Path(root, "latest").read_text() == "step00000002"
+    assert ckpt.resolve(run_dir, "latest") == "step00000002"
+
+    res = _train(run_dir, demo, "checkpoint.resume=latest", "checkpoint.async=true")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "at step 2" in res.stdout and f"trained to step {STEPS} of {STEPS}" in res.stdout
+    assert sorted(os.listdir(root)) == ["latest", "step00000002", "step00000004", "step00000006"]
     _assert_identical(os.path.join(root, "step00000006"), os.path.join(ckpt.checkpoint_root(reference),
                                                                        "step00000006"))
 
@@ -203,9 +241,10 @@ def small_disk(tmp_path, reference):
         subprocess.run(["umount", str(mnt)], check=True)
 
 
-def test_disk_full_during_save_fails_cleanly(small_disk, demo):
+@pytest.mark.parametrize("saves", ["sync", "async"])
+def test_disk_full_during_save_fails_cleanly(small_disk, demo, saves):
     run_dir = str(small_disk / "run")
-    res = _train(run_dir, demo, "run.steps=4")
+    res = _train(run_dir, demo, "run.steps=4", f"checkpoint.async={str(saves == 'async').lower()}")
     assert res.returncode == 2, res.stderr[-3000:]
     root = ckpt.checkpoint_root(run_dir)
     assert f"mtx-dist train: checkpoint error: could not write checkpoint step00000004 in {root}: No space left on " \
@@ -252,3 +291,17 @@ def test_verify_export_detects_damage(tmp_path):
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ExportError, match=f"{encoder}: not a readable safetensors file"):
         verify_export(out)
+
+
+def test_the_save_stall_benchmark_runs_both_savers(tmp_path):
+    """bench/bench_checkpoint.py on the micro preset: both savers on the production path, every async
+    save committed by the ranks' agreement while training went on (its numbers live in BENCHMARKS.md)."""
+    out = tmp_path / "ckpt.json"
+    res = subprocess.run([sys.executable, "bench/bench_checkpoint.py", "--preset", "micro", "--precision", "fp32",
+                          "--saves", "2", "--dir", str(tmp_path), "--json", str(out)], cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert len(got["sync_stall_s"]) == len(got["async_stall_s"]) == 2 and got["bytes_per_save"] > 0
+    assert all(n >= 1 for n in got["async_steps_to_commit"]), got
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.json"]  # its checkpoints were removed

@@ -77,16 +77,21 @@ def test_a_stopped_watchdog_never_fires(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_rank_hung_outside_collectives_ends_the_torchrun_job_with_both_stacks(demo_shards, tmp_path):
-    """Rank 1 hangs after step 3 (not in a collective); rank 0 waits for it in step 4's collectives.
-    Both watchdogs fire, write their stacks (rank 1's names the hung frame), rank 0 reports the hang
-    to MLflow, and the job ends with exit code 76 instead of idling."""
+@pytest.mark.parametrize("fault,hung_after,frame", [("hang=step:3:1", 2, "injected_hang"),
+                                                    ("hang=loader:4:1", 3, "_hang_injectable")],
+                         ids=["step", "loader"])
+def test_a_rank_hung_outside_collectives_ends_the_torchrun_job_with_both_stacks(demo_shards, tmp_path, fault,
+                                                                               hung_after, frame):
+    """Rank 1 hangs after step 3 (not in a collective: in the trainer, or waiting for its loader's 4th
+    batch); rank 0 waits for it in step 4's collectives. Both watchdogs fire, write their stacks (rank
+    1's names the hung frame), rank 0 reports the hang to MLflow, and the job ends with exit code 76
+    instead of idling."""
     from mlflow.tracking import MlflowClient
 
     train, val, _ = demo_shards
     store = f"sqlite:///{tmp_path}/mlflow.db"
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(PYTHONPATH=REPO, MTX_FAULTS="hang=step:3:1", MLFLOW_DISABLE_TELEMETRY="true")
+    env.update(PYTHONPATH=REPO, MTX_FAULTS=fault, MLFLOW_DISABLE_TELEMETRY="true")
     res = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "mtx_dist", "train", "model.preset=micro", "optim.warmup_steps=1", "run.steps=8", f"data.train={train}",
@@ -98,7 +103,7 @@ def test_a_rank_hung_outside_collectives_ends_the_torchrun_job_with_both_stacks(
     assert "exiting with code 76" in out, out[-3000:]
     hung = (tmp_path / "run/hang-rank1.txt").read_text()
     waiting = (tmp_path / "run/hang-rank0.txt").read_text()
-    assert "last completed step 2, phase 'step'" in hung and "injected_hang" in hung
+    assert f"last completed step {hung_after}, phase 'step'" in hung and "injected_hang" in hung and frame in hung
     assert "last completed step 3, phase 'step'" in waiting and "all_gather" in waiting  # in step 4's loss
     assert "injected_hang" not in waiting
     # the last checkpoint (step 2) is intact for the restart

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "flash_attn", "triton", "sdpa", "math")
+from kernels import BACKENDS
 _HALF = (torch.float16, torch.bfloat16)
 
 
