@@ -177,6 +177,26 @@ def test_one_data_parallel_rank_skips_the_gradient_all_reduce_and_trains_identic
         assert torch.equal(value, reduced["params"][name]), name
 
 
+def test_amp_bf16_autocasts_the_forward_and_keeps_fp32_weights_and_loss(monkeypatch):
+    """parallel.precision = amp_bf16 (OpenCLIP's amp_bf16): linear layers compute in bf16 inside the
+    engine, weights and optimizer stay fp32, and the losses follow fp32 training within bf16 rounding."""
+    from tests.helpers import DIST_VARS
+    for k in DIST_VARS:
+        monkeypatch.delenv(k, raising=False)
+    seen = set()
+
+    def hook(model):
+        linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        linear.register_forward_hook(lambda m, args, out: seen.add(out.dtype))
+
+    amp = _engine_losses(["run.device=cpu", "parallel.precision=amp_bf16"], 3, on_model=hook)
+    fp32 = _engine_losses(["run.device=cpu"], 3)
+    assert seen == {torch.bfloat16}
+    assert all(v.dtype == torch.float32 for v in amp["params"].values() if v.is_floating_point())
+    for a, b in zip(amp["losses"], fp32["losses"]):
+        assert abs(a - b) <= 2e-2 * abs(b), (amp["losses"], fp32["losses"])  # bf16 has 8 significant bits
+
+
 @pytest.mark.slow
 def test_compiled_losses_equal_eager_over_five_steps(monkeypatch):
     from tests.helpers import DIST_VARS
