@@ -166,8 +166,8 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         cfg, plan = self.cfg, self.plans[s].get(epoch) if self.cfg.train else None
 
         def read(shards, quiet=lambda j: False):
-            return itertools.chain.from_iterable(self._read(s, i, _silent if quiet(j) else on_error, on_shard_end, epoch)
-                                                 for j, i in enumerate(shards))
+            return itertools.chain.from_iterable(
+                self._read(s, i, _silent if quiet(j) else on_error, on_shard_end, epoch) for j, i in enumerate(shards))
 
         if cfg.train and cfg.mode == "resampled":
             rng = random.Random(_seed(cfg.seed, s, epoch, g, 1))

@@ -113,10 +113,9 @@ class AsyncCheckpointer:
             if isinstance(error, ckpt.CheckpointError):
                 raise error
             kept = ckpt.read_latest(f.paths.root)
-            raise ckpt.CheckpointError(
-                f"could not write checkpoint {f.paths.tag} in {f.paths.root}: "
-                + (f"{type(error).__name__}: {error}" if error else "another rank failed to write its part")
-                + f"; {'the previous checkpoint ' + kept + ' is untouched' if kept else 'no earlier checkpoint exists'}")
+            why = f"{type(error).__name__}: {error}" if error else "another rank failed to write its part"
+            previous = f"the previous checkpoint {kept} is untouched" if kept else "no earlier checkpoint exists"
+            raise ckpt.CheckpointError(f"could not write checkpoint {f.paths.tag} in {f.paths.root}: {why}; {previous}")
         if status != IDLE:
             return
         if not f.committing:  # every rank has written its part

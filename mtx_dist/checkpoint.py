@@ -469,9 +469,45 @@ def saved_run(run_dir: str, tag: str) -> tuple[list[dict], dict]:
     return states, config
 
 
-def load(engine, run_dir: str, tag: str, rank: int, full: bool = False) -> TrainState:
+UNIVERSAL_DIR = "universal"
+
+
+def _universal(run_dir: str, tag_dir: str, tag: str, rank: int) -> str:
+    """Rank 0 writes DeepSpeed's universal checkpoint of ``tag`` (into a temporary folder, then renamed);
+    returns the folder holding it once every rank may read it."""
+    from mtx_dist.deepspeed_compat import to_universal
+
+    root = os.path.join(run_dir, UNIVERSAL_DIR)
+    error = None
+    if rank == 0:
+        out, tmp = os.path.join(root, tag), os.path.join(root, tag + TMP_SUFFIX)
+        try:
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(root, exist_ok=True)
+            to_universal(tag_dir, tmp)
+            os.replace(tmp, out)
+        except Exception as e:  # noqa: BLE001 -- told to every rank below
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = f"{type(e).__name__}: {e}"
+    if _distributed() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise CheckpointError(f"{tag}: could not reshard its states for the new data-parallel size through "
+                              f"DeepSpeed's universal checkpoint: {error}")
+    return root
+
+
+def load(engine, run_dir: str, tag: str, rank: int, full: bool = False, universal: bool = False) -> TrainState:
     """Load a checkpoint on every rank: validated first (cached when :func:`resolve` just did it),
-    so DeepSpeed, which unpickles with weights_only=False, only ever sees files that are data."""
+    so DeepSpeed, which unpickles with weights_only=False, only ever sees files that are data.
+
+    ``universal``: the checkpoint's partitioned states (ZeRO 1-3, DeepSpeed's bf16 optimizer) were saved
+    on another data-parallel size. Rank 0 converts the tag into DeepSpeed's universal checkpoint under
+    ``<run.dir>/universal/`` (the engine was built with ``checkpoint.load_universal``), every rank
+    loads its new partition from it, and the converted copy is deleted."""
     root = checkpoint_root(run_dir)
     tag_dir = os.path.join(root, tag)
     manifest = validate(tag_dir, full)
@@ -482,9 +518,14 @@ def load(engine, run_dir: str, tag: str, rank: int, full: bool = False) -> Train
     if not os.path.isfile(state_path):
         raise CheckpointError(f"{tag}: no {os.path.basename(state_path)}: the checkpoint was written by "
                               f"{saved_world} rank(s)")
-    path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    load_root = _universal(run_dir, tag_dir, tag, rank) if universal else root
+    path, _ = engine.load_checkpoint(load_root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
-        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag!r} from {root}")
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag!r} from {load_root}")
+    if universal:
+        _barrier()  # every rank has read its partition
+        if rank == 0:
+            shutil.rmtree(load_root, ignore_errors=True)
     with open(state_path) as f:
         state = TrainState(**json.load(f))
     state.restore_rng()

@@ -21,6 +21,11 @@ naming the one that no longer holds. Verified with DeepSpeed ``VERIFIED_WITH``.
 5. :func:`zero_fp32_state_dict` -- ``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint
    (checkpoint_dir, tag=...)`` reads ``mp_rank_00`` files only: one tensor-parallel rank's files are
    shown to it under that name through a folder of symlinks.
+6. :func:`to_universal` -- ``deepspeed.checkpoint.ds_to_universal.main(args)`` (the converter's command
+   line as a function: ``input_folder``, ``output_folder``, worker counts, ``keep_temp_folder``,
+   ``strict``, ``inject_missing_state``): turns a tag's partitioned ZeRO / bf16 optimizer states into
+   DeepSpeed's universal checkpoint, which an engine configured with ``checkpoint.load_universal``
+   loads on any data-parallel size.
 """
 
 from __future__ import annotations
@@ -115,6 +120,20 @@ def checkpoint_safe_globals() -> tuple:
         with contextlib.suppress(ImportError, AttributeError):
             found.append(getattr(importlib.import_module(module), name))
     return tuple(found)
+
+
+def to_universal(tag_dir: str, out_dir: str) -> None:
+    """(6) DeepSpeed's universal checkpoint of ``tag_dir`` written to ``out_dir``. Our engine records no
+    universal-checkpoint metadata, so the converter injects its defaults (right without tensor
+    parallelism, which the caller ensures). One process, its output silenced."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main
+
+    args = argparse.Namespace(input_folder=tag_dir, output_folder=out_dir, num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        main(args)
 
 
 def zero_fp32_state_dict(tag_dir: str, files: list[str], suffix: str) -> dict:

@@ -124,7 +124,7 @@ def build_model(cfg: Config, runtime: Runtime) -> nn.Module:
     return parallelize(model.to(runtime.device), runtime.groups, cfg.parallel.activation_checkpointing)
 
 
-def deepspeed_config(cfg: Config) -> dict:
+def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
     p = cfg.parallel
     zero = {"stage": p.zero_stage}
     if p.zero_stage:
@@ -134,8 +134,10 @@ def deepspeed_config(cfg: Config) -> dict:
         zero.update(stage3_prefetch_bucket_size=p.stage3_prefetch_bucket_size,
                     stage3_param_persistence_threshold=p.stage3_param_persistence_threshold)
     amp = {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}} if p.precision == "amp_bf16" else {}
+    # resuming partitioned states on another data-parallel size (mtx_dist.checkpoint.load(universal=True))
+    universal = {"checkpoint": {"load_universal": True}} if load_universal else {}
     return {
-        **amp,  # DeepSpeed runs the engine's forward under torch.autocast (and reduces Linear gradients in bf16)
+        **amp, **universal,  # DeepSpeed runs the engine's forward under torch.autocast (and reduces Linear gradients in bf16)
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.optim.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,  # explicit: DeepSpeed's default is 1.0, not off
@@ -148,15 +150,16 @@ def deepspeed_config(cfg: Config) -> dict:
     }
 
 
-def build_engine(cfg: Config, model: nn.Module, runtime: Runtime):
+def build_engine(cfg: Config, model: nn.Module, runtime: Runtime, load_universal: bool = False):
     """Wrap ``model`` (already parallelized, on ``runtime.device``) in a DeepSpeed engine with our
     optimizer and schedule. With TP the mpu makes ZeRO partition over the data-parallel group only
-    and count each TP shard once in the gradient norm."""
+    and count each TP shard once in the gradient norm. ``load_universal``: the engine will load a
+    DeepSpeed universal checkpoint (a resume that reshards partitioned states)."""
     deepspeed = _import_deepspeed(runtime.device)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.run.steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg),
+                                           config=deepspeed_config(cfg, load_universal),
                                            mpu=DeepSpeedMpu() if runtime.groups.tp else None)
     if runtime.groups.dp_size == 1 and cfg.parallel.zero_stage == 0:
         # One data-parallel rank: DeepSpeed's dense all-reduce would still flatten every gradient into

@@ -93,7 +93,13 @@ def _train(cfg: Config, preemption: Preemption) -> TrainResult:
     runtime = setup_runtime(cfg)
     groups = runtime.groups
     os.makedirs(cfg.run.dir, exist_ok=True)
-    engine = build_engine(cfg, build_model(cfg, runtime), runtime)
+    full = cfg.checkpoint.verify == "full"
+    tag = ckpt.resolve(cfg.run.dir, cfg.checkpoint.resume, full) if cfg.checkpoint.resume else None
+    reshard = False
+    if tag is not None:  # checked before the engine is built: a resharding load configures it
+        saved_states, saved_config = ckpt.saved_run(cfg.run.dir, tag)
+        reshard = check_layout_change(cfg, runtime, tag, saved_states, saved_config)
+    engine = build_engine(cfg, build_model(cfg, runtime), runtime, load_universal=reshard)
     train_shards, val_shards = resolve_shards(cfg, runtime.env.local_rank)
     # Tensor-parallel peers read the same batches: the data stream is split over data-parallel ranks.
     loader = build_loader(cfg, train_shards, train=True, rank=groups.dp_rank, world_size=groups.dp_size,
@@ -101,15 +107,12 @@ def _train(cfg: Config, preemption: Preemption) -> TrainResult:
 
     state = ckpt.TrainState()
     if cfg.checkpoint.resume:
-        full = cfg.checkpoint.verify == "full"
-        tag = ckpt.resolve(cfg.run.dir, cfg.checkpoint.resume, full)
         if tag is None:
             _say(runtime, f"no checkpoint in {ckpt.checkpoint_root(cfg.run.dir)} yet: starting fresh")
         else:
-            saved_states, saved_config = ckpt.saved_run(cfg.run.dir, tag)
-            check_layout_change(cfg, runtime, tag, saved_states, saved_config)
             # every hash was checked by rank 0 (resolve); the other ranks check sizes and pickles
-            state = ckpt.load(engine, cfg.run.dir, tag, runtime.env.rank, full and runtime.env.rank == 0)
+            state = ckpt.load(engine, cfg.run.dir, tag, runtime.env.rank, full and runtime.env.rank == 0,
+                              universal=reshard)
             try:
                 loader.load_state_dict(state.loader, every_rank=lambda: [s["loader"] for s in saved_states])
             except LoaderStateError as e:  # the data config changed since the checkpoint
@@ -177,9 +180,11 @@ def keys_log_path(rank: int) -> str | None:
     return path.format(rank=rank) if "{rank}" in path else (path if rank == 0 else None)
 
 
-def check_layout_change(cfg: Config, runtime: Runtime, tag: str, saved_states: list[dict], saved_config: dict) -> None:
+def check_layout_change(cfg: Config, runtime: Runtime, tag: str, saved_states: list[dict], saved_config: dict) -> bool:
     """A resume on another data-parallel size (or loader workers) continues the epoch exactly (the
-    loader's elastic resume); what cannot be resharded yet is refused here, before anything loads."""
+    loader's elastic resume). Returns whether the model and optimizer states must be resharded
+    (partitioned states -- ZeRO 1-3, DeepSpeed's bf16 optimizer -- on a changed data-parallel size:
+    through DeepSpeed's universal checkpoint); refuses here, before anything loads, what cannot be."""
     groups = runtime.groups
     old_world = len(saved_states)
     old_dp = int(saved_states[0]["loader"].get("world_size", old_world)) if saved_states else old_world
@@ -189,20 +194,24 @@ def check_layout_change(cfg: Config, runtime: Runtime, tag: str, saved_states: l
                           f"{groups.tp_size}; changing it on resume is not supported (keep "
                           f"parallel.tensor_parallel = {old_tp})")
     if old_dp == groups.dp_size:
-        return
-    old = saved_config.get("parallel", {})
-    layouts = [(old.get("zero_stage", 0), old.get("precision", "fp32")), (cfg.parallel.zero_stage, cfg.parallel.precision)]
-    if any(stage != 0 or precision == "bf16" for stage, precision in layouts):  # amp_bf16 keeps fp32 states
-        raise ConfigError(
-            f"cannot resume {tag} on {groups.dp_size} data-parallel ranks: it was saved on {old_dp}, with ZeRO-"
-            f"{layouts[0][0]} {layouts[0][1]} (this run: ZeRO-{layouts[1][0]} {layouts[1][1]}). A changed data-"
-            "parallel size needs ZeRO-0 with fp32 (or amp_bf16) on both sides for now: DeepSpeed's ZeRO and bf16 optimizer "
-            "states are partitioned per data-parallel rank, and resharding them is not wired in yet. Resume on "
-            f"{old_dp} data-parallel ranks")
+        return False
     if cfg.data.backend == "dali":
         raise ConfigError(f"cannot resume {tag} on {groups.dp_size} data-parallel ranks (saved on {old_dp}) with "
                           "data.backend = 'dali': its reader cannot re-deal an epoch; use data.backend = 'cpu' or the "
                           "saved data-parallel size")
+    old = saved_config.get("parallel", {})
+    saved = (old.get("zero_stage", 0), old.get("precision", "fp32"))
+    if saved != (cfg.parallel.zero_stage, cfg.parallel.precision):
+        raise ConfigError(f"cannot resume {tag} on {groups.dp_size} data-parallel ranks (saved on {old_dp}): it was "
+                          f"saved with ZeRO-{saved[0]} {saved[1]}, this run has ZeRO-{cfg.parallel.zero_stage} "
+                          f"{cfg.parallel.precision}; keep both when changing the data-parallel size")
+    partitioned = saved[0] > 0 or saved[1] == "bf16"  # fp32 and amp_bf16 at ZeRO-0 keep whole states
+    if partitioned and groups.tp_size > 1:
+        raise ConfigError(f"cannot resume {tag} on {groups.dp_size} data-parallel ranks (saved on {old_dp}) with "
+                          f"tensor parallelism: resharding ZeRO-{saved[0]} {saved[1]} states goes through DeepSpeed's "
+                          "universal checkpoint, which does not know our tensor-parallel layers; resume on "
+                          f"{old_dp} data-parallel ranks")
+    return partitioned
 
 
 def start_watchdog(cfg: Config, runtime: Runtime, tracker: Tracker, step: int) -> HangWatchdog:
@@ -354,7 +363,8 @@ def _steps(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState
     spec, peak = get_preset(cfg.model.preset), _peak(cfg, runtime)
     first_step, losses, pending = state.step, [], []
     last_ckpt = None
-    feed = DevicePrefetcher(loader, runtime.device, cfg.data.prefetch, rank=runtime.env.rank)  # holds the state of batches handed out
+    # holds the loader state of the batches handed out
+    feed = DevicePrefetcher(loader, runtime.device, cfg.data.prefetch, rank=runtime.env.rank)
     batches = iter(feed)
     keys_log = keys_log_path(runtime.env.rank)
     engine.train()

@@ -214,6 +214,43 @@ def train_recording_keys(overrides: list[str], keys_path: str) -> dict:
     return {"losses": result.losses, "step": result.step, "first_step": result.first_step}
 
 
+def reshard_round_trip(overrides: list[str], run_dir: str, save: bool, steps_after: int = 1) -> dict:
+    """Save (``save``) or resume -- resharded through DeepSpeed's universal checkpoint when the
+    data-parallel size differs -- a micro engine trained 2 steps on the same global batches; then
+    ``steps_after`` more steps. Returns rank 0's consolidated weights before and after them."""
+    from mtx_dist import checkpoint as ckpt
+    from mtx_dist.engine import build_engine, build_model, consolidated_state_dict, setup_runtime
+    from mtx_dist.parallel import destroy_groups
+
+    cfg = micro_cfg(*overrides, "data.batch_size=8", "run.steps=10")
+    runtime = setup_runtime(cfg)
+    groups = runtime.groups
+    engine = build_engine(cfg, build_model(cfg, runtime), runtime, load_universal=not save)
+    loss_fn = build_loss(cfg.loss.kind, groups.dp_group)
+    spec = get_preset(cfg.model.preset)
+
+    def step(n):
+        image, text = global_batch(spec, 8, n)
+        image, text = local_slice(image, groups.dp_rank, groups.dp_size), local_slice(text, groups.dp_rank, groups.dp_size)
+        engine.backward(loss_fn(*engine(image.to(runtime.dtype), text)))
+        engine.step()
+
+    if save:
+        for n in range(2):
+            step(n)
+        state = ckpt.TrainState(step=2, loader={"world_size": groups.dp_size})
+        ckpt.save(engine, run_dir, state, runtime.env.rank, config_toml=cfg.to_toml())
+    else:
+        ckpt.load(engine, run_dir, ckpt.tag_for(2), runtime.env.rank, universal=True)
+    # numpy: pickled by value (a tensor would travel as a shared-memory handle of a process that ends)
+    before = {k: v.numpy().copy() for k, v in consolidated_state_dict(engine, groups).items()}
+    for n in range(2, 2 + steps_after):
+        step(n)
+    after = {k: v.numpy().copy() for k, v in consolidated_state_dict(engine, groups).items()}
+    destroy_groups(groups)
+    return {"before": before, "after": after} if dist.get_rank() == 0 else {}
+
+
 def train_with_faults(overrides: list[str], faults_spec: str) -> dict:
     """The trainer with ``MTX_FAULTS`` switched on in this rank; a divergence stop is returned, not raised."""
     from mtx_dist.errors import TrainingDiverged

@@ -82,3 +82,21 @@ def test_zero_to_fp32_entry_point(deepspeed):
     src = inspect.getsource(sys.modules["deepspeed.utils.zero_to_fp32"])
     assert "mp_rank_00" in src or "model_states.pt" in src, "zero_to_fp32 no longer finds files by these names"
 
+
+
+def test_universal_converter_takes_the_arguments_we_pass(deepspeed, monkeypatch):
+    """(6) ds_to_universal.main(args) reads the fields of its own command line: ours are exactly those."""
+    import contextlib
+    import io
+    import sys
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    monkeypatch.setattr(sys, "argv", ["ds_to_universal", "--input_folder", "a", "--output_folder", "b"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        theirs = vars(ds_to_universal.parse_arguments())
+    seen = {}
+    monkeypatch.setattr(ds_to_universal, "main", lambda args: seen.update(vars(args)))
+    compat.to_universal("a", "b")
+    assert seen.keys() == theirs.keys(), sorted(set(seen) ^ set(theirs))
+    assert (seen["inject_missing_state"], seen["strict"]) == (True, True)

@@ -11,7 +11,8 @@ import importlib
 _WHERE = {
     "Attention": "blocks", "Block": "blocks", "Mlp": "blocks",
     "ContrastiveModel": "clip",
-    "PRESETS": "presets", "ModelSpec": "presets", "TextSpec": "presets", "VisionSpec": "presets", "get_preset": "presets",
+    "PRESETS": "presets", "ModelSpec": "presets", "TextSpec": "presets", "VisionSpec": "presets",
+    "get_preset": "presets",
     "TextTower": "towers", "VisionTower": "towers", "kept_patches": "towers", "patch_keep_indices": "towers",
 }
 __all__ = sorted(_WHERE)
