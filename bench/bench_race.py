@@ -8,7 +8,8 @@ draw of the initial weights alone moves the hard set's final metric by ~0.03, so
 compare draws as much as trainers; ``--init own``: each side its own random init) on the same shards,
 one run after the other,
 with the same batch (64), AdamW (lr, wd 0.1, betas 0.9/0.98, eps 1e-6), linear warmup then cosine
-to zero over the same number of steps, gradient clipping at 1.0, fp32, 2 loader workers, resampled
+to zero over the same number of steps, gradient clipping at 1.0, fp32, 2 loader workers with
+OpenCLIP's sample shuffle buffer (5000; ``--shuffle-buffer``), resampled
 shards, seed 0, and 2 torch threads (``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` for both, plus
 ``torch.set_num_threads`` in OpenCLIP's launcher). OpenCLIP runs in its own venv (webdataset 0.2.86,
 which its WebDataset pipeline needs; torch, torchvision and open_clip are this environment's,
@@ -79,14 +80,13 @@ from launchers.env import DIST_VARS  # noqa: E402
 
 OPENCLIP_WEBDATASET = "0.2.86"  # open_clip_train's group_by_keys_nothrow breaks on webdataset 1.x
 BATCH, WORKERS, PRESET = 64, 2, "tiny"
+OPENCLIP_SHUFFLE = 5000  # open_clip_train.data._SAMPLE_SHUFFLE_SIZE (its initial fill: 1000; ours: 100)
 # speed technique -> (config key, value when on, value when off)
 TECHNIQUES: dict[str, tuple[str, str, str]] = {
     "text_trim": ("data.text_trim", "true", "false"),
     "patch_dropout": ("model.patch_dropout", "0.5", "0.0"),
     "compile": ("run.compile", "true", "false"),
     "low_res": ("model.train_image_size", "48", "0"),  # CLIPA: 64 px -> 48 px, 6 x 6 instead of 8 x 8 patches
-    # not a speed technique: OpenCLIP's sample shuffle buffer (open_clip_train.data: 5000) instead of ours (1000)
-    "shuffle5k": ("data.shuffle_buffer", "5000", "1000"),
 }
 # our variant -> the techniques it turns on (every other one is explicitly off)
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -98,8 +98,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "trim+flip": ("text_trim", "patch_dropout"),  # compile's start-up does not pay off in short runs
     "trim+lowres": ("text_trim", "low_res"),
     "trim+lowres+flip": ("text_trim", "low_res", "patch_dropout"),
-    "all": ("text_trim", "patch_dropout", "compile", "low_res"),
-    "shuffle5k": ("shuffle5k",),
+    "all": tuple(TECHNIQUES),
 }
 DATASETS = {  # name -> (train samples, distinct scenes per held-out pool, pools)
     "demo": (8192, 240, 4),
@@ -279,7 +278,8 @@ def run_ours(side: Side, a: argparse.Namespace, train: str, val: str, work: str)
            f"data.val={val}", "data.mode=resampled", f"data.batch_size={BATCH}", f"data.workers={WORKERS}",
            f"run.steps={a.steps}", f"run.seed={side.seed}", "run.device=cpu", f"run.dir={run_dir}", "run.log_every=10",
            "run.eval_at_end=false", "run.export_at_end=false", "tracking.enabled=false",
-           f"optim.lr={a.lr}", f"optim.warmup_steps={a.warmup}", "optim.schedule=cosine", "optim.weight_decay=0.1",
+           f"data.shuffle_buffer={a.shuffle_buffer}", f"optim.lr={a.lr}", f"optim.warmup_steps={a.warmup}",
+           "optim.schedule=cosine", "optim.weight_decay=0.1",
            "optim.beta1=0.9", "optim.beta2=0.98", "optim.eps=1e-6", "optim.grad_clip=1.0",
            "parallel.precision=fp32", "parallel.zero_stage=0", f"checkpoint.every={a.every}",
            "checkpoint.keep=100000", *side.overrides,
@@ -347,6 +347,9 @@ def main() -> None:
     p.add_argument("--low-res", type=int, default=48, help="the training resolution of variants with low_res (px)")
     p.add_argument("--low-res-tail", type=int, default=0, help="low resolution's tail: last steps at full size")
     p.add_argument("--every", type=int, default=40, help="steps between checkpoints (OpenCLIP: steps per epoch)")
+    p.add_argument("--shuffle-buffer", type=int, default=OPENCLIP_SHUFFLE,
+                   help="ours' data.shuffle_buffer (default: OpenCLIP's sample shuffle buffer, open_clip_train.data's "
+                        "_SAMPLE_SHUFFLE_SIZE, so both loaders mix alike)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--threads", type=int, default=2, help="torch threads of each side (and of the judge)")
