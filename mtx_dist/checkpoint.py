@@ -452,54 +452,6 @@ def _resolve(run_dir: str, resume: str, full: bool = False) -> str | None:
                           "\nRepair or move them away, or resume a valid one with checkpoint.resume=TAG.")
 
 
-def saved_run(run_dir: str, tag: str) -> tuple[list[dict], dict]:
-    """Every rank's train state (rank order) and the run's config (as TOML data) of a validated checkpoint."""
-    import tomllib
-
-    tag_dir = os.path.join(checkpoint_root(run_dir), tag)
-    manifest = validate(tag_dir)
-    states = []
-    for rel in manifest.get("train_states", []):
-        with open(os.path.join(tag_dir, rel)) as f:
-            states.append(json.load(f))
-    config = {}
-    if os.path.isfile(os.path.join(tag_dir, CONFIG_FILE)):
-        with open(os.path.join(tag_dir, CONFIG_FILE), "rb") as f:
-            config = tomllib.load(f)
-    return states, config
-
-
-UNIVERSAL_DIR = "universal"
-
-
-def _universal(run_dir: str, tag_dir: str, tag: str, rank: int) -> str:
-    """Rank 0 writes DeepSpeed's universal checkpoint of ``tag`` (into a temporary folder, then renamed);
-    returns the folder holding it once every rank may read it."""
-    from mtx_dist.deepspeed_compat import to_universal
-
-    root = os.path.join(run_dir, UNIVERSAL_DIR)
-    error = None
-    if rank == 0:
-        out, tmp = os.path.join(root, tag), os.path.join(root, tag + TMP_SUFFIX)
-        try:
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(root, exist_ok=True)
-            to_universal(tag_dir, tmp)
-            os.replace(tmp, out)
-        except Exception as e:  # noqa: BLE001 -- told to every rank below
-            shutil.rmtree(tmp, ignore_errors=True)
-            error = f"{type(e).__name__}: {e}"
-    if _distributed() and dist.get_world_size() > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise CheckpointError(f"{tag}: could not reshard its states for the new data-parallel size through "
-                              f"DeepSpeed's universal checkpoint: {error}")
-    return root
-
-
 def load(engine, run_dir: str, tag: str, rank: int, full: bool = False, universal: bool = False) -> TrainState:
     """Load a checkpoint on every rank: validated first (cached when :func:`resolve` just did it),
     so DeepSpeed, which unpickles with weights_only=False, only ever sees files that are data.
@@ -518,7 +470,9 @@ def load(engine, run_dir: str, tag: str, rank: int, full: bool = False, universa
     if not os.path.isfile(state_path):
         raise CheckpointError(f"{tag}: no {os.path.basename(state_path)}: the checkpoint was written by "
                               f"{saved_world} rank(s)")
-    load_root = _universal(run_dir, tag_dir, tag, rank) if universal else root
+    from mtx_dist.resume import universal_copy  # imports this module
+
+    load_root = universal_copy(run_dir, tag_dir, tag, rank) if universal else root
     path, _ = engine.load_checkpoint(load_root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag!r} from {load_root}")

@@ -31,6 +31,7 @@ from mtx_dist.parallel import destroy_groups
 from mtx_dist.step import StepSetup, train_step
 from mtx_dist import shard_sets
 from mtx_dist.system_metrics import SystemMetrics
+from mtx_dist.resume import check_layout_change, saved_run
 from mtx_dist.run_tags import cluster_tags
 from mtx_dist.tracking import Tracker, import_mlflow, tracking_uri
 from mtx_dist.watchdog import LONG_PHASE_S, HangWatchdog
@@ -97,7 +98,7 @@ def _train(cfg: Config, preemption: Preemption) -> TrainResult:
     tag = ckpt.resolve(cfg.run.dir, cfg.checkpoint.resume, full) if cfg.checkpoint.resume else None
     reshard = False
     if tag is not None:  # checked before the engine is built: a resharding load configures it
-        saved_states, saved_config = ckpt.saved_run(cfg.run.dir, tag)
+        saved_states, saved_config = saved_run(cfg.run.dir, tag)
         reshard = check_layout_change(cfg, runtime, tag, saved_states, saved_config)
     engine = build_engine(cfg, build_model(cfg, runtime), runtime, load_universal=reshard)
     train_shards, val_shards = resolve_shards(cfg, runtime.env.local_rank)
@@ -178,40 +179,6 @@ def keys_log_path(rank: int) -> str | None:
     if not path:
         return None
     return path.format(rank=rank) if "{rank}" in path else (path if rank == 0 else None)
-
-
-def check_layout_change(cfg: Config, runtime: Runtime, tag: str, saved_states: list[dict], saved_config: dict) -> bool:
-    """A resume on another data-parallel size (or loader workers) continues the epoch exactly (the
-    loader's elastic resume). Returns whether the model and optimizer states must be resharded
-    (partitioned states -- ZeRO 1-3, DeepSpeed's bf16 optimizer -- on a changed data-parallel size:
-    through DeepSpeed's universal checkpoint); refuses here, before anything loads, what cannot be."""
-    groups = runtime.groups
-    old_world = len(saved_states)
-    old_dp = int(saved_states[0]["loader"].get("world_size", old_world)) if saved_states else old_world
-    old_tp = max(1, old_world // max(old_dp, 1))
-    if old_tp != groups.tp_size:
-        raise ConfigError(f"cannot resume {tag}: it was saved with tensor-parallel size {old_tp}, this run has "
-                          f"{groups.tp_size}; changing it on resume is not supported (keep "
-                          f"parallel.tensor_parallel = {old_tp})")
-    if old_dp == groups.dp_size:
-        return False
-    if cfg.data.backend == "dali":
-        raise ConfigError(f"cannot resume {tag} on {groups.dp_size} data-parallel ranks (saved on {old_dp}) with "
-                          "data.backend = 'dali': its reader cannot re-deal an epoch; use data.backend = 'cpu' or the "
-                          "saved data-parallel size")
-    old = saved_config.get("parallel", {})
-    saved = (old.get("zero_stage", 0), old.get("precision", "fp32"))
-    if saved != (cfg.parallel.zero_stage, cfg.parallel.precision):
-        raise ConfigError(f"cannot resume {tag} on {groups.dp_size} data-parallel ranks (saved on {old_dp}): it was "
-                          f"saved with ZeRO-{saved[0]} {saved[1]}, this run has ZeRO-{cfg.parallel.zero_stage} "
-                          f"{cfg.parallel.precision}; keep both when changing the data-parallel size")
-    partitioned = saved[0] > 0 or saved[1] == "bf16"  # fp32 and amp_bf16 at ZeRO-0 keep whole states
-    if partitioned and groups.tp_size > 1:
-        raise ConfigError(f"cannot resume {tag} on {groups.dp_size} data-parallel ranks (saved on {old_dp}) with "
-                          f"tensor parallelism: resharding ZeRO-{saved[0]} {saved[1]} states goes through DeepSpeed's "
-                          "universal checkpoint, which does not know our tensor-parallel layers; resume on "
-                          f"{old_dp} data-parallel ranks")
-    return partitioned
 
 
 def start_watchdog(cfg: Config, runtime: Runtime, tracker: Tracker, step: int) -> HangWatchdog:

@@ -10,7 +10,7 @@ The names load on first use (PEP 562), so :mod:`mtx_dist.export.formats` can be 
 
 from __future__ import annotations
 
-import importlib
+from mtx_dist.lazy import lazy_getattr
 
 _WHERE = {
     **dict.fromkeys(("DTYPES", "ENCODER_FILE", "ENCODER_PTH", "FORMATS", "MANIFEST_FILE", "OPENCLIP_CONFIG",
@@ -19,10 +19,4 @@ _WHERE = {
 }
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _WHERE)

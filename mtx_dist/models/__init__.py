@@ -6,7 +6,7 @@ config can validate a preset before anything heavy loads.
 
 from __future__ import annotations
 
-import importlib
+from mtx_dist.lazy import lazy_getattr
 
 _WHERE = {
     "Attention": "blocks", "Block": "blocks", "Mlp": "blocks",
@@ -17,10 +17,4 @@ _WHERE = {
 }
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _WHERE)
