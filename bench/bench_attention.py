@@ -17,7 +17,7 @@ import time
 
 import torch
 
-import kernels
+import mtx_kernels
 
 # name: (heads, tokens, head dim, causal) -- image towers and their text towers
 SHAPES = {
@@ -51,17 +51,17 @@ def bench_one(backend: str, shape, batch: int, dtype: torch.dtype, device: torch
     q, k, v = (torch.randn(batch, heads, n, d, device=device, dtype=dtype, generator=g, requires_grad=True)
                for _ in range(3))
     try:
-        kernels.resolve_backend(backend, q)
-    except kernels.AttentionBackendError as e:
+        mtx_kernels.resolve_backend(backend, q)
+    except mtx_kernels.AttentionBackendError as e:
         return {"error": str(e).split(": ", 1)[-1]}
     grad = torch.randn_like(q)
 
     def fwd():
         with torch.no_grad():
-            kernels.attention(q, k, v, causal=causal, backend=backend)
+            mtx_kernels.attention(q, k, v, causal=causal, backend=backend)
 
     def fwd_bwd():
-        out = kernels.attention(q, k, v, causal=causal, backend=backend)
+        out = mtx_kernels.attention(q, k, v, causal=causal, backend=backend)
         torch.autograd.grad(out, (q, k, v), grad)
 
     flops = 4 * batch * heads * n * n * d * (0.5 if causal else 1.0)

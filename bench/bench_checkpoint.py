@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from launchers.local import run_ranks
+from mtx_launchers.local import run_ranks
 
 WORLD = 2
 

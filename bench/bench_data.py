@@ -37,9 +37,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from data_pipelines.loader import Loader, StreamConfig
-from data_pipelines.tokenizer import ClipTokenizer
-from data_pipelines.transforms import normalize_images, random_resized_crop_box, to_normalized_chw
+from mtx_data_pipelines.loader import Loader, StreamConfig
+from mtx_data_pipelines.tokenizer import ClipTokenizer
+from mtx_data_pipelines.transforms import normalize_images, random_resized_crop_box, to_normalized_chw
 
 
 def make_shards(d: str, samples: int, shards: int, min_px: int, max_px: int) -> str:
@@ -146,7 +146,7 @@ def main() -> None:
         "cpu+draft": lambda: Loader(StreamConfig(**{**cfg.__dict__, "normalize": False, "jpeg_draft": True})),
     }
     try:
-        from data_pipelines.dali_loader import DaliLoader
+        from mtx_data_pipelines.dali_loader import DaliLoader
 
         index_dir = os.path.join(args.dir, "dali-index")
         variants["dali-cpu"] = lambda: DaliLoader(cfg, device="cpu", index_dir=index_dir, threads=args.workers)

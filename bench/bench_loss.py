@@ -1,4 +1,4 @@
-"""Peak memory and time of the CLIP loss, column-tiled (kernels.tiled_loss) vs plain, as N grows.
+"""Peak memory and time of the CLIP loss, column-tiled (mtx_kernels.tiled_loss) vs plain, as N grows.
 
 One data-parallel rank's local loss: B local image/text features against all N gathered ones
 (``ClipLoss`` with ``local_loss``), forward and backward, float32. By default B = N / 8, i.e. the
@@ -40,7 +40,7 @@ def _child(variant: str, rows: int, cols: int, dim: int, tile: int, device: str,
     import torch
     import torch.nn.functional as F
 
-    from kernels.tiled_loss import tiled_clip_loss
+    from mtx_kernels.tiled_loss import tiled_clip_loss
 
     dev = torch.device(device)
 

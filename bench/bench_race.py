@@ -76,7 +76,7 @@ sys.path[:0] = [REPO, BENCH]
 from race_data import make_dataset  # noqa: E402
 from race_score import Point, Side, merge_seeds, score_race, table  # noqa: E402
 
-from launchers.env import DIST_VARS  # noqa: E402
+from mtx_launchers.env import DIST_VARS  # noqa: E402
 
 OPENCLIP_WEBDATASET = "0.2.86"  # open_clip_train's group_by_keys_nothrow breaks on webdataset 1.x
 BATCH, WORKERS, PRESET = 64, 2, "tiny"

@@ -35,7 +35,7 @@ import time
 import torch
 
 from mtx_dist.synthetic import synthetic_pairs
-from launchers.env import DIST_VARS
+from mtx_launchers.env import DIST_VARS
 from mtx_dist.interop.torchvision_shim import torchvision_shim
 
 GRAD_CLIP = 1.0

@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from launchers.local import run_ranks
+from mtx_launchers.local import run_ranks
 
 WORLD = 2
 MIB = 2 ** 20

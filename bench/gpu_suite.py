@@ -16,13 +16,13 @@ still runs, and with ``--smoke`` the exit status is then 1. What the budget leav
    computed), peak allocated memory (reset per variant, weights and optimizer included), compile time =
    warm-up time - warm-up steps x steady step time. Smoke compiles with aot_eager: inductor's C++ build of
    every kernel takes minutes on two cores; dynamo tracing and compile_engine still run.
-2. Attention: kernels.attention as sdpa forced to its flash kernel, sdpa as torch dispatches it (named),
+2. Attention: mtx_kernels.attention as sdpa forced to its flash kernel, sdpa as torch dispatches it (named),
    our triton kernel and flash_attn if installed, at the ViT-B/16 and ViT-L/14 image-tower shapes, bf16
    (smoke: fp32, triton in its interpreter, tiny shapes). Output and dq/dk/dv errors against the fp32 math
    reference on the same inputs, max|x - ref| / max|ref|; TFLOP/s of fwd+bwd, FlashAttention-2 convention
    (fwd 4*B*H*N^2*D, bwd 2.5x fwd).
 3. Tiled CLIP loss: a data-parallel rank's local loss (B = N/8 rows vs N columns, D = 512, fp32), fwd+bwd,
-   plain (B x N logits) vs kernels.tiled_loss.tiled_clip_loss: peak allocated memory beyond the inputs
+   plain (B x N logits) vs mtx_kernels.tiled_loss.tiled_clip_loss: peak allocated memory beyond the inputs
    (CUDA), time, and both losses (must agree to 1e-4 relative).
 4. DALI: images/s of fn.decoders.image on in-memory PIL-made JPEGs fed by external_source, device "mixed"
    (and "cpu") on GPU, "cpu" with device_id=None in smoke mode.
@@ -51,6 +51,8 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import mtx_dist  # noqa: F401  first: on a machine without an install it maps the leaf packages' names
 
 import torch  # does not import triton: TRITON_INTERPRET can still be set in main()
 
@@ -131,7 +133,7 @@ def check_budget(args: argparse.Namespace, need_s: float = 0.0) -> None:
 
 def synthetic_batch(spec, n: int, dev: torch.device, dtype: torch.dtype, trim: bool) -> dict:
     """Images randn; captions SOT, random ids, EOT, of realistic lengths, zero padded (trimmed if asked)."""
-    from data_pipelines.tokenizer import TEXT_PAD_MULTIPLE, trimmed_length
+    from mtx_data_pipelines.tokenizer import TEXT_PAD_MULTIPLE, trimmed_length
     g = torch.Generator().manual_seed(0)
     ctx, size = spec.text.context_length, spec.vision.image_size
     lengths = torch.randint(min(8, max(2, ctx // 4)), min(30, max(2, ctx // 2)) + 1, (n,), generator=g)
@@ -146,13 +148,13 @@ def synthetic_batch(spec, n: int, dev: torch.device, dtype: torch.dtype, trim: b
 
 
 def run_training(args: argparse.Namespace, sec: Section) -> None:
-    import kernels
+    import mtx_kernels
     from mtx_dist.config import load_config
     from mtx_dist.engine import setup_runtime
     from mtx_dist.flops import peak_tflops
     from mtx_dist.models import get_preset
     from mtx_dist.parallel import destroy_groups
-    from launchers.env import DIST_VARS
+    from mtx_launchers.env import DIST_VARS
 
     for k in DIST_VARS:  # one process: setup_runtime picks a free loopback port itself
         os.environ.pop(k, None)
@@ -165,7 +167,7 @@ def run_training(args: argparse.Namespace, sec: Section) -> None:
     peak = peak_tflops(torch.cuda.get_device_name(dev), precision) if dev.type == "cuda" else None
     probe = torch.empty(1, 1, 8, 64, device=dev, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     sec.notes.append(f"preset {args.preset}, batch {args.batch}/GPU, {precision}, ZeRO-0, world size 1, "
-                     f"model.attention={args.attention} (runs {kernels.resolve_backend(args.attention, probe)}), "
+                     f"model.attention={args.attention} (runs {mtx_kernels.resolve_backend(args.attention, probe)}), "
                      f"compile backend {args.compile_backend}; {args.warmup} warm-up + {args.steps} timed steps; "
                      f"MFU against {fmt(peak)} TFLOP/s ({precision} datasheet peak)")
     low = max(1, spec.vision.grid * 5 // 7) * spec.vision.patch_size  # CLIPA: ~half the patches (224 -> 160 px)
@@ -245,8 +247,8 @@ def train_variant(args: argparse.Namespace, cfg, runtime, trim: bool, flip: floa
 def run_attention(args: argparse.Namespace, sec: Section) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    import kernels
-    from kernels.dispatch import math_attention
+    import mtx_kernels
+    from mtx_kernels.dispatch import math_attention
 
     dev, dtype = args.dev, (torch.bfloat16 if args.dev.type == "cuda" else torch.float32)
     sdpa_names = {int(v.value): k for k, v in SDPBackend.__members__.items()}
@@ -276,8 +278,8 @@ def run_attention(args: argparse.Namespace, sec: Section) -> None:
                 sec.add(label, row, "not installed")
                 continue
             try:
-                kernels.resolve_backend(backend, leaves[0])
-            except kernels.AttentionBackendError as e:
+                mtx_kernels.resolve_backend(backend, leaves[0])
+            except mtx_kernels.AttentionBackendError as e:
                 sec.add(label, row, f"cannot run: {e}")
                 continue
             if row == "sdpa":
@@ -289,7 +291,7 @@ def run_attention(args: argparse.Namespace, sec: Section) -> None:
                 for t in leaves:
                     t.grad = None
                 with sdpa_kernel(forced) if forced is not None else contextlib.nullcontext():
-                    out = kernels.attention(*leaves, causal=False, backend=backend)
+                    out = mtx_kernels.attention(*leaves, causal=False, backend=backend)
                 out.backward(grad_out)
                 return out.detach()
 
@@ -331,7 +333,7 @@ def median_time(fn: Callable[[], Any], dev: torch.device, warmup: int, reps: int
 def run_loss(args: argparse.Namespace, sec: Section) -> None:
     import torch.nn.functional as F
 
-    from kernels.tiled_loss import DEFAULT_TILE, tiled_clip_loss
+    from mtx_kernels.tiled_loss import DEFAULT_TILE, tiled_clip_loss
 
     dev, n, dim = args.dev, args.loss_n, 512
     rows, tile = max(1, n // 8), (128 if args.smoke else DEFAULT_TILE)  # smoke: still several tiles

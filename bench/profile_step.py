@@ -18,11 +18,11 @@ import random
 
 import torch
 
-from launchers.env import DIST_VARS
+from mtx_launchers.env import DIST_VARS
 
 
 def demo_captions(n: int, seed: int = 0) -> list[str]:
-    from data_pipelines.demo import COLORS, POSITIONS, SHAPES, SIZES, TEMPLATES
+    from mtx_data_pipelines.demo import COLORS, POSITIONS, SHAPES, SIZES, TEMPLATES
     rng = random.Random(seed)
     return [rng.choice(TEMPLATES).format(shape=rng.choice(SHAPES), color=rng.choice(list(COLORS)),
                                          position=rng.choice(list(POSITIONS)), size=rng.choice(list(SIZES)))
@@ -41,7 +41,7 @@ def main() -> None:
     for k in DIST_VARS:
         os.environ.pop(k, None)
 
-    from data_pipelines.tokenizer import TEXT_PAD_MULTIPLE, ClipTokenizer
+    from mtx_data_pipelines.tokenizer import TEXT_PAD_MULTIPLE, ClipTokenizer
     from mtx_dist.config import load_config
     from mtx_dist.engine import build_engine, build_model, setup_runtime
     from mtx_dist.models import get_preset

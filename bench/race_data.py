@@ -1,6 +1,6 @@
 """Data sets of ``bench/bench_race.py``: the demo shards, and a harder two-object set.
 
-``demo``: the shards ``mtx-dist train`` generates (``data_pipelines.demo``: one shape, colour, size
+``demo``: the shards ``mtx-dist train`` generates (``mtx_data_pipelines.demo``: one shape, colour, size
 and position per image); held-out pools of all 240 distinct scenes (the quickstart holds out 128).
 
 ``hard``: two objects per image, each one of five shapes in one of the six demo colours, side by side
@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_pipelines.demo import COLORS, DemoSpec, shard_spec, write_demo_split
-from data_pipelines.writer.sink import ShardSink, brace_spec
+from mtx_data_pipelines.demo import COLORS, DemoSpec, shard_spec, write_demo_split
+from mtx_data_pipelines.writer.sink import ShardSink, brace_spec
 
 HARD_SHAPES = ("circle", "square", "triangle", "star", "hexagon")
 OBJECTS = list(itertools.product(HARD_SHAPES, COLORS))

@@ -17,7 +17,7 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from data_pipelines.files import atomic_write_text
+from mtx_data_pipelines.files import atomic_write_text
 
 INDEX_VERSION = "v1.2"
 

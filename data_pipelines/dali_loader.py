@@ -1,4 +1,4 @@
-"""NVIDIA DALI backend: the same batches as :class:`data_pipelines.loader.Loader`, decoded and
+"""NVIDIA DALI backend: the same batches as :class:`mtx_data_pipelines.loader.Loader`, decoded and
 augmented by DALI (on the GPU when training on CUDA, on CPU threads otherwise).
 
 Pipeline: ``fn.readers.webdataset`` (index files, made when missing) -> ``fn.decoders.image``
@@ -38,10 +38,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from data_pipelines.loader import LoaderStateError, StreamConfig, stream_identity
-from data_pipelines.sources import scheme, split_sources
-from data_pipelines.tokenizer import ClipTokenizer
-from data_pipelines.transforms import CLIP_MEAN, CLIP_STD, TRAIN_RATIO, TRAIN_SCALE
+from mtx_data_pipelines.loader import LoaderStateError, StreamConfig, stream_identity
+from mtx_data_pipelines.sources import scheme, split_sources
+from mtx_data_pipelines.tokenizer import ClipTokenizer
+from mtx_data_pipelines.transforms import CLIP_MEAN, CLIP_STD, TRAIN_RATIO, TRAIN_SCALE
 
 IMAGE_EXT = "jpg"
 DEFAULT_INDEX_DIR = os.path.join(os.path.expanduser("~"), ".cache", "mtx-dist", "dali-index")
@@ -54,7 +54,7 @@ class DaliDataError(RuntimeError):
 def _index_for(tar: str, index_dir: str) -> str | None:
     """An index file for ``tar``: the one beside it, else one written into ``index_dir`` (named by a
     hash of the path, size and mtime, so a rewritten shard gets a new one). None if unreadable."""
-    from data_pipelines.dali_index import DaliIndexError, index_path_for, write_dali_index
+    from mtx_data_pipelines.dali_index import DaliIndexError, index_path_for, write_dali_index
 
     beside = index_path_for(tar)
     if os.path.exists(beside) and os.path.getmtime(beside) >= os.path.getmtime(tar):

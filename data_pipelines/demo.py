@@ -20,7 +20,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from data_pipelines.files import atomic_open, sha256_file
+from mtx_data_pipelines.files import atomic_open, sha256_file
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = {

@@ -47,10 +47,10 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from data_pipelines.elastic import EpochPlan, plans_from_json, plans_to_json, replan
-from data_pipelines.sources import list_shards, read_shard, split_sources  # noqa: F401  (list_shards re-exported)
-from data_pipelines.tokenizer import ClipTokenizer
-from data_pipelines.transforms import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb, eval_transform, train_transform
+from mtx_data_pipelines.elastic import EpochPlan, plans_from_json, plans_to_json, replan
+from mtx_data_pipelines.sources import list_shards, read_shard, split_sources  # noqa: F401  (list_shards re-exported)
+from mtx_data_pipelines.tokenizer import ClipTokenizer
+from mtx_data_pipelines.transforms import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb, eval_transform, train_transform
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MODES = ("epoch", "resampled")
@@ -126,7 +126,7 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         # stream must continue with the logical worker whose turn is next, so process i plays
         # logical worker (first_worker + i) mod W.
         self.first_worker = first_worker
-        # per source, the epochs an elastic resume re-dealt (data_pipelines.elastic)
+        # per source, the epochs an elastic resume re-dealt (mtx_data_pipelines.elastic)
         self.plans = plans if plans is not None else [{} for _ in self.sources]
 
     # -- raw samples of one source -------------------------------------------------------------
@@ -378,7 +378,7 @@ class Loader:
         """Restore a saved position: exactly, on the layout (data-parallel ranks x workers) it was saved
         with; on another one, given ``every_rank`` (the loader states of every rank of the saved run, in
         rank order), the current epoch goes on over the new streams with no sample repeated or lost
-        (``data_pipelines.elastic``)."""
+        (``mtx_data_pipelines.elastic``)."""
         positions = state["positions"]
         if not all(isinstance(p, dict) and len(p.get("src", ())) == len(self.sources) for p in positions):
             raise LoaderStateError("loader state has an unknown layout (saved by an older version); exact resume "

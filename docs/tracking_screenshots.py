@@ -25,7 +25,7 @@ import urllib.request
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from launchers.env import free_port  # noqa: E402
+from mtx_launchers.env import free_port  # noqa: E402
 
 # MLflow 3.17's UI takes its view (GenAI or model training) from a browser-wide switch, default GenAI;
 # ``workflowType=machine_learning`` in the URL selects the training view, as the links we print do.

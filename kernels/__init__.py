@@ -1,6 +1,6 @@
 """Attention kernels and their dispatch. A leaf package: imports torch only, and only when used.
 
-Every transformer block calls :func:`attention` (``kernels.dispatch``); the backend is a plain string
+Every transformer block calls :func:`attention` (``mtx_kernels.dispatch``); the backend is a plain string
 so model code stays free of kernel details. The backend names are importable without torch (the
 config validates ``model.attention`` before anything heavy loads); the functions load on first use.
 """

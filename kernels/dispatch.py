@@ -2,7 +2,7 @@
 
 Backends (``model.attention``):
   * ``flash_attn`` -- the flash-attn package's ``flash_attn_func`` (CUDA, fp16/bf16; optional extra).
-  * ``triton``     -- our FlashAttention-2 Triton kernel (kernels.triton_attention): CUDA, or CPU
+  * ``triton``     -- our FlashAttention-2 Triton kernel (mtx_kernels.triton_attention): CUDA, or CPU
     tensors under ``TRITON_INTERPRET=1`` (how CI checks it).
   * ``sdpa``       -- ``torch.nn.functional.scaled_dot_product_attention`` (fused where torch has a
     fused kernel for the device and dtype; the math kernel otherwise).
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-from kernels import BACKENDS
+from mtx_kernels import BACKENDS
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -58,7 +58,7 @@ def _flash_attn_problem(q: torch.Tensor) -> str | None:
 def _triton_problem(q: torch.Tensor) -> str | None:
     if not _installed("triton"):
         return "the triton package is not installed"
-    from kernels.triton_attention import triton_available
+    from mtx_kernels.triton_attention import triton_available
     ok, why = triton_available(q.device)
     return None if ok else why
 
@@ -109,7 +109,7 @@ def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool)
 
 
 def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    from kernels.triton_attention import triton_attention
+    from mtx_kernels.triton_attention import triton_attention
     return triton_attention(q, k, v, causal=causal)
 
 

@@ -16,8 +16,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from launchers.env import DEFAULT_PORT, LaunchEnvError
-from launchers.slurm import NodelistError, node_address, parse_nodelist, parse_tasks_per_node, port_for_job
+from mtx_launchers.env import DEFAULT_PORT, LaunchEnvError
+from mtx_launchers.slurm import NodelistError, node_address, parse_nodelist, parse_tasks_per_node, port_for_job
 
 LAUNCHERS = ("deepspeed", "torchrun")
 TRAIN_MODULE = "mtx_dist.cli"

@@ -23,7 +23,7 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from launchers.slurm import NodelistError, node_address, parse_nodelist, parse_tasks_per_node, port_for_job
+from mtx_launchers.slurm import NodelistError, node_address, parse_nodelist, parse_tasks_per_node, port_for_job
 
 DEFAULT_PORT = 29500  # torch.distributed's customary port, when nothing else names one
 # What DistEnv.export writes (torch.distributed's env:// rendezvous): a process that starts others

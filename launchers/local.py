@@ -15,7 +15,7 @@ import os
 import queue
 import traceback
 
-from launchers.env import DIST_VARS, free_port
+from mtx_launchers.env import DIST_VARS, free_port
 
 COLLECTIVE_TIMEOUT_S = 120
 

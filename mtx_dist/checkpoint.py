@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
-from data_pipelines.files import atomic_write_text, fsync_path, sha256_file
+from mtx_data_pipelines.files import atomic_write_text, fsync_path, sha256_file
 from mtx_dist import faults
 from mtx_dist.config import ConfigError
 from mtx_dist.deepspeed_compat import (

@@ -15,8 +15,8 @@ from typing import Any
 
 import tomli_w
 
-from kernels import BACKENDS as ATTENTION_BACKENDS
-from launchers.signals import parse_signals
+from mtx_kernels import BACKENDS as ATTENTION_BACKENDS
+from mtx_launchers.signals import parse_signals
 from mtx_dist.errors import UserError
 from mtx_dist.models.presets import PRESETS
 
@@ -68,7 +68,7 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     preset: str = _opt("tiny", "model geometry", tuple(PRESETS))
-    attention: str = _opt("auto", "attention backend (kernels.attention)", ATTENTION_BACKENDS)
+    attention: str = _opt("auto", "attention backend (mtx_kernels.attention)", ATTENTION_BACKENDS)
     patch_dropout: float = _opt(0.0, "FLIP: fraction of each image's patch tokens dropped in training (a random "
                                 "subset per sample; class token kept; never in evaluation or export)", min=0, max=0.95)
     patch_dropout_final_steps: int = _opt(0, "FLIP's unmasked tail: the last N training steps keep every patch",
@@ -304,7 +304,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key 'data.mode' = {cfg.data.mode!r}: data.backend = 'dali' reads in "
                               "epoch mode only")
     if cfg.data.train_weights:  # checked on the text now, not when the loader starts
-        from data_pipelines.sources import ShardSpecError, source_weights
+        from mtx_data_pipelines.sources import ShardSpecError, source_weights
         try:
             source_weights(cfg.data.train, cfg.data.train_weights)
         except ShardSpecError as e:

@@ -9,11 +9,11 @@ import torch
 
 from mtx_dist import faults
 
-from data_pipelines.demo import DemoSpec, shard_spec, write_demo_split
-from data_pipelines.loader import Loader, StreamConfig
-from data_pipelines.sources import ShardSpecError
-from data_pipelines.tokenizer import TEXT_PAD_MULTIPLE
-from data_pipelines.transforms import normalize_images
+from mtx_data_pipelines.demo import DemoSpec, shard_spec, write_demo_split
+from mtx_data_pipelines.loader import Loader, StreamConfig
+from mtx_data_pipelines.sources import ShardSpecError
+from mtx_data_pipelines.tokenizer import TEXT_PAD_MULTIPLE
+from mtx_data_pipelines.transforms import normalize_images
 from mtx_dist.config import Config, ConfigError
 from mtx_dist.models.presets import get_preset
 
@@ -64,7 +64,7 @@ def build_loader(cfg: Config, shards: str, train: bool, rank: int, world_size: i
     )
     try:
         if cfg.data.backend == "dali" and train:  # held-out evaluation stays on the small, exact cpu path
-            from data_pipelines.dali_loader import DaliLoader
+            from mtx_data_pipelines.dali_loader import DaliLoader
 
             return DaliLoader(stream, device=device, index_dir=cfg.data.dali_index_dir)
         return Loader(stream, pin_memory=device == "cuda" and cfg.data.prefetch)
@@ -141,7 +141,7 @@ def _hang_injectable(batches: Iterator[dict], rank: int) -> Iterator[dict]:
 
 def skipped_totals(skipped: Counter, group, dp_size: int, device: torch.device) -> dict[str, int]:
     """Skip counters of this rank summed over the data-parallel group (every rank must call it)."""
-    from data_pipelines.loader import SKIP_REASONS
+    from mtx_data_pipelines.loader import SKIP_REASONS
 
     counts = torch.tensor([skipped.get(r, 0) for r in SKIP_REASONS], dtype=torch.int64, device=device)
     if dp_size > 1:

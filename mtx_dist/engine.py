@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from launchers import DistEnv, RendezvousError, discover
+from mtx_launchers import DistEnv, RendezvousError, discover
 from mtx_dist.deepspeed_compat import skip_shm_op_build, skip_single_rank_allreduce
 from mtx_dist.config import Config, ConfigError
 from mtx_dist.loss import logit_init
@@ -179,7 +179,7 @@ def compile_engine(engine, cfg: Config) -> None:
     run can meet rather than letting torch fall back to eager silently."""
     import torch._dynamo
 
-    from data_pipelines.tokenizer import TEXT_PAD_MULTIPLE
+    from mtx_data_pipelines.tokenizer import TEXT_PAD_MULTIPLE
     spec = get_preset(cfg.model.preset)
     text_shapes = -(-spec.text.context_length // TEXT_PAD_MULTIPLE) if cfg.data.text_trim else 1
     image_shapes = (2 if cfg.model.patch_dropout else 1) * (2 if cfg.model.train_image_size else 1)

@@ -21,9 +21,9 @@ class TrainingDiverged(RuntimeError):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Every error type the CLI reports as one line with exit code 2."""
-    from data_pipelines.dali_index import DaliIndexError
-    from data_pipelines.writer.errors import ShardWriterError
-    from launchers.env import LaunchEnvError  # HostfileError and RendezvousError are kinds of it
+    from mtx_data_pipelines.dali_index import DaliIndexError
+    from mtx_data_pipelines.writer.errors import ShardWriterError
+    from mtx_launchers.env import LaunchEnvError  # HostfileError and RendezvousError are kinds of it
 
     return UserError, LaunchEnvError, ShardWriterError, DaliIndexError
 

@@ -124,8 +124,8 @@ def iter_samples(shards: str, image_size: int, skipped: Counter, max_pixels: int
     Samples that cannot be used are skipped and counted in ``skipped`` by reason."""
     import webdataset as wds
 
-    from data_pipelines.loader import IMAGE_EXTS, list_shards
-    from data_pipelines.transforms import (
+    from mtx_data_pipelines.loader import IMAGE_EXTS, list_shards
+    from mtx_data_pipelines.transforms import (
         DEFAULT_MAX_PIXELS,
         DecodeError,
         decode_rgb,

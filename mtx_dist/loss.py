@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.tiled_loss import tiled_clip_loss
+from mtx_kernels.tiled_loss import tiled_clip_loss
 from mtx_dist.parallel.collectives import (all_gather_no_grad, all_gather_with_grad, group_rank, group_size,
                                            ring_pass)
 
@@ -40,7 +40,7 @@ class ClipLoss(nn.Module):
     one. ``local_loss``: each rank scores only its own B rows against all N columns (B x N logits
     instead of N x N); with gather_with_grad this is still exact, and the memory and FLOPs of the
     logits shrink by the number of ranks. ``tile_size`` > 0: the logits are computed in column tiles
-    with a recomputing backward (kernels.tiled_loss), so the peak is B x tile rather than B x N (at
+    with a recomputing backward (mtx_kernels.tiled_loss), so the peak is B x tile rather than B x N (at
     tens of thousands of negatives the logits outgrow a small tower's activations). Same value and
     gradients; the gathered features are plain inputs of the tiled function, whose backward
     hands their gradients to the all-gather. Without local_loss the rows are all N (peak N x tile).

@@ -1,6 +1,6 @@
 """A resume on another layout: what the saved run was, what can be resharded, and the conversion of
 partitioned optimizer states through DeepSpeed's universal checkpoint (the data side is
-``data_pipelines.elastic``)."""
+``mtx_data_pipelines.elastic``)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from data_pipelines.sources import list_shards, local_path, scheme
+from mtx_data_pipelines.sources import list_shards, local_path, scheme
 
 DIGEST_CHARS = 16  # MLflow stores at most 36 characters of a dataset digest
 

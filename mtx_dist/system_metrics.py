@@ -29,7 +29,8 @@ class SystemMetrics:
     until :meth:`stop`; restarted ``retry_s`` (doubling up to 8x) after it gives up."""
 
     def __init__(self, run_id: str | Callable[[], str | None], uri: str, interval_s: float, samples: int,
-                 node_id: str | None = None, retry_s: float = 5.0) -> None:
+                 node_id: str | None = None, retry_s: float = 5.0, request_timeout_s: float = 10.0) -> None:
+        self.request_timeout_s = request_timeout_s  # of the last flush, which runs on the caller's thread
         self._run_id = run_id if callable(run_id) else (lambda: run_id)
         self.uri, self.interval_s, self.samples, self.node_id, self.retry_s = uri, interval_s, samples, node_id, retry_s
         self.restarts = 0  # how often the monitor was started again after it gave up
@@ -52,8 +53,11 @@ class SystemMetrics:
         self._thread.join(timeout_s)
         monitor = self._monitor
         if monitor is not None and monitor.mlflow_logger.data:
+            from mtx_dist.tracking import request_policy
+
             try:
-                monitor.mlflow_logger.flush()
+                with request_policy(self.request_timeout_s):  # no retries: training is over, exit soon
+                    monitor.mlflow_logger.flush()
             except Exception as e:  # noqa: BLE001 - the run's last system samples; training is done
                 log.warning("MLflow: the last system metrics could not be delivered to %s (%s)", self.uri, e)
 

@@ -15,9 +15,9 @@ from tqdm import tqdm
 from mtx_dist import checkpoint as ckpt
 from mtx_dist.async_checkpoint import AsyncCheckpointer
 from mtx_dist import faults
-from data_pipelines.loader import LoaderStateError
-from launchers.signals import Preempted, Preemption, parse_signals
-from launchers.slurm import requeue as slurm_requeue
+from mtx_data_pipelines.loader import LoaderStateError
+from mtx_launchers.signals import Preempted, Preemption, parse_signals
+from mtx_launchers.slurm import requeue as slurm_requeue
 from mtx_dist.config import Config, ConfigError
 from mtx_dist.data import DevicePrefetcher, build_loader, record_keys, resolve_shards, skipped_totals
 from mtx_dist.engine import Runtime, build_engine, build_model, consolidated_state_dict, global_grad_norm, setup_runtime
@@ -240,13 +240,13 @@ def start_system_metrics(cfg: Config, runtime: Runtime, tracker: Tracker, tags: 
     run_id = (lambda: tracker.run_id) if runtime.is_main else shared[0]["run_id"]
     if run_id is None:
         return None
-    import_mlflow(t)  # MLflow's request settings of ours (no retry storms inside a request) on every node
+    import_mlflow()  # telemetry off and MLflow's loggers quiet on every node
     import socket
     env = runtime.env
     return SystemMetrics(run_id, tracking_uri(t), t.system_metrics_interval_s, t.system_metrics_samples,
                          node_id=monitor_node_id(socket.gethostname(), env.node_rank, env.num_nodes,
                                                  shared[0]["num_hosts"]),
-                         retry_s=max(t.retry_s, 1.0)).start()
+                         retry_s=max(t.retry_s, 1.0), request_timeout_s=t.request_timeout_s).start()
 
 
 def _stop(monitor: SystemMetrics | None) -> None:

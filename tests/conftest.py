@@ -47,7 +47,7 @@ def timm():
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory):
     """Small demo train/val shards shared by data tests: (train spec, val spec, directory)."""
-    from data_pipelines.demo import DemoSpec, shard_spec, write_demo_split
+    from mtx_data_pipelines.demo import DemoSpec, shard_spec, write_demo_split
 
     d = str(tmp_path_factory.mktemp("demo"))
     train = write_demo_split(d, DemoSpec("train", 600, samples_per_shard=128, image_px=40))

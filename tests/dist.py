@@ -1,3 +1,3 @@
-"""The tests run ranks with :func:`launchers.local.run_ranks`."""
+"""The tests run ranks with :func:`mtx_launchers.local.run_ranks`."""
 
-from launchers.local import run_ranks  # noqa: F401
+from mtx_launchers.local import run_ranks  # noqa: F401

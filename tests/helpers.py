@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from launchers.env import DIST_VARS  # noqa: F401 (the tests import it from here)
+from mtx_launchers.env import DIST_VARS  # noqa: F401 (the tests import it from here)
 from mtx_dist.interop.torchvision_shim import torchvision_shim  # noqa: F401 (likewise)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 
-from launchers.env import free_port
+from mtx_launchers.env import free_port
 
 START_TIMEOUT_S = 120
 

@@ -6,9 +6,9 @@ import logging
 import pytest
 import torch
 
-import kernels
+import mtx_kernels
 
-attn_mod = importlib.import_module("kernels.dispatch")
+attn_mod = importlib.import_module("mtx_kernels.dispatch")
 
 
 def _qkv(dtype=torch.float32, n=9, d=16):
@@ -20,7 +20,7 @@ def _qkv(dtype=torch.float32, n=9, d=16):
 def test_auto_picks_sdpa_on_cpu(dtype, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # even when the Triton interpreter could run, auto stays on SDPA
     q, _, _ = _qkv(dtype)
-    assert kernels.resolve_backend("auto", q) == "sdpa"
+    assert mtx_kernels.resolve_backend("auto", q) == "sdpa"
 
 
 def test_auto_on_cuda_is_flash_attn_when_it_can_run_else_sdpa_never_triton(monkeypatch):
@@ -30,23 +30,23 @@ def test_auto_on_cuda_is_flash_attn_when_it_can_run_else_sdpa_never_triton(monke
     cuda_q = type("CudaLike", (), {"device": torch.device("cuda"), "dtype": q.dtype, "shape": q.shape})()
     monkeypatch.setattr(attn_mod, "_triton_problem", lambda q: None)  # as where our Triton kernel can run
     monkeypatch.setattr(attn_mod, "_flash_attn_problem", lambda q: "not installed")
-    assert kernels.resolve_backend("auto", cuda_q) == "sdpa"
+    assert mtx_kernels.resolve_backend("auto", cuda_q) == "sdpa"
     monkeypatch.setattr(attn_mod, "_flash_attn_problem", lambda q: None)
-    assert kernels.resolve_backend("auto", cuda_q) == "flash_attn"
+    assert mtx_kernels.resolve_backend("auto", cuda_q) == "flash_attn"
 
 
 def test_forcing_flash_attn_without_it_is_a_clear_error():
     q, k, v = _qkv(torch.bfloat16)
-    with pytest.raises(kernels.AttentionBackendError,
+    with pytest.raises(mtx_kernels.AttentionBackendError,
                        match="'flash_attn' cannot run here: the flash-attn package is not installed"):
-        kernels.attention(q, k, v, backend="flash_attn")
+        mtx_kernels.attention(q, k, v, backend="flash_attn")
 
 
 def test_forcing_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k, v = _qkv()
-    with pytest.raises(kernels.AttentionBackendError, match="'triton' cannot run here: .*CUDA"):
-        kernels.attention(q, k, v, backend="triton")
+    with pytest.raises(mtx_kernels.AttentionBackendError, match="'triton' cannot run here: .*CUDA"):
+        mtx_kernels.attention(q, k, v, backend="triton")
 
 
 def test_model_level_error_names_the_backend():
@@ -54,17 +54,17 @@ def test_model_level_error_names_the_backend():
     model = ContrastiveModel(get_preset("micro"), attn_backend="flash_attn")
     image = torch.randn(1, 3, 32, 32)
     text = torch.zeros(1, 16, dtype=torch.long)
-    with pytest.raises(kernels.AttentionBackendError, match="flash_attn"):
+    with pytest.raises(mtx_kernels.AttentionBackendError, match="flash_attn"):
         model(image, text)
 
 
 def test_choice_is_logged_once_per_process(caplog, monkeypatch):
     monkeypatch.setattr(attn_mod, "_announced", set())
     q, k, v = _qkv()
-    with caplog.at_level(logging.INFO, logger="kernels.dispatch"):
+    with caplog.at_level(logging.INFO, logger="mtx_kernels.dispatch"):
         for _ in range(3):
-            kernels.attention(q, k, v, backend="auto")
-    lines = [r.getMessage() for r in caplog.records if r.name == "kernels.dispatch"]
+            mtx_kernels.attention(q, k, v, backend="auto")
+    lines = [r.getMessage() for r in caplog.records if r.name == "mtx_kernels.dispatch"]
     assert lines == ["attention backend: sdpa (requested auto on cpu float32)"]
 
 

@@ -140,9 +140,9 @@ def test_user_errors_are_one_line_with_exit_code_2_and_bugs_keep_their_traceback
         err = capsys.readouterr().err.strip()
         assert err.startswith(start) and "\n" not in err and "Traceback" not in err, (argv, err)
 
-    from data_pipelines.dali_index import DaliIndexError
-    from launchers.command import HostfileError
-    from launchers.env import RendezvousError
+    from mtx_data_pipelines.dali_index import DaliIndexError
+    from mtx_launchers.command import HostfileError
+    from mtx_launchers.env import RendezvousError
     from mtx_dist.adapt.errors import DataError, EncoderMismatchError, WavFormatError
     from mtx_dist.checkpoint import CheckpointError
     from mtx_dist.errors import user_errors

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipelines.demo import COMBINATIONS, DemoSpec, write_demo_split
-from data_pipelines.loader import Loader, LoaderStateError, StreamConfig
-from data_pipelines.transforms import (CLIP_MEAN, CLIP_STD, DecodeError, decode_rgb, eval_transform,
+from mtx_data_pipelines.demo import COMBINATIONS, DemoSpec, write_demo_split
+from mtx_data_pipelines.loader import Loader, LoaderStateError, StreamConfig
+from mtx_data_pipelines.transforms import (CLIP_MEAN, CLIP_STD, DecodeError, decode_rgb, eval_transform,
                                        random_resized_crop_box)
 
 

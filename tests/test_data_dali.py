@@ -11,11 +11,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from data_pipelines.loader import Loader, LoaderStateError, StreamConfig
+from mtx_data_pipelines.loader import Loader, LoaderStateError, StreamConfig
 from tests.test_data_streams import _jpeg, write_shards
 from tests.test_data_training import _tar_bytes
 
-from data_pipelines.dali_loader import DaliDataError, DaliLoader
+from mtx_data_pipelines.dali_loader import DaliDataError, DaliLoader
 
 
 def _photo(i: int, w: int, h: int) -> bytes:

@@ -15,8 +15,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from data_pipelines.loader import Loader, LoaderStateError, StreamConfig
-from data_pipelines.sources import ShardSpecError, scheme, split_sources
+from mtx_data_pipelines.loader import Loader, LoaderStateError, StreamConfig
+from mtx_data_pipelines.sources import ShardSpecError, scheme, split_sources
 
 
 def _jpeg(seed: int, px: int = 20) -> bytes:

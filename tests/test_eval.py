@@ -87,7 +87,7 @@ def test_grouped_recall_without_repeats_equals_pairwise_and_counts_ties_against(
 
 
 def test_caption_keys_compare_tokens_up_to_end_of_text():
-    from data_pipelines.tokenizer import ClipTokenizer
+    from mtx_data_pipelines.tokenizer import ClipTokenizer
     tok = ClipTokenizer(context_length=16)
     a = torch.from_numpy(tok(["A red  circle", "a red circle", "a blue circle"]))
     b = torch.from_numpy(tok(["a red circle"], pad_multiple=8))  # another batch, another padded length
@@ -135,7 +135,7 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 def _write_labelled_shards(d) -> tuple[str, list[dict]]:
     """Two tar shards: 20 captioned + labelled images, one labelled image without caption, one corrupt
     image, one captioned image whose label has no class. Returns the spec and what a reader should use."""
-    from data_pipelines.demo import COLORS, POSITIONS, caption, render
+    from mtx_data_pipelines.demo import COLORS, POSITIONS, caption, render
 
     rng = np.random.default_rng(0)
     samples, expected = [], []
@@ -173,7 +173,7 @@ def _direct(open_clip, export_dir: str, expected: list[dict], templates) -> dict
     """The same numbers from open_clip's model, tokenizer and zero-shot classifier, ranks by sorting."""
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
-    from data_pipelines.transforms import eval_transform
+    from mtx_data_pipelines.transforms import eval_transform
 
     model = open_clip.create_model(f"local-dir:{export_dir}").eval()
     ctx = model.context_length

@@ -41,7 +41,7 @@ def export(preset: str, out, seed: int = 0, **model_kwargs):
 
 @pytest.mark.parametrize("preset", ["micro", "tiny", "vit-b16"])
 def test_hf_clip_model_computes_our_embeddings(preset, tmp_path):
-    from data_pipelines.tokenizer import ClipTokenizer
+    from mtx_data_pipelines.tokenizer import ClipTokenizer
     model, spec = export(preset, tmp_path)
     verify_export(str(tmp_path), require="model.safetensors")
     hf = transformers.CLIPModel.from_pretrained(str(tmp_path)).eval()
@@ -75,7 +75,7 @@ def test_hf_tokenizer_ids_equal_ours(tmp_path):
 
     import ftfy
 
-    from data_pipelines.tokenizer import ClipTokenizer
+    from mtx_data_pipelines.tokenizer import ClipTokenizer
     export("micro", tmp_path)
     hf = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
     tok = ClipTokenizer(context_length=77)
@@ -105,9 +105,9 @@ def test_round_trips_are_exact(tmp_path):
 def test_zero_shot_pipeline_agrees_with_ours(tmp_path):
     """HF's zero-shot pipeline (processor, tokenizer, model from the folder) ranks the classes as our
     zero-shot code does, on demo images already at the model's size."""
-    from data_pipelines.demo import COLORS, render
-    from data_pipelines.tokenizer import ClipTokenizer
-    from data_pipelines.transforms import eval_transform
+    from mtx_data_pipelines.demo import COLORS, render
+    from mtx_data_pipelines.tokenizer import ClipTokenizer
+    from mtx_data_pipelines.transforms import eval_transform
     from mtx_dist.evaluate import class_embeddings
     model, spec = export("micro", tmp_path, seed=3)
     rng = np.random.default_rng(0)

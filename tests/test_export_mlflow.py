@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 import torch
 
-from data_pipelines.tokenizer import ClipTokenizer
-from data_pipelines.transforms import decode_rgb, eval_transform
-from launchers.env import free_port
+from mtx_data_pipelines.tokenizer import ClipTokenizer
+from mtx_data_pipelines.transforms import decode_rgb, eval_transform
+from mtx_launchers.env import free_port
 from mtx_dist.config import TrackingConfig
 from mtx_dist.evaluate import TEMPLATES, class_embeddings
 from mtx_dist.export import MANIFEST_FILE, verify_export, write_export

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from launchers.env import free_port
+from mtx_launchers.env import free_port
 from mtx_dist.tracking import RUN_ID_FILE
 from tests.helpers import DIST_VARS, REPO
 

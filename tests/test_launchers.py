@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from launchers import LaunchEnvError, discover, parse_nodelist, parse_tasks_per_node
-from launchers.command import Host, HostfileError, build, format_hostfile, plan_from_environment, read_hostfile
-from launchers.slurm import NodelistError, port_for_job
+from mtx_launchers import LaunchEnvError, discover, parse_nodelist, parse_tasks_per_node
+from mtx_launchers.command import Host, HostfileError, build, format_hostfile, plan_from_environment, read_hostfile
+from mtx_launchers.slurm import NodelistError, port_for_job
 from tests.helpers import DIST_VARS, REPO, run_cli
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",

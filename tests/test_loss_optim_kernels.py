@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import mtx_kernels
 from mtx_dist.config import OptimConfig
 from mtx_dist.evaluate import retrieval_metrics
 from mtx_dist.loss import clip_loss
@@ -59,11 +59,11 @@ def test_warmup_cosine_schedule():
 def test_attention_backends_agree(causal):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 17, 16) for _ in range(3))
-    ref = kernels.attention(q, k, v, causal=causal, backend="math")
-    torch.testing.assert_close(kernels.attention(q, k, v, causal=causal, backend="sdpa"), ref, atol=1e-5, rtol=1e-5)
-    assert kernels.resolve_backend("auto") == "sdpa"
-    with pytest.raises(kernels.AttentionBackendError, match="unknown attention backend 'cudnn9'"):
-        kernels.attention(q, k, v, backend="cudnn9")
+    ref = mtx_kernels.attention(q, k, v, causal=causal, backend="math")
+    torch.testing.assert_close(mtx_kernels.attention(q, k, v, causal=causal, backend="sdpa"), ref, atol=1e-5, rtol=1e-5)
+    assert mtx_kernels.resolve_backend("auto") == "sdpa"
+    with pytest.raises(mtx_kernels.AttentionBackendError, match="unknown attention backend 'cudnn9'"):
+        mtx_kernels.attention(q, k, v, backend="cudnn9")
 
 
 def test_retrieval_metrics_by_hand():

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from launchers.env import free_port
+from mtx_launchers.env import free_port
 from mtx_dist.config import TrackingConfig
 from mtx_dist.run_tags import git_info
 from mtx_dist.tracking import RUN_ID_FILE, UNDELIVERED_FILE, Tracker
@@ -153,7 +153,7 @@ def test_buffered_points_reach_a_restarted_server(tmp_path, server, caplog):
     assert [(m.step, m.value) for m in c.get_metric_history(run_id, "loss")] == [(s, float(s)) for s in range(1, 7)]
 
 
-def test_system_metrics_resume_after_the_server_comes_back(tmp_path, server):
+def test_system_metrics_resume_after_the_server_comes_back(tmp_path, server, monkeypatch):
     """MLflow's own monitor stops at its first failed request; ours starts it again once the store is
     back, continuing the step count."""
     from mtx_dist.system_metrics import SystemMetrics
@@ -176,6 +176,10 @@ def test_system_metrics_resume_after_the_server_comes_back(tmp_path, server):
             time.sleep(0.2)
         raise AssertionError(f"{what}: {steps()}")
 
+    # MLflow's own monitor keeps MLflow's request settings (ours apply to our client only); a process
+    # that wants its requests to fail fast says so, and then the monitor gives up and is restarted.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     mon = SystemMetrics(run_id, server.url, interval_s=0.2, samples=1, retry_s=0.2).start()
     try:
         before = wait_for(lambda s: len(s) >= 2, "no system metrics arrived")

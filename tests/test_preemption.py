@@ -19,8 +19,8 @@ import time
 import pytest
 import torch
 
-from launchers.env import free_port
-from launchers.signals import EXIT_CODE
+from mtx_launchers.env import free_port
+from mtx_launchers.signals import EXIT_CODE
 from tests.helpers import DIST_VARS, REPO
 
 pytestmark = pytest.mark.slow

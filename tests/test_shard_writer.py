@@ -18,14 +18,14 @@ import webdataset as wds
 from PIL import Image
 from webdataset.shardlists import expand_urls
 
-from data_pipelines.dali_index import index_path_for, split_key, write_dali_index
-from data_pipelines.writer import (
+from mtx_data_pipelines.dali_index import index_path_for, split_key, write_dali_index
+from mtx_data_pipelines.writer import (
     ImageOptions,
     ShardWriterError,
     WriterOptions,
     write_shards,
 )
-from data_pipelines.writer.run import ordered_map
+from mtx_data_pipelines.writer.run import ordered_map
 from tests.helpers import run_cli
 
 
@@ -444,7 +444,7 @@ def test_cli_errors_are_one_line_with_exit_2(photo_folder, tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_csv_with_labels_to_shards_to_training(tmp_path):
-    from data_pipelines.demo import COMBINATIONS, TEMPLATES, caption, render
+    from mtx_data_pipelines.demo import COMBINATIONS, TEMPLATES, caption, render
 
     rng = np.random.default_rng(0)
     (tmp_path / "imgs").mkdir()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_pipelines.tokenizer import ClipTokenizer, trimmed_length
+from mtx_data_pipelines.tokenizer import ClipTokenizer, trimmed_length
 from mtx_dist.config import ConfigError, load_config
 from mtx_dist.models import ContrastiveModel, get_preset, patch_keep_indices
 from tests import dist_workers as w

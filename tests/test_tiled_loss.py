@@ -1,4 +1,4 @@
-"""The column-tiled CLIP loss (kernels.tiled_loss): same value and gradients as the plain loss, on one
+"""The column-tiled CLIP loss (mtx_kernels.tiled_loss): same value and gradients as the plain loss, on one
 process and on 2 gloo ranks with gather-with-grad, in a fraction of the plain loss's peak memory."""
 
 import json
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.tiled_loss import tiled_clip_loss, tiled_cross_entropy
+from mtx_kernels.tiled_loss import tiled_clip_loss, tiled_cross_entropy
 from mtx_dist.config import ConfigError, load_config
 from mtx_dist.loss import ClipLoss, build_loss, clip_loss
 from tests import dist_workers as w
@@ -182,7 +182,7 @@ def test_dp2_tiled_loss_equals_the_global_batch(local_loss):
 _PEAK_CHILD = r"""
 import json, sys
 import torch, torch.nn.functional as F
-from kernels.tiled_loss import tiled_clip_loss
+from mtx_kernels.tiled_loss import tiled_clip_loss
 variant, rows, cols, dim, tile = sys.argv[1], *map(int, sys.argv[2:6])
 
 def leaves(n):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from data_pipelines.tokenizer import ClipTokenizer
+from mtx_data_pipelines.tokenizer import ClipTokenizer
 
 TEXTS = [
     "a photo of a cat",

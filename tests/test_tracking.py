@@ -9,10 +9,10 @@ import re
 
 import pytest
 
-from launchers.env import DistEnv, free_port
+from mtx_launchers.env import DistEnv, free_port
 from mtx_dist.config import TrackingConfig
 from mtx_dist.run_tags import cluster_tags, git_info, host_ranges, launcher_name
-from mtx_dist.tracking import RUN_ID_FILE, UNDELIVERED_FILE, Tracker
+from mtx_dist.tracking import RUN_ID_FILE, UNDELIVERED_FILE, Tracker, request_policy
 
 
 @pytest.fixture(autouse=True)
@@ -262,6 +262,30 @@ def test_silent_server_costs_one_request_timeout_per_attempt(tmp_path, caplog):
         t.finish()
     assert t._failures == 2 and t.undelivered == 1
     assert any("timed out" in m.lower() or "timeout" in m.lower() for m in warnings_of(caplog))
+
+
+def test_mlflow_request_settings_are_ours_only_during_our_calls(tmp_path, monkeypatch):
+    """MLflow reads its retry count and timeout from the environment: ours apply inside our client's
+    calls (previous test: a silent server costs one timeout, no retries), and a process's own values
+    are back after each call, nested or not, and after the run."""
+    import socket
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    with request_policy(7):
+        with request_policy(7):
+            assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5" and "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+    with socket.socket() as silent:  # a store that never answers: every call of ours times out
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        t = Tracker(TrackingConfig(uri=f"http://127.0.0.1:{silent.getsockname()[1]}", retry_s=3600.0,
+                                   request_timeout_s=1), active=True, run_dir=str(tmp_path), background=True)
+        t.start("r", {}, "")
+        t.log_metrics({"loss": 1.0}, step=1)
+        t.finish()
+    assert t._failures >= 1
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5" and "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
 
 
 def test_experiment_kind_is_set_when_we_create_it_and_kept_when_it_exists(tmp_path, store):

@@ -2,7 +2,7 @@
 
 ``triton.jit`` reads TRITON_INTERPRET when it decorates a kernel, not when it launches one. Setting
 the variable for the whole session would leak into every other test (and, on a GPU machine, would
-turn the shared ``kernels.triton_attention`` into interpreted kernels). So this file executes a
+turn the shared ``mtx_kernels.triton_attention`` into interpreted kernels). So this file executes a
 private copy of that module with the variable set, and sets it again around each test only.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.dispatch import math_attention
+from mtx_kernels.dispatch import math_attention
 
 _SOURCE = Path(__file__).resolve().parents[1] / "kernels" / "triton_attention.py"
 

@@ -7,20 +7,20 @@ import json
 import os
 from collections import Counter
 
-from data_pipelines.dali_index import (
+from mtx_data_pipelines.dali_index import (
     DaliIndexError,
     index_path_for,
     scan_tar,
     write_dali_index,
 )
-from data_pipelines.transforms import DecodeError, decode_rgb
-from data_pipelines.writer.samples import (
+from mtx_data_pipelines.transforms import DecodeError, decode_rgb
+from mtx_data_pipelines.writer.samples import (
     Rejected,
     check_caption_bytes,
     decode_detail,
     parse_label,
 )
-from data_pipelines.files import sha256_file
+from mtx_data_pipelines.files import sha256_file
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the extensions the training loader reads
 STATS_KEYS = ("count", "successes", "failed_to_download", "failed_to_resize")

@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from data_pipelines.files import atomic_open
-from data_pipelines.writer.samples import Candidate, ImageOptions, prepare_batch
-from data_pipelines.writer.sink import ShardSink, brace_spec
-from data_pipelines.writer.sources import (
+from mtx_data_pipelines.files import atomic_open
+from mtx_data_pipelines.writer.samples import Candidate, ImageOptions, prepare_batch
+from mtx_data_pipelines.writer.sink import ShardSink, brace_spec
+from mtx_data_pipelines.writer.sources import (
     ShardWriterError,
     detect_kind,
     folder_candidates,
@@ -244,7 +244,7 @@ def index_existing(source: str, out_dir: str, opts: WriterOptions) -> dict:
     """Index-only mode for existing WebDataset tars (e.g. img2dataset output): no rewrite. Each tar
     is read through, every sample checked like a new one (counted, not removed: the loader skips
     them too), and a DALI index written to ``out_dir``; the manifest lists the tars where they are."""
-    from data_pipelines.writer.existing import img2dataset_stats
+    from mtx_data_pipelines.writer.existing import img2dataset_stats
 
     opts.validate()
     tars = sorted(glob.glob(os.path.join(glob.escape(source), "*.tar")))
@@ -274,6 +274,6 @@ def index_existing(source: str, out_dir: str, opts: WriterOptions) -> dict:
 
 
 def _check_tars(max_pixels: int, out_dir: str, tars: list[str]) -> list[dict]:
-    from data_pipelines.writer.existing import check_tar
+    from mtx_data_pipelines.writer.existing import check_tar
 
     return [check_tar(t, out_dir, max_pixels) for t in tars]

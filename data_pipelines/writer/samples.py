@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from data_pipelines.transforms import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
+from mtx_data_pipelines.transforms import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
 
 # Formats stored as they are without --reencode; every other decodable format becomes JPEG.
 PASSTHROUGH_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}

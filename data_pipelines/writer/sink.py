@@ -9,8 +9,8 @@ import re
 import tarfile
 from collections.abc import Iterable
 
-from data_pipelines.dali_index import write_dali_index
-from data_pipelines.files import replace_durably, sha256_file
+from mtx_data_pipelines.dali_index import write_dali_index
+from mtx_data_pipelines.files import replace_durably, sha256_file
 
 BLOCK = 512  # tar header and data granularity (USTAR, as webdataset's TarWriter writes)
 RECORD = 20 * BLOCK  # tarfile pads a closed archive to a whole record

@@ -11,8 +11,8 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 
-from data_pipelines.writer.errors import ShardWriterError
-from data_pipelines.writer.samples import Candidate
+from mtx_data_pipelines.writer.errors import ShardWriterError
+from mtx_data_pipelines.writer.samples import Candidate
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".parquet")

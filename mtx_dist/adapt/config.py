@@ -70,7 +70,7 @@ class AdaptConfig:
             raise AdaptError("need 0 <= val_fraction < 1, lr > 0 and weight_decay >= 0")
         if self.device not in DEVICES:
             raise AdaptError(f"device {self.device!r}: choose one of {', '.join(DEVICES)}")
-        from kernels import BACKENDS
+        from mtx_kernels import BACKENDS
         if self.attention not in BACKENDS:
             raise AdaptError(f"attention {self.attention!r}: choose one of {', '.join(BACKENDS)}")
         return self

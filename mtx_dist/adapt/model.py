@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from data_pipelines.files import atomic_open, atomic_write_with
+from mtx_data_pipelines.files import atomic_open, atomic_write_with
 from mtx_dist.adapt.encoder import FrozenEncoder
 from mtx_dist.adapt.errors import AdaptError, EncoderMismatchError
 from mtx_dist.adapt.tokenizers import build_tokenizer

@@ -19,7 +19,7 @@ def _run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from data_pipelines.tokenizer import TEXT_PAD_MULTIPLE, ClipTokenizer
+    from mtx_data_pipelines.tokenizer import TEXT_PAD_MULTIPLE, ClipTokenizer
     from mtx_dist.config import TrackingConfig
     from mtx_dist.evaluate import EvalDataError, evaluate_shards, read_classnames
     from mtx_dist.export.source import load_any
@@ -27,7 +27,7 @@ def _run(args: argparse.Namespace) -> int:
 
     classnames = read_classnames(args.classes) if args.classes else None
     try:
-        from data_pipelines.loader import list_shards
+        from mtx_data_pipelines.loader import list_shards
         list_shards(args.data)
     except (FileNotFoundError, ValueError) as e:
         raise EvalDataError(f"--data {args.data!r}: {e}") from None

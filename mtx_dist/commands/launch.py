@@ -11,13 +11,13 @@ import os
 import sys
 import tempfile
 
-from launchers.command import LAUNCHERS, execute, format_hostfile, plan_from_environment, render
-from launchers.env import LaunchEnvError
+from mtx_launchers.command import LAUNCHERS, execute, format_hostfile, plan_from_environment, render
+from mtx_launchers.env import LaunchEnvError
 
 
 def _write_atomically(path: str, text: str) -> None:
     # Every node of an allocation may write the same file on a shared filesystem: rename, never truncate.
-    from data_pipelines.files import atomic_write_text
+    from mtx_data_pipelines.files import atomic_write_text
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write_text(path, text)

@@ -19,7 +19,7 @@ def byte_size(text: str) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from data_pipelines.demo import DemoSpec, shard_spec, write_demo_split
+    from mtx_data_pipelines.demo import DemoSpec, shard_spec, write_demo_split
 
     per_shard = 1024 if args.samples_per_shard is None else args.samples_per_shard
     paths = write_demo_split(args.output, DemoSpec(args.split, args.samples, per_shard, args.image_px,
@@ -60,8 +60,8 @@ def summary(manifest: dict) -> str:
 def _run(args: argparse.Namespace) -> int:
     if args.input == "demo":
         return _run_demo(args)
-    from data_pipelines.transforms import DEFAULT_MAX_PIXELS
-    from data_pipelines.writer import ImageOptions, WriterOptions, write_shards
+    from mtx_data_pipelines.transforms import DEFAULT_MAX_PIXELS
+    from mtx_data_pipelines.writer import ImageOptions, WriterOptions, write_shards
 
     def given(value, default):
         return default if value is None else value

@@ -24,7 +24,7 @@ def _run(args: argparse.Namespace) -> int:
 
     # Record preemption signals from here on: the imports below take seconds, and a SIGUSR1 from
     # SLURM in that window would otherwise kill the process instead of asking for a checkpoint.
-    from launchers.signals import Preemption, parse_signals
+    from mtx_launchers.signals import Preemption, parse_signals
     early = Preemption(parse_signals(cfg.run.preemption_signals)).install()
 
     from mtx_dist.trainer import train

@@ -18,8 +18,8 @@ import torch
 from mtx_dist.export.formats import DTYPE_NAMES, FORMATS  # noqa: F401  (re-exported)
 from safetensors.torch import save_file
 
-from data_pipelines.files import atomic_write_with, sha256_file
-from data_pipelines.transforms import CLIP_MEAN, CLIP_STD
+from mtx_data_pipelines.files import atomic_write_with, sha256_file
+from mtx_data_pipelines.transforms import CLIP_MEAN, CLIP_STD
 from mtx_dist.errors import UserError
 from mtx_dist.models.presets import ModelSpec
 

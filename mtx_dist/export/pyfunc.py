@@ -23,7 +23,7 @@ import uuid
 
 import torch
 
-from data_pipelines.files import sha256_file
+from mtx_data_pipelines.files import sha256_file
 from mtx_dist.export.common import MLFLOW_FILES, OPENCLIP_FILE, ExportError
 
 IMAGE, IMAGE_BYTES, TEXT = "image", "image_bytes", "text"
@@ -80,7 +80,7 @@ class EncoderModel:
     """What ``mlflow.pyfunc.load_model`` wraps: our model, preprocessing and tokenizer."""
 
     def __init__(self, path: str, device: str | None = None) -> None:
-        from data_pipelines.tokenizer import ClipTokenizer
+        from mtx_data_pipelines.tokenizer import ClipTokenizer
         from mtx_dist.export.source import load_openclip_export
 
         source = load_openclip_export(path)
@@ -92,12 +92,12 @@ class EncoderModel:
     # -- the pieces, also for direct use --------------------------------------------------------
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        from data_pipelines.tokenizer import TEXT_PAD_MULTIPLE
+        from mtx_data_pipelines.tokenizer import TEXT_PAD_MULTIPLE
         return torch.from_numpy(self.tokenizer(texts, pad_multiple=TEXT_PAD_MULTIPLE))  # trimmed: exact
 
     @torch.no_grad()
     def encode_images(self, images: list[bytes]) -> torch.Tensor:
-        from data_pipelines.transforms import decode_rgb, eval_transform
+        from mtx_data_pipelines.transforms import decode_rgb, eval_transform
 
         size = self.spec.vision.image_size
         out = []
@@ -143,7 +143,7 @@ class EncoderModel:
         empty = [i for i in rows if i not in images and i not in texts]
         if empty:
             raise ValueError(f"rows {empty[:10]} have no '{IMAGE}', '{IMAGE_BYTES}' or '{TEXT}'")
-        from data_pipelines.transforms import DecodeError
+        from mtx_data_pipelines.transforms import DecodeError
         try:
             img = dict(zip(images, self.encode_images(list(images.values()))))
         except DecodeError as e:

@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from data_pipelines.transforms import CLIP_MEAN, CLIP_STD
+from mtx_data_pipelines.transforms import CLIP_MEAN, CLIP_STD
 from mtx_dist.export.card import model_card
 from mtx_dist.export.common import (
     CARD_FILE,

@@ -17,8 +17,8 @@ from dataclasses import fields
 
 import torch
 
-from data_pipelines.tokenizer import ClipTokenizer
-from data_pipelines.transforms import CLIP_MEAN, CLIP_STD
+from mtx_data_pipelines.tokenizer import ClipTokenizer
+from mtx_data_pipelines.transforms import CLIP_MEAN, CLIP_STD
 from mtx_dist.errors import UserError
 from mtx_dist.models.presets import ModelSpec, TextSpec, VisionSpec
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from data_pipelines.transforms import CLIP_MEAN, CLIP_STD
+from mtx_data_pipelines.transforms import CLIP_MEAN, CLIP_STD
 from mtx_dist.models.presets import ModelSpec
 
 # A registered timm name: model_args set every dimension; its own args give LayerNorm eps 1e-5 (a

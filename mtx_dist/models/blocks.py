@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import kernels
+import mtx_kernels
 
 
 class Attention(nn.Module):
@@ -31,7 +31,7 @@ class Attention(nn.Module):
         # same code runs on a full or a column-sharded projection.
         heads = qkv.shape[-1] // (3 * self.head_dim)
         q, k, v = qkv.view(b, n, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = kernels.attention(q, k, v, causal=causal, backend=self.attn_backend)
+        out = mtx_kernels.attention(q, k, v, causal=causal, backend=self.attn_backend)
         return self.proj(out.transpose(1, 2).reshape(b, n, heads * self.head_dim))
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from launchers.env import free_port
+from mtx_launchers.env import free_port
 from mtx_dist import watchdog as wd
 from tests.helpers import DIST_VARS, REPO
 

@@ -74,7 +74,7 @@ def _launch(rank, port, args, cwd, faults_spec=""):
 
 
 def _run_pair(args, cwd, faults_spec="", timeout=300):
-    from launchers.env import free_port
+    from mtx_launchers.env import free_port
     port = free_port()
     procs = [_launch(r, port, args, cwd, faults_spec) for r in (0, 1)]
     try:
@@ -96,7 +96,7 @@ def test_killed_rank_the_other_exits_within_the_timeout_and_resume_is_exact(demo
     procs, outs = _run_pair(whole, str(tmp_path))
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
 
-    from launchers.env import free_port
+    from mtx_launchers.env import free_port
     port = free_port()
     victim = _launch(1, port, common, str(tmp_path), "kill=step:3:1")
     survivor = _launch(0, port, common, str(tmp_path), "kill=step:3:1")

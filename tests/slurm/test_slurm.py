@@ -77,7 +77,7 @@ def _mlflow_run(work, name):
 
 
 def test_nodelist_parsing_agrees_with_scontrol(cluster):
-    from launchers import parse_nodelist
+    from mtx_launchers import parse_nodelist
     for text in ("gpu-[001-004,010],cpu7", "a[01-02]b[1-2]", "x[098-101],y", "a[1-2]-[3-4]", "n[1-2]"):
         assert parse_nodelist(text) == cluster.scontrol("show", "hostnames", text).split(), text
 
