@@ -39,11 +39,12 @@ import numpy as np
 import torch
 
 from mtx_data_pipelines.loader import LoaderStateError, StreamConfig, stream_identity
+from mtx_data_pipelines.records import Unusable, caption_text, missing_part
 from mtx_data_pipelines.sources import scheme, split_sources
 from mtx_data_pipelines.tokenizer import ClipTokenizer
 from mtx_data_pipelines.transforms import CLIP_MEAN, CLIP_STD, TRAIN_RATIO, TRAIN_SCALE
 
-IMAGE_EXT = "jpg"
+IMAGE_EXT = "jpg"  # DALI's reader and decoder: JPEG members only
 DEFAULT_INDEX_DIR = os.path.join(os.path.expanduser("~"), ".cache", "mtx-dist", "dali-index")
 
 
@@ -77,11 +78,9 @@ def _index_skips(index: str) -> Counter:
     with open(index) as f:
         next(f)
         for line in f:
-            exts = set(line.split()[0::4])
-            if IMAGE_EXT in exts and "txt" in exts:
-                continue
-            skips["missing_image" if "txt" in exts else "missing_caption" if IMAGE_EXT in exts
-                  else "unknown_extension"] += 1
+            reason = missing_part(set(line.split()[0::4]), (IMAGE_EXT,))
+            if reason:
+                skips[reason] += 1
     return skips
 
 
@@ -217,13 +216,10 @@ class DaliLoader:
                 if i < offset or not self.cfg.train and here >= mine:  # (the last batch wraps around)
                     continue
                 try:
-                    text = bytes(texts[i, : lengths[i]]).decode("utf-8").strip()
-                    reason = None if text else "empty_caption"
-                except UnicodeDecodeError:
-                    reason = "bad_caption_encoding"
-                if reason:
+                    text = caption_text(bytes(texts[i, : lengths[i]]))
+                except Unusable as e:
                     if here >= counted:
-                        skips[reason] += 1
+                        skips[e.reason] += 1
                     continue
                 name = bytes(np.array(infos[i])).decode().rsplit(":", 1)[-1]
                 point = self._position(before, i, raw, max(counted, raw + len(lengths)))

@@ -50,13 +50,10 @@ import webdataset as wds
 from mtx_data_pipelines.elastic import EpochPlan, plans_from_json, plans_to_json, replan
 from mtx_data_pipelines.sources import list_shards, read_shard, split_sources  # noqa: F401  (list_shards re-exported)
 from mtx_data_pipelines.tokenizer import ClipTokenizer
-from mtx_data_pipelines.transforms import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb, eval_transform, train_transform
+from mtx_data_pipelines.records import IMAGE_EXTS, SKIP_REASONS, Unusable, parse_sample  # noqa: F401  (re-exported)
+from mtx_data_pipelines.transforms import DEFAULT_MAX_PIXELS, decode_rgb, eval_transform, train_transform
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MODES = ("epoch", "resampled")
-# Every reason a sample or shard is skipped; the trainer sums these over ranks in this order.
-SKIP_REASONS = ("tar_error", "unknown_extension", "missing_image", "missing_caption", "empty_caption",
-                "bad_caption_encoding", "corrupt_image", "too_many_pixels")
 log = logging.getLogger(__name__)
 
 
@@ -95,6 +92,14 @@ def stream_identity(cfg: StreamConfig) -> str:
     same = {k: v for k, v in asdict(cfg).items()
             if k not in ("workers", "worker_timeout_s", "normalize", "text_pad_multiple")}
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _totals(skips: Counter) -> dict:
+    """(epoch, reason) -> n  as  reason -> n."""
+    totals: Counter = Counter()
+    for (_, reason), n in skips.items():
+        totals[reason] += n
+    return dict(totals)
 
 
 def _silent(url: str, exn: Exception) -> None:
@@ -214,26 +219,14 @@ class ImageTextStream(torch.utils.data.IterableDataset):
 
     # -- one sample ----------------------------------------------------------------------------
     def _prepare(self, sample: dict, rng: np.random.Generator | None) -> tuple[np.ndarray, str]:
-        image_bytes = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-        if image_bytes is None and "txt" not in sample:
-            raise DecodeError("unknown_extension")
-        if image_bytes is None:
-            raise DecodeError("missing_image")
-        if "txt" not in sample:
-            raise DecodeError("missing_caption")
-        try:
-            text = sample["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise DecodeError("bad_caption_encoding") from None
-        if not text:
-            raise DecodeError("empty_caption")
+        record = parse_sample(sample)
         size = self.cfg.image_size
         # A random crop keeps >= 0.9 of the area at an aspect in [3/4, 4/3], so its shorter side is
         # >= ~0.82 of the image's: decoding at >= size / 0.8 never makes the crop upsample.
         draft = (size * 5 // 4 if rng is not None else size) if self.cfg.jpeg_draft else None
-        img = decode_rgb(image_bytes, self.cfg.max_pixels, draft)
+        img = decode_rgb(record.image, self.cfg.max_pixels, draft)
         norm = self.cfg.normalize
-        return (train_transform(img, size, rng, norm) if rng is not None else eval_transform(img, size, norm)), text
+        return (train_transform(img, size, rng, norm) if rng is not None else eval_transform(img, size, norm)), record.caption
 
     # -- batches -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
@@ -274,7 +267,7 @@ class ImageTextStream(torch.utils.data.IterableDataset):
             rng = np.random.default_rng([self.cfg.seed, s, epoch, g, index]) if self.cfg.train else None
             try:
                 image, text = self._prepare(sample, rng)
-            except DecodeError as e:
+            except Unusable as e:
                 skips[epoch, e.reason] += 1
                 continue
             for k, v in (("image", image), ("text", text), ("key", sample["__key__"]), ("epoch", epoch),
@@ -286,6 +279,9 @@ class ImageTextStream(torch.utils.data.IterableDataset):
                 skips.clear()
         if batch["image"]:
             yield self._collate(batch, tokenizer, w, {"mix": picks, "src": positions}, skips)
+        elif skips:  # skips after the last sample of a finite stream still reach the counters
+            yield {"image": None, "worker": w, "position": {"mix": picks, "src": positions},
+                   "skipped": _totals(skips)}
 
     @staticmethod
     def _collate(batch: dict, tokenizer, worker: int, position: dict, skips: Counter) -> dict:
@@ -297,7 +293,7 @@ class ImageTextStream(torch.utils.data.IterableDataset):
             "source": batch["source"],
             "worker": worker,
             "position": position,
-            "skipped": dict(sum((Counter({r: n}) for (_, r), n in skips.items()), Counter())),
+            "skipped": _totals(skips),
             # the same per epoch of the skipped sample: a check of "one epoch" needs the skips of epoch 0
             # that come after its last good sample, handed out with the first batch of epoch 1
             "skipped_by_epoch": [[e, r, n] for (e, r), n in sorted(skips.items())],
@@ -361,8 +357,10 @@ class Loader:
         try:
             for batch in batches:
                 self.positions[batch["worker"]] = batch["position"]
-                self.batches += 1
                 self.skipped.update(batch["skipped"])
+                if batch["image"] is None:  # only the skip counts of a stream's end
+                    continue
+                self.batches += 1
                 yield batch
         finally:
             released.set()  # before torch shuts the workers down (a stuck one by SIGTERM)

@@ -13,6 +13,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from mtx_data_pipelines.records import Unusable
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TRAIN_SCALE = (0.9, 1.0)
@@ -24,12 +26,8 @@ _SCALE = (1.0 / (255.0 * np.array(CLIP_STD, dtype=np.float64))).astype(np.float3
 _OFFSET = (-np.array(CLIP_MEAN, dtype=np.float64) / np.array(CLIP_STD, dtype=np.float64)).astype(np.float32)
 
 
-class DecodeError(ValueError):
+class DecodeError(Unusable):
     """An image that cannot (or must not) be decoded; ``reason`` names the skip counter."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> Image.Image:

@@ -84,8 +84,10 @@ class DevicePrefetcher:
     Being one batch ahead, it keeps the loader state of the batches actually handed out:
     checkpoints must use this object's ``state_dict``/``skipped``, not the loader's."""
 
-    def __init__(self, loader, device: torch.device, enabled: bool = True, rank: int = 0) -> None:
+    def __init__(self, loader, device: torch.device, enabled: bool = True, rank: int = 0,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.loader, self.device, self.rank = loader, device, rank
+        self.dtype = dtype  # uint8 images are normalized into it here, once, on the device
         self.ahead = enabled and device.type == "cuda"
         self._state, self._skipped = loader.state_dict(), Counter(loader.skipped)
 
@@ -101,7 +103,7 @@ class DevicePrefetcher:
         if not self.ahead:
             for batch in batches:
                 if batch["image"].dtype == torch.uint8:
-                    batch["image"] = normalize_images(batch["image"])
+                    batch["image"] = normalize_images(batch["image"], self.dtype)
                 yield batch
             return
         side = torch.cuda.Stream(self.device)
@@ -116,7 +118,7 @@ class DevicePrefetcher:
                             t = t.pin_memory()
                         batch[k] = t.to(self.device, non_blocking=True)
                     if batch["image"].dtype == torch.uint8:
-                        batch["image"] = normalize_images(batch["image"])
+                        batch["image"] = normalize_images(batch["image"], self.dtype)
             return batch
 
         upcoming = fetch()

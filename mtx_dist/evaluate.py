@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mtx_data_pipelines.transforms import normalize_images
 from mtx_dist.errors import UserError
 from mtx_dist.prompts import TEMPLATES  # noqa: F401  (re-exported)
 
@@ -120,51 +121,29 @@ def read_classnames(path: str) -> list[str]:
 # -- reading shards -------------------------------------------------------------------------------
 
 def iter_samples(shards: str, image_size: int, skipped: Counter, max_pixels: int | None = None) -> Iterator[dict]:
-    """One pass over the shards: {"key", "image" (3,H,W float32), "caption" or None, "label" or None}.
-    Samples that cannot be used are skipped and counted in ``skipped`` by reason."""
-    import webdataset as wds
+    """One pass over the shards, read like training reads them (local paths, ``pipe:``, fsspec URLs)
+    and parsed by the same rules (``mtx_data_pipelines.records``): {"key", "image" (3,H,W uint8),
+    "caption" or None, "label" or None}. Samples that cannot be used are skipped and counted in
+    ``skipped`` by reason."""
+    from mtx_data_pipelines.records import Unusable, parse_sample
+    from mtx_data_pipelines.sources import list_shards, read_shard
+    from mtx_data_pipelines.transforms import DEFAULT_MAX_PIXELS, decode_rgb, eval_transform
 
-    from mtx_data_pipelines.loader import IMAGE_EXTS, list_shards
-    from mtx_data_pipelines.transforms import (
-        DEFAULT_MAX_PIXELS,
-        DecodeError,
-        decode_rgb,
-        eval_transform,
-    )
+    def broken(url: str, exn: Exception) -> None:
+        skipped["tar_error"] += 1
+        log.warning("shard %s is unreadable (%s); skipping the rest of it", url, exn)
 
     for url in list_shards(shards):
-        errors: list[Exception] = []
-
-        def keep_going(exn: Exception, errors: list = errors) -> bool:
-            errors.append(exn)
-            return True
-
-        for sample in wds.tarfile_to_samples(handler=keep_going)([{"url": url}]):
-            image_bytes = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-            if image_bytes is None:
-                skipped["missing_image"] += 1
-                continue
-            caption = label = None
+        for sample in read_shard(url, broken):
             try:
-                if "txt" in sample:
-                    caption = sample["txt"].decode("utf-8").strip() or None
-                if "cls" in sample:
-                    label = int(sample["cls"].decode("ascii").strip())
-            except (UnicodeDecodeError, ValueError):
-                skipped["bad_text_or_label"] += 1
-                continue
-            if caption is None and label is None:
-                skipped["no_caption_or_label"] += 1
-                continue
-            try:
-                image = eval_transform(decode_rgb(image_bytes, max_pixels or DEFAULT_MAX_PIXELS), image_size)
-            except DecodeError as e:
+                record = parse_sample(sample, caption_required=False)
+                image = eval_transform(decode_rgb(record.image, max_pixels or DEFAULT_MAX_PIXELS), image_size,
+                                       normalize=False)
+            except Unusable as e:
                 skipped[e.reason] += 1
                 continue
-            yield {"key": sample["__key__"], "image": torch.from_numpy(image), "caption": caption, "label": label}
-        if errors:
-            skipped["tar_error"] += 1
-            log.warning("shard %s is unreadable after its first samples (%s); skipping the rest", url, errors[0])
+            yield {"key": record.key, "image": torch.from_numpy(image), "caption": record.caption,
+                   "label": record.label}
 
 
 @torch.no_grad()
@@ -179,7 +158,7 @@ def evaluate_shards(model: nn.Module, shards: str, tokenize: Callable[[list[str]
     images, captions, labels, pending = [], [], [], []
 
     def flush() -> None:
-        batch = torch.stack([s["image"] for s in pending]).to(device)
+        batch = normalize_images(torch.stack([s["image"] for s in pending]).to(device))
         feats = model.encode_image(batch).float().cpu()
         for s, f in zip(pending, feats):
             images.append(f)

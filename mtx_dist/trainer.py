@@ -331,7 +331,7 @@ def _steps(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState
     first_step, losses, pending = state.step, [], []
     last_ckpt = None
     # holds the loader state of the batches handed out
-    feed = DevicePrefetcher(loader, runtime.device, cfg.data.prefetch, rank=runtime.env.rank)
+    feed = DevicePrefetcher(loader, runtime.device, cfg.data.prefetch, rank=runtime.env.rank, dtype=setup.dtype)
     batches = iter(feed)
     keys_log = keys_log_path(runtime.env.rank)
     engine.train()

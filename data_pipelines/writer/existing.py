@@ -14,30 +14,22 @@ from mtx_data_pipelines.dali_index import (
     write_dali_index,
 )
 from mtx_data_pipelines.transforms import DecodeError, decode_rgb
-from mtx_data_pipelines.writer.samples import (
-    Rejected,
-    check_caption_bytes,
-    decode_detail,
-    parse_label,
-)
+from mtx_data_pipelines.records import IMAGE_EXTS, caption_text, label_value, missing_part
+from mtx_data_pipelines.writer.samples import Rejected, decode_detail
 from mtx_data_pipelines.files import sha256_file
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the extensions the training loader reads
 STATS_KEYS = ("count", "successes", "failed_to_download", "failed_to_resize")
 
 
 def _check_sample(files: dict[str, bytes], max_pixels: int) -> None:
-    image = next((files[e] for e in IMAGE_EXTS if e in files), None)
-    if image is None:
-        raise Rejected("missing_image_file", "no " + "/".join(IMAGE_EXTS) + " member")
-    if "txt" not in files:
-        raise Rejected("missing_caption")
-    check_caption_bytes(files["txt"])
+    """The readers' rules (mtx_data_pipelines.records), and the image must decode."""
+    reason = missing_part(files)
+    if reason:
+        raise Rejected(reason, "no " + "/".join(IMAGE_EXTS) + " member" if reason == "missing_image" else "")
+    image = next(files[e] for e in IMAGE_EXTS if e in files)
+    caption_text(files["txt"])
     if "cls" in files:
-        try:
-            parse_label(files["cls"].decode("ascii"))
-        except UnicodeDecodeError:
-            raise Rejected("bad_label", "not ASCII") from None
+        label_value(files["cls"])
     try:
         decode_rgb(image, max_pixels)
     except DecodeError as e:

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from mtx_data_pipelines.records import Unusable, caption_text, label_value
 from mtx_data_pipelines.transforms import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
 
 # Formats stored as they are without --reencode; every other decodable format becomes JPEG.
 PASSTHROUGH_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-_INTEGER = re.compile(r"[+-]?\d+")
 
 
 @dataclass(frozen=True)
@@ -44,50 +44,9 @@ class Candidate:
     extra: dict = field(default_factory=dict)  # further columns, kept in KEY.json
 
 
-class Rejected(Exception):
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason, self.detail = reason, detail
-
-
-def check_caption_bytes(raw: bytes) -> str:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise Rejected("bad_caption_encoding", str(e)) from None
-    return check_caption_text(text)
-
-
-def check_caption_text(text: object) -> str:
-    if text is None:
-        raise Rejected("missing_caption")
-    if isinstance(text, bytes):
-        return check_caption_bytes(text)
-    if not isinstance(text, str):
-        text = str(text)
-    try:  # tables are read with surrogateescape, so undecodable bytes show up here
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise Rejected("bad_caption_encoding", "caption is not valid UTF-8") from None
-    text = text.lstrip("\ufeff").strip()
-    if not text:
-        raise Rejected("empty_caption")
-    return text
-
-
-def parse_label(value: object) -> int:
-    """An integer class label from an int, an integral float, or a decimal string."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise Rejected("missing_label")
-    if isinstance(value, bool):
-        raise Rejected("bad_label", repr(value))
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
-        return int(value.strip())
-    raise Rejected("bad_label", repr(value)[:80])
+# A rejected record is an unusable sample: one error type and one set of caption and label rules
+# (mtx_data_pipelines.records) for the writer and every reader.
+Rejected = Unusable
 
 
 def decode_detail(e: DecodeError) -> str:
@@ -135,12 +94,12 @@ def prepare(c: Candidate, opts: ImageOptions) -> dict:
         if not os.path.isfile(c.caption_path):  # a FIFO or device would block the read
             raise Rejected("missing_caption", f"{c.caption_path} is not a regular file")
         try:
-            text = check_caption_bytes(_read(c.caption_path))
+            text = caption_text(_read(c.caption_path))
         except OSError as e:
             raise Rejected("missing_caption", str(e)) from None
     else:
-        text = check_caption_text(c.caption)
-    label = parse_label(c.label) if c.has_label else None
+        text = caption_text(c.caption)
+    label = label_value(c.label) if c.has_label else None
     try:
         data = c.image_bytes if c.image_bytes is not None else _read(c.image_path)
     except OSError as e:
