@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import tomli_w
 from mtx_kernels import BACKENDS as ATTENTION_BACKENDS
 from mtx_launchers.signals import parse_signals
 from mtx_dist.errors import UserError
-from mtx_dist.models.presets import PRESETS
+from mtx_dist.models.presets import GeometryError, get_preset
 
 
 class ConfigError(UserError, ValueError):
@@ -67,7 +68,9 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str = _opt("tiny", "model geometry", tuple(PRESETS))
+    preset: str = _opt("tiny", "model geometry: micro, tiny, vit-b16, vit-l14, an OpenCLIP ViT model name (ViT-B-32, "
+                       "ViT-L-14-336, ViT-H-14, ViT-g-14, ViT-bigG-14, ...: open_clip_torch's model configs) or "
+                       "the path of an open_clip_config.json")
     attention: str = _opt("auto", "attention backend (mtx_kernels.attention)", ATTENTION_BACKENDS)
     patch_dropout: float = _opt(0.0, "FLIP: fraction of each image's patch tokens dropped in training (a random "
                                 "subset per sample; class token kept; never in evaluation or export)", min=0, max=0.95)
@@ -313,7 +316,13 @@ def validate(cfg: Config) -> Config:
         if getattr(cfg.model, key) > cfg.run.steps:
             raise ConfigError(f"config key 'model.{key}' = {getattr(cfg.model, key)}: must be <= run.steps "
                               f"({cfg.run.steps})")
-    vision = PRESETS[cfg.model.preset].vision
+    if cfg.model.preset.endswith(".json"):  # recorded absolute: a resume or an export finds it from anywhere
+        cfg.model.preset = os.path.abspath(cfg.model.preset)
+    try:
+        spec = get_preset(cfg.model.preset)
+    except GeometryError as e:
+        raise ConfigError(f"config key 'model.preset' = {cfg.model.preset!r}: {e}") from None
+    vision = spec.vision
     if cfg.model.train_image_size and (cfg.model.train_image_size % vision.patch_size
                                        or cfg.model.train_image_size >= vision.image_size):
         raise ConfigError(f"config key 'model.train_image_size' = {cfg.model.train_image_size}: must be a multiple "
@@ -329,7 +338,6 @@ def validate(cfg: Config) -> Config:
                           "'flash_attn' with compile, or run.compile = false")
     tp = cfg.parallel.tensor_parallel
     if tp > 1:
-        spec = PRESETS[cfg.model.preset]
         for tower, t in (("vision", spec.vision), ("text", spec.text)):
             hidden = int(t.width * t.mlp_ratio)
             for what, n in (("heads", t.heads), ("width", t.width), ("mlp width", hidden)):

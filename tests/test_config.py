@@ -36,7 +36,7 @@ def test_file_then_overrides(tmp_path):
 
 @pytest.mark.parametrize("overrides,needle", [
     (["model.presett=tiny"], "unknown config key 'model.presett' (did you mean 'model.preset'?)"),
-    (["model.preset=vit-b17"], "config key 'model.preset' = 'vit-b17': allowed values are"),
+    (["model.preset=vit-b17"], "config key 'model.preset' = 'vit-b17': unknown model preset 'vit-b17' (did you mean 'vit-b16'?)"),
     (["run.steps=-1"], "config key 'run.steps' = -1: must be >= 1"),
     (["run.steps=ten"], "config key 'run.steps' = 'ten': expected int"),
     (["parallel.zero_stage=4"], "config key 'parallel.zero_stage' = 4: allowed values are 0, 1, 2, 3"),

@@ -39,15 +39,15 @@ def _import(args: argparse.Namespace) -> int:
     from mtx_dist.export.common import DTYPES
     from mtx_dist.export.writers import write_export
     from mtx_dist.interop.hf import HfConversionError, folder_spec, is_hf_folder, read_hf_folder
-    from mtx_dist.models.presets import PRESETS
+    from mtx_dist.models.presets import preset_named
 
     if not is_hf_folder(args.source):
         raise HfConversionError(f"{args.source!r} is not a transformers model folder (no config.json)")
     spec = folder_spec(args.source)
-    preset = next((name for name, p in PRESETS.items() if p == spec), None)
+    preset = preset_named(spec)
     if preset is None:
-        raise HfConversionError(f"{args.source!r}: its geometry matches no model.preset ({', '.join(PRESETS)}): "
-                                f"{spec}")
+        raise HfConversionError(f"{args.source!r}: its geometry matches no model.preset (ours or an OpenCLIP model "
+                                f"name): {spec}")
     state = read_hf_folder(args.source, spec)
     path = write_export(state, spec, preset, args.out, {"imported_from": os.path.abspath(args.source)}, args.format,
                         DTYPES[args.dtype])

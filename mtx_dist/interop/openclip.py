@@ -15,7 +15,7 @@ import os
 import torch
 
 from mtx_dist.errors import UserError
-from mtx_dist.models.presets import ModelSpec
+from mtx_dist.models.presets import OPENCLIP_ALIASES, ModelSpec
 
 # (our name, OpenCLIP name) for everything outside the blocks
 _TOP = (
@@ -50,7 +50,7 @@ _SCALARS = ("logit_scale", "logit_bias")
 # Entries of some OpenCLIP/OpenAI checkpoints that are derived, not weights.
 IGNORED = ("attn_mask", "input_resolution", "context_length", "vocab_size")
 # Built-in OpenCLIP architectures with the geometry of our presets (loadable by name).
-OPENCLIP_ARCH = {"vit-b16": "ViT-B-16", "vit-l14": "ViT-L-14"}
+OPENCLIP_ARCH = OPENCLIP_ALIASES
 
 
 class OpenClipImportError(UserError, ValueError):

@@ -1,0 +1,77 @@
+"""Geometry by name: OpenCLIP's ViT model configs, read from the installed open_clip_torch, and
+open_clip_config.json paths; what our towers cannot build is refused naming the key."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from mtx_dist.config import ConfigError, load_config
+from mtx_dist.models import ContrastiveModel
+from mtx_dist.models.presets import GeometryError, get_preset, openclip_names, spec_from_openclip
+from tests.helpers import run_cli
+
+NAMES = ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "ViT-g-14", "ViT-bigG-14"]
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_named_geometry_has_open_clips_parameter_counts(open_clip, name):
+    """Built on the meta device on both sides: no weights are allocated, even for ViT-bigG-14."""
+    theirs = open_clip.create_model(name, device="meta")
+    with torch.device("meta"):
+        ours = ContrastiveModel(get_preset(name))
+    assert _count(ours) == _count(theirs)
+    assert _count(ours.visual) == _count(theirs.visual)
+    assert ours.spec.vision.tokens == (theirs.visual.positional_embedding.shape[0])
+
+
+def test_our_aliases_are_open_clips_geometry():
+    assert get_preset("vit-b16") == get_preset("ViT-B-16") and get_preset("vit-l14") == get_preset("ViT-L-14")
+    assert set(NAMES) <= set(openclip_names())
+
+
+@pytest.mark.parametrize("name, key", [("ViT-B-32-quickgelu", "quick_gelu"), ("RN50", "layers"),
+                                       ("ViT-B-16-SigLIP", "timm_model_name"), ("coca_ViT-B-32", "multimodal_cfg")])
+def test_geometry_our_towers_lack_is_refused_naming_the_key(name, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"model.preset={name}"])
+    assert key in str(e.value) and "model.preset" in str(e.value)
+
+
+def test_a_config_json_is_a_preset_and_bad_geometry_names_its_key(tmp_path):
+    cfg = {"embed_dim": 48, "vision_cfg": {"image_size": 32, "layers": 2, "width": 96, "head_width": 32,
+                                           "mlp_ratio": 3.0, "patch_size": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+    path = tmp_path / "geometry.json"
+    path.write_text(json.dumps(cfg))
+    spec = get_preset(str(path))
+    assert (spec.vision.heads, spec.vision.mlp_ratio, spec.text.layers, spec.embed_dim) == (3, 3.0, 1, 48)
+    for bad, key in ((("vision_cfg", "patch_size", 7), "patch_size"), (("text_cfg", "heads", 3), "heads"),
+                     (("text_cfg", "vocab_size", 250000), "vocab_size")):
+        broken = json.loads(json.dumps(cfg))
+        broken[bad[0]][bad[1]] = bad[2]
+        with pytest.raises(GeometryError) as e:
+            spec_from_openclip(broken, "x.json")
+        assert key in str(e.value)
+
+
+def test_a_custom_geometry_trains_exports_and_its_export_config_is_the_same_preset(tmp_path):
+    cfg = {"embed_dim": 48, "vision_cfg": {"image_size": 32, "layers": 2, "width": 96, "head_width": 32,
+                                           "mlp_ratio": 3.0, "patch_size": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+    (tmp_path / "geometry.json").write_text(json.dumps(cfg))
+    res = run_cli(["train", "model.preset=geometry.json", "run.steps=3", "optim.warmup_steps=1", "data.batch_size=8",
+                   "data.workers=0", "tracking.enabled=false", "run.eval_at_end=false", "run.dir=run"],
+                  cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    exported = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "run") for f in fs
+                if f == "open_clip_config.json"]
+    assert exported, "the end-of-run export wrote no open_clip_config.json"
+    assert get_preset(exported[0]) == get_preset(str(tmp_path / "geometry.json"))
