@@ -44,7 +44,6 @@ def main() -> None:
     from mtx_data_pipelines.tokenizer import TEXT_PAD_MULTIPLE, ClipTokenizer
     from mtx_dist.config import load_config
     from mtx_dist.engine import build_engine, build_model, setup_runtime
-    from mtx_dist.models import get_preset
     from mtx_dist.step import train_step
     from mtx_dist.trainer import patch_dropout_at, step_setup
 
@@ -52,7 +51,7 @@ def main() -> None:
     runtime = setup_runtime(cfg)
     engine = build_engine(cfg, build_model(cfg, runtime), runtime)
     setup = step_setup(cfg, runtime, engine)
-    spec = get_preset(cfg.model.preset)
+    spec = cfg.model.spec
     tok = ClipTokenizer(context_length=spec.text.context_length)
     b, size = cfg.data.batch_size, spec.vision.image_size
 

@@ -19,7 +19,7 @@ import tomli_w
 from mtx_kernels import BACKENDS as ATTENTION_BACKENDS
 from mtx_launchers.signals import parse_signals
 from mtx_dist.errors import UserError
-from mtx_dist.models.presets import GeometryError, get_preset
+from mtx_dist.models.presets import GeometryError, ModelSpec, check_geometry, get_preset
 
 
 class ConfigError(UserError, ValueError):
@@ -82,9 +82,49 @@ class ModelConfig:
                                  min=0)
     train_image_size_final_steps: int = _opt(0, "the full-resolution tail of low-resolution training: the last N "
                                              "training steps run at the preset's image size", min=0)
+    # Custom geometry: each key replaces that value of the preset (0 = the preset's own).
+    embed_dim: int = _opt(0, "width of the shared embedding both towers project to (0 = the preset's)", min=0)
+    vision_image_size: int = _opt(0, "image side in pixels (0 = the preset's)", min=0, key="vision.image_size")
+    vision_patch_size: int = _opt(0, "patch side in pixels (0 = the preset's)", min=0, key="vision.patch_size")
+    vision_width: int = _opt(0, "image tower width (0 = the preset's)", min=0, key="vision.width")
+    vision_layers: int = _opt(0, "image tower depth (0 = the preset's)", min=0, key="vision.layers")
+    vision_heads: int = _opt(0, "image tower attention heads (0 = the preset's)", min=0, key="vision.heads")
+    vision_mlp_ratio: float = _opt(0.0, "image tower MLP width / width (0 = the preset's)", min=0,
+                                   key="vision.mlp_ratio")
+    text_context_length: int = _opt(0, "text tokens, EOT included (0 = the preset's)", min=0,
+                                    key="text.context_length")
+    text_width: int = _opt(0, "text tower width (0 = the preset's)", min=0, key="text.width")
+    text_layers: int = _opt(0, "text tower depth (0 = the preset's)", min=0, key="text.layers")
+    text_heads: int = _opt(0, "text tower attention heads (0 = the preset's)", min=0, key="text.heads")
+    text_mlp_ratio: float = _opt(0.0, "text tower MLP width / width (0 = the preset's)", min=0, key="text.mlp_ratio")
     init_from: str = _opt("", "start from an OpenCLIP checkpoint file (.safetensors/.pt/.bin; plain, or "
                           "{'state_dict': ...} with 'module.' prefixes) or a transformers CLIPModel folder (config.json + "
                           "model.safetensors) of the preset's geometry; '' = random init")
+
+    def custom_keys(self) -> dict[str, Any]:
+        """The geometry keys set here ({"vision.width": 512, ...}; empty: the preset as it is)."""
+        return {_key(f): getattr(self, f.name) for f in dataclasses.fields(self)
+                if (f.name.startswith(("vision_", "text_")) or f.name == "embed_dim") and getattr(self, f.name)}
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The geometry to build: the preset's, with the custom geometry keys applied."""
+        spec = get_preset(self.preset)
+        custom = self.custom_keys()
+        if not custom:
+            return spec
+        towers = {"vision": spec.vision, "text": spec.text}
+        for key, value in custom.items():
+            if key == "embed_dim":
+                continue
+            tower, name = key.split(".")
+            towers[tower] = dataclasses.replace(towers[tower], **{name: value})
+        return ModelSpec(custom.get("embed_dim", spec.embed_dim), towers["vision"], towers["text"])
+
+    @property
+    def geometry_name(self) -> str:
+        """The preset's name, or ``<name>-custom`` when custom geometry keys change it."""
+        return self.preset if self.spec == get_preset(self.preset) else f"{self.preset}-custom"
 
 
 @dataclass
@@ -257,6 +297,18 @@ def _check_value(key: str, f: dataclasses.Field, ftype: type, value: Any) -> Any
     return value
 
 
+def _flatten(table: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """Keys of a section's table, nested tables joined with dots (TOML's ``vision.width = 512`` and
+    ``[model.vision]`` both nest; the key is ``vision.width``)."""
+    out = []
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
 def _apply(cfg: Config, data: dict, source: str) -> None:
     sections = _fields(Config)
     for sname, sval in data.items():
@@ -267,7 +319,7 @@ def _apply(cfg: Config, data: dict, source: str) -> None:
         sub = getattr(cfg, sname)
         hints = typing.get_type_hints(type(sub))
         fields = _fields(type(sub))
-        for k, v in sval.items():
+        for k, v in _flatten(sval):
             key = f"{sname}.{k}"
             if k not in fields:
                 raise _unknown(key, k, list(fields))
@@ -322,6 +374,11 @@ def validate(cfg: Config) -> Config:
         spec = get_preset(cfg.model.preset)
     except GeometryError as e:
         raise ConfigError(f"config key 'model.preset' = {cfg.model.preset!r}: {e}") from None
+    spec = cfg.model.spec
+    problems = check_geometry(spec)
+    if problems:
+        key, _, rest = problems[0].partition(" = ")
+        raise ConfigError(f"config key 'model.{key}' = {rest} (preset {cfg.model.preset!r})")
     vision = spec.vision
     if cfg.model.train_image_size and (cfg.model.train_image_size % vision.patch_size
                                        or cfg.model.train_image_size >= vision.image_size):
@@ -361,7 +418,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         _apply(cfg, data, path)
     for item in overrides:
         key, value, raw = _parse_override(item)
-        parts = key.split(".")
+        parts = key.split(".", 1)
         if len(parts) != 2:
             sections = list(_fields(Config))
             if parts[0] not in sections:

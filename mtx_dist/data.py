@@ -15,11 +15,10 @@ from mtx_data_pipelines.sources import ShardSpecError
 from mtx_data_pipelines.tokenizer import TEXT_PAD_MULTIPLE
 from mtx_data_pipelines.transforms import normalize_images
 from mtx_dist.config import Config, ConfigError
-from mtx_dist.models.presets import get_preset
 
 
 def _demo_spec(cfg: Config, split: str) -> DemoSpec:
-    size = get_preset(cfg.model.preset).vision.image_size
+    size = cfg.model.spec.vision.image_size
     px = max(size + size // 4, 32)  # a margin for random crops
     if split == "train":
         return DemoSpec("train", cfg.data.demo_train_samples, image_px=px, seed=cfg.run.seed)
@@ -51,7 +50,7 @@ def resolve_shards(cfg: Config, local_rank: int) -> tuple[str, str]:
 
 def build_loader(cfg: Config, shards: str, train: bool, rank: int, world_size: int, device: str = "cpu"):
     """The loader of one data-parallel rank: a :class:`Loader` (cpu backend) or a ``DaliLoader``."""
-    spec = get_preset(cfg.model.preset)
+    spec = cfg.model.spec
     key = "data.train" if train else "data.val"
     stream = StreamConfig(
         shards=shards, batch_size=cfg.data.batch_size, image_size=spec.vision.image_size,

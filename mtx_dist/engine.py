@@ -20,7 +20,7 @@ from mtx_launchers import DistEnv, RendezvousError, discover
 from mtx_dist.deepspeed_compat import skip_shm_op_build, skip_single_rank_allreduce
 from mtx_dist.config import Config, ConfigError
 from mtx_dist.loss import logit_init
-from mtx_dist.models import ContrastiveModel, get_preset
+from mtx_dist.models import ContrastiveModel
 from mtx_dist.optim import build_optimizer, build_scheduler
 from mtx_dist.parallel import (DeepSpeedMpu, ParallelGroups, ParallelLayoutError, gather_tensor_parallel, init_groups,
                                parallelize)
@@ -117,10 +117,10 @@ def build_model(cfg: Config, runtime: Runtime) -> nn.Module:
     """
     torch.manual_seed(cfg.run.seed)
     scale_init, bias_init = logit_init(cfg.loss.kind)
-    model = ContrastiveModel(get_preset(cfg.model.preset), cfg.model.attention, scale_init, bias_init)
+    model = ContrastiveModel(cfg.model.spec, cfg.model.attention, scale_init, bias_init)
     if cfg.model.init_from:  # into the whole model, before TP slices it and DeepSpeed partitions it
         from mtx_dist.interop.openclip import load_into
-        load_into(model, cfg.model.init_from, get_preset(cfg.model.preset), cfg.model.preset)
+        load_into(model, cfg.model.init_from, cfg.model.spec, cfg.model.preset)
     return parallelize(model.to(runtime.device), runtime.groups, cfg.parallel.activation_checkpointing)
 
 
@@ -180,7 +180,7 @@ def compile_engine(engine, cfg: Config) -> None:
     import torch._dynamo
 
     from mtx_data_pipelines.tokenizer import TEXT_PAD_MULTIPLE
-    spec = get_preset(cfg.model.preset)
+    spec = cfg.model.spec
     text_shapes = -(-spec.text.context_length // TEXT_PAD_MULTIPLE) if cfg.data.text_trim else 1
     image_shapes = (2 if cfg.model.patch_dropout else 1) * (2 if cfg.model.train_image_size else 1)
     shapes = text_shapes * image_shapes + 2  # + held-out eval, last partial batch

@@ -25,7 +25,7 @@ from mtx_dist.evaluate import embed_split, retrieval_counts, retrieval_metrics
 from mtx_dist.export import write_export
 from mtx_dist.flops import peak_tflops, train_flops_per_sample
 from mtx_dist.loss import build_loss
-from mtx_dist.models import get_preset, kept_patches
+from mtx_dist.models import kept_patches
 from mtx_dist.errors import TrainingDiverged
 from mtx_dist.parallel import destroy_groups
 from mtx_dist.step import StepSetup, train_step
@@ -306,8 +306,8 @@ def step_setup(cfg: Config, runtime: Runtime, engine) -> StepSetup:
                          cfg.loss.tile_size)
     return StepSetup(engine, loss_fn, runtime.device, runtime.dtype, accum=cfg.optim.grad_accum, seed=cfg.run.seed,
                      dp_rank=groups.dp_rank, rank=runtime.env.rank,
-                     patches=get_preset(cfg.model.preset).vision.grid ** 2,
-                     patch_size=get_preset(cfg.model.preset).vision.patch_size, groups=groups)
+                     patches=cfg.model.spec.vision.grid ** 2,
+                     patch_size=cfg.model.spec.vision.patch_size, groups=groups)
 
 
 def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState, tracker: Tracker,
@@ -327,7 +327,7 @@ def _steps(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState
     setup = step_setup(cfg, runtime, engine)
     accum = cfg.optim.grad_accum
     samples_per_step = cfg.data.batch_size * accum * groups.dp_size
-    spec, peak = get_preset(cfg.model.preset), _peak(cfg, runtime)
+    spec, peak = cfg.model.spec, _peak(cfg, runtime)
     first_step, losses, pending = state.step, [], []
     last_ckpt = None
     # holds the loader state of the batches handed out
@@ -464,7 +464,7 @@ def _export(cfg: Config, runtime: Runtime, engine, state: ckpt.TrainState, track
                   "mlflow_run_id": tracker.run_id or state.mlflow_run_id,
                   "tracking_uri": tracker.uri if tracker.active else None,
                   "data": cfg.data.train or "demo shards", "held_out": held_out or None}
-        write_export(full, get_preset(cfg.model.preset), cfg.model.preset, out_dir, source, END_OF_RUN_FORMATS)
+        write_export(full, cfg.model.spec, cfg.model.geometry_name, out_dir, source, END_OF_RUN_FORMATS)
         tracker.log_artifacts(out_dir, "export")
         tracker.register_model("export")  # a version of tracking.register_as pointing at these artifacts
     return out_dir

@@ -81,7 +81,7 @@ def tp_forward_backward(activation_checkpointing: bool) -> dict[str, float]:
     return {
         "trimmed_text": trimmed,
         "features": max(float((a - b).abs().max()) for a, b in zip(out_full[:2], out_tp[:2])),
-        "loss": abs(float(loss_full - loss_tp)),
+        "loss": abs(float(loss_full - loss_tp)) / max(1.0, abs(float(loss_full))),  # relative (the loss is ~2.6)
         # relative to each gradient's largest entry (their scale depends on the init and the batch)
         "grads": max(float((grads_full[n].grad - g).abs().max() / grads_full[n].grad.abs().max().clamp_min(1e-12))
                      for n, g in grads_tp.items()),

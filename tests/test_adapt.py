@@ -239,7 +239,7 @@ def test_frozen_encoder_is_the_export(tmp_path):
     ref = x
     for blk in model.visual.blocks:
         ref = blk(ref)
-    torch.testing.assert_close(enc(x), ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(enc(x), ref, rtol=0, atol=1e-6 * max(1.0, float(ref.abs().max())))  # ~4 here
     # A file changed behind the manifest's back is refused before anything is built on it.
     with open(os.path.join(out, ENCODER_FILE), "r+b") as f:
         f.seek(-4, os.SEEK_END)
@@ -256,7 +256,8 @@ def test_encoder_equals_meta_transformer_construction(timm, encoder):
                                          norm_layer=torch.nn.LayerNorm, act_layer=torch.nn.GELU) for _ in range(2)])
     blocks.load_state_dict(load_file(os.path.join(encoder, ENCODER_FILE)), strict=True)
     x = torch.randn(3, 9, 64)
-    torch.testing.assert_close(FrozenEncoder(encoder)(x), blocks.eval()(x), rtol=0, atol=1e-5)
+    want = blocks.eval()(x)  # relative to the features' magnitude (~4 here): timm's summation order, fp32
+    torch.testing.assert_close(FrozenEncoder(encoder)(x), want, rtol=0, atol=1e-5 * max(1.0, float(want.abs().max())))
 
 
 def test_wav_reader(tmp_path):

@@ -71,7 +71,7 @@ def test_flat_params_and_describe_cover_every_key():
     flat = Config().flat()
     assert flat["run.dir"] == "runs/quickstart" and flat["model.preset"] == "tiny"
     text = describe()
-    assert all(f"  {k.split('.')[1]} = " in text for k in flat)
+    assert all(f"  {k.split('.', 1)[1]} = " in text for k in flat)
 
 
 def test_a_key_that_is_a_python_keyword(tmp_path):

@@ -71,7 +71,10 @@ def test_metatransformer_export_loads_strictly_into_timm_blocks_with_equal_featu
         for state in (torch.load(tmp_path / ENCODER_PTH, weights_only=True), load_file(tmp_path / ENCODER_FILE)):
             assert type(state) is dict
             reference.load_state_dict(state, strict=True)
-            torch.testing.assert_close(reference(x), expected, rtol=0, atol=1e-6)
+            # relative to the features' magnitude (~4 for micro, ~7 for vit-b16's 12 blocks): fp32,
+            # another implementation's summation order
+            torch.testing.assert_close(reference(x), expected, rtol=0,
+                                       atol=1e-6 * max(1.0, float(expected.abs().max())))
 
 
 def test_export_twice_is_byte_identical_and_bf16_is_the_rounded_fp32(tmp_path):

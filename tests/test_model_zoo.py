@@ -3,6 +3,7 @@ open_clip_config.json paths; what our towers cannot build is refused naming the 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -75,3 +76,37 @@ def test_a_custom_geometry_trains_exports_and_its_export_config_is_the_same_pres
                 if f == "open_clip_config.json"]
     assert exported, "the end-of-run export wrote no open_clip_config.json"
     assert get_preset(exported[0]) == get_preset(str(tmp_path / "geometry.json"))
+
+
+def test_custom_geometry_keys_train_export_and_evaluate(tmp_path):
+    """model.vision.* / model.text.* / model.embed_dim override the preset: the run trains, its export
+    records the custom geometry (OpenCLIP builds it from the export's own config), and `mtx-dist eval`
+    rebuilds the same model from the export."""
+    keys = ["model.preset=micro", "model.vision.width=96", "model.vision.heads=3", "model.vision.mlp_ratio=3.0",
+            "model.text.layers=1", "model.embed_dim=48"]
+    res = run_cli(["train", *keys, "run.steps=3", "optim.warmup_steps=1", "data.batch_size=8", "data.workers=0",
+                   "tracking.enabled=false", "run.eval_at_end=false", "run.dir=run"], cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    export = tmp_path / "run" / "export"
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["preset"] == "micro-custom"
+    assert (export / "mtx-micro-custom.json").is_file()  # a config for open_clip.add_model_config, not micro's
+    spec = get_preset(str(export / "open_clip_config.json"))
+    assert (spec.vision.width, spec.vision.heads, spec.vision.mlp_ratio, spec.text.layers, spec.embed_dim) == \
+        (96, 3, 3.0, 1, 48)
+    val = sorted(glob.glob(str(tmp_path / "data" / "demo" / "val-*.tar")))
+    assert val, "no demo val shards"
+    res = run_cli(["eval", str(export), "--data", val[0], "--no-track", "--json"], cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "eval of micro-custom" in res.stdout
+    metrics = json.loads(next(l for l in res.stdout.splitlines() if l.startswith("metrics: "))[len("metrics: "):])
+    assert metrics["n_retrieval"] > 0
+
+
+@pytest.mark.parametrize("key, value, named", [("model.vision.heads", 5, "model.vision.heads"),
+                                               ("model.vision.patch_size", 7, "model.vision.image_size"),
+                                               ("model.text.width", 63, "model.text.heads")])
+def test_bad_custom_geometry_is_refused_naming_the_key(key, value, named):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.preset=micro", f"{key}={value}"])
+    assert str(e.value).startswith(f"config key '{named}'")

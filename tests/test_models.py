@@ -39,7 +39,9 @@ def test_block_names_and_features_equal_timm_block(timm):
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
     ref.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(3, 17, 64)
-    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-6)
+    want = ref(x)
+    # relative to the outputs' magnitude (~4 here): another implementation's summation order, in fp32
+    torch.testing.assert_close(ours(x), want, rtol=0, atol=1e-6 * max(1.0, float(want.abs().max())))
 
 
 def test_text_tower_is_causal_and_pools_eot():

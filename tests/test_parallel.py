@@ -12,7 +12,12 @@ from mtx_dist.parallel.consolidate import CheckpointLayoutError, consolidate_che
 from tests import dist_workers as w
 from tests.dist import run_ranks
 
-TOL = 1e-5  # fp32
+TOL = 1e-5  # fp32, relative to the magnitude compared (at least 1)
+
+
+def rel_err(got: float, want: float) -> float:
+    """|got - want| relative to max(1, |want|): CLIP losses are ~2.6, SigLIP's ~11."""
+    return abs(got - want) / max(1.0, abs(want))
 
 
 def norms_close(ref: list[float]):
@@ -58,6 +63,7 @@ pytestmark_dist = pytest.mark.slow
 def test_tp2_forward_backward_equals_tp1(activation_checkpointing):
     r0, r1 = run_ranks(2, w.tp_forward_backward, activation_checkpointing)
     for r in (r0, r1):
+        # features are unit vectors; loss and gradients relative (see tp_forward_backward)
         assert r["features"] < TOL and r["loss"] < TOL and r["grads"] < TOL, r
         assert r["trimmed_text"] <= 1e-6, r  # features are unit vectors: 1e-6 is relative to their size
         assert r["grad_names_match"]
@@ -72,8 +78,9 @@ def test_tp2_forward_backward_equals_tp1(activation_checkpointing):
 ])
 def test_dp2_losses_equal_the_global_batch(kind, gather_with_grad, local_loss):
     for r in run_ranks(2, w.dp_loss_grads, kind, gather_with_grad, local_loss):
-        assert abs(r["loss"] - r["ref_loss"]) < TOL, r
-        assert r["grad_err"] < TOL, r
+        assert rel_err(r["loss"], r["ref_loss"]) < TOL, r
+        # relative to the largest gradient entry (~12 here; the error ~5e-6)
+        assert r["grad_err"] < TOL * max(1.0, r["grad_scale"]), r
         assert r["grad_scale"] > 1e-3  # the comparison is not between vanishing gradients
 
 
@@ -81,8 +88,8 @@ def test_dp2_losses_equal_the_global_batch(kind, gather_with_grad, local_loss):
 def test_clip_without_gather_grad_drops_part_of_the_gradient():
     # OpenCLIP's default mode: same loss, but not the global-batch gradient (why we default to gather_with_grad)
     r = run_ranks(2, w.dp_loss_grads, "clip", False, True)[0]
-    assert abs(r["loss"] - r["ref_loss"]) < TOL
-    assert r["grad_err"] > 1e-4
+    assert rel_err(r["loss"], r["ref_loss"]) < TOL
+    assert r["grad_err"] > 1e-4 * max(1.0, r["grad_scale"])  # ~7 of ~12 here
 
 
 @pytestmark_dist
@@ -99,9 +106,9 @@ def test_zero_stages_match_zero0_and_the_single_process_run(kind):
     zero0 = runs["0"]["losses"]
     assert zero0[-1] < zero0[0]
     for name in ("1", "2", "3", "3+ac"):
-        assert max(abs(a - b) for a, b in zip(runs[name]["losses"], zero0)) < TOL, (name, runs[name], zero0)
+        assert max(rel_err(a, b) for a, b in zip(runs[name]["losses"], zero0)) < TOL, (name, runs[name], zero0)
         assert runs[name]["grad_norms"] == norms_close(ref_norms)
-    assert max(abs(a - b) for a, b in zip(zero0, reference)) < TOL, (zero0, reference)
+    assert max(rel_err(a, b) for a, b in zip(zero0, reference)) < TOL, (zero0, reference)
     assert runs["0"]["grad_norms"] == norms_close(ref_norms)
     assert max(ref_norms) > 0.5  # clipping (at 0.5) was active, so a wrong norm would change the losses
 
@@ -123,7 +130,7 @@ def test_zero3_tp2_dp2_consolidation_equals_live_weights(tmp_path):
         torch.testing.assert_close(offline[name], live[name], rtol=0, atol=1e-7, msg=name)
     ContrastiveModel(get_preset("micro")).load_state_dict(offline, strict=True)
     reference, ref_norms = w.reference_run(overrides, 4, dp_size=2)
-    assert max(abs(a - b) for a, b in zip(r0["losses"], reference)) < TOL, (r0["losses"], reference)
+    assert max(rel_err(a, b) for a, b in zip(r0["losses"], reference)) < TOL, (r0["losses"], reference)
     # DeepSpeed's norm through the mpu counts each TP shard once and replicated parameters once
     assert r0["grad_norms"] == norms_close(ref_norms)
 

@@ -17,7 +17,7 @@ from tests import dist_workers as w
 from tests.dist import run_ranks
 from tests.helpers import REPO
 
-TOL = 1e-5  # fp32
+TOL = 1e-5  # fp32, relative: errors are measured against max(1, the reference's largest magnitude)
 BF16_TOL = 1e-2  # bf16 features vs their fp32 originals: the rounding of the inputs (8 mantissa bits)
 
 
@@ -31,11 +31,14 @@ def grads(loss: torch.Tensor, inputs) -> list[torch.Tensor]:
 
 
 def loss_err(x: torch.Tensor, y: torch.Tensor) -> float:
-    return abs(float(x.detach() - y.detach()))
+    """|x - y| relative to the reference y (losses here are ~4-8: summation order scales with them)."""
+    return abs(float(x.detach() - y.detach())) / max(1.0, abs(float(y.detach())))
 
 
 def max_err(xs, ys) -> float:
-    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(xs, ys))
+    """Largest |x - y| of each pair relative to the reference's largest entry (at least 1)."""
+    return max(float((x.float() - y.float()).abs().max()) / max(1.0, float(y.float().abs().max()))
+               for x, y in zip(xs, ys))
 
 
 @pytest.mark.parametrize("rows,cols,tile", [
@@ -106,7 +109,7 @@ def test_bf16_features_give_the_float32_result():
     plain_up = F.cross_entropy(scale * up[0] @ up[1].t(), labels)
     assert loss_err(low, plain_up) < TOL
     g_up = grads(plain_up, (*up, scale))
-    assert float((g_low[2] - g_up[2]).abs()) < TOL
+    assert max_err(g_low[2:], g_up[2:]) < TOL
     for g, ref in zip(g_low[:2], g_up[:2]):  # only the final rounding of the gradient to bf16 differs
         assert torch.allclose(g.float(), ref, rtol=1e-2, atol=1e-5)
     # and within BF16_TOL (relative) of the fp32 loss on the unrounded features
@@ -172,8 +175,9 @@ def test_bad_shapes_and_sizes_are_errors():
 def test_dp2_tiled_loss_equals_the_global_batch(local_loss):
     # 3 pairs per rank: 6 columns in tiles of 4 (a short last tile); every parameter's gradient checked
     for r in run_ranks(2, w.dp_loss_grads, "clip", True, local_loss, 3, 4):
-        assert abs(r["loss"] - r["ref_loss"]) < TOL, r
-        assert r["grad_err"] < TOL, r
+        # relative: the loss is ~2.6 and the largest gradient entry ~12 (gradient error ~8e-6 here)
+        assert abs(r["loss"] - r["ref_loss"]) <= TOL * max(1.0, abs(r["ref_loss"])), r
+        assert r["grad_err"] <= TOL * max(1.0, r["grad_scale"]), r
         assert r["grad_scale"] > 1e-3
 
 
@@ -228,6 +232,6 @@ def peak_mib(variant: str, rows: int, cols: int, dim: int, tile: int) -> dict:
 def test_tiled_peak_memory_is_a_fraction_of_the_plain_one():
     rows, cols, dim, tile = 2048, 16384, 64, 1024  # plain: two 2048 x 16384 fp32 logit matrices (128 MiB each)
     plain, tiled = peak_mib("plain", rows, cols, dim, 0), peak_mib("tiled", rows, cols, dim, tile)
-    assert tiled["loss"] == pytest.approx(plain["loss"], abs=TOL)
+    assert tiled["loss"] == pytest.approx(plain["loss"], rel=TOL, abs=TOL)  # TOL * max(1, |loss|)
     assert plain["peak_mib"] > 2 * rows * cols * 4 / 2 ** 20  # at least the two logit matrices
     assert tiled["peak_mib"] < 0.1 * plain["peak_mib"], (tiled, plain)

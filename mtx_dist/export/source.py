@@ -19,12 +19,13 @@ from mtx_dist.config import Config, ConfigError, load_config
 from mtx_dist.errors import UserError
 from mtx_dist.export.common import (
     MANIFEST_FILE,
+    OPENCLIP_CONFIG,
     OPENCLIP_FILE,
     ExportError,
     verify_export,
 )
-from mtx_dist.models import ContrastiveModel, get_preset
-from mtx_dist.models.presets import ModelSpec
+from mtx_dist.models import ContrastiveModel
+from mtx_dist.models.presets import GeometryError, ModelSpec, get_preset, spec_from_openclip
 
 CONFIG_FILE = "config.toml"
 
@@ -37,32 +38,29 @@ class SourceError(UserError, ValueError):
 class Source:
     """Full float32 weights under our names, with where they came from."""
 
-    preset: str
+    preset: str  # the geometry's name: a preset, or ``<preset>-custom`` with custom geometry keys
+    spec: ModelSpec
     state_dict: dict[str, torch.Tensor]
     info: dict  # provenance recorded in export manifests and MLflow
     cfg: Config | None = None  # the training run's config (None for an export)
     kind: str = "checkpoint"  # or "export"
     extra: dict = field(default_factory=dict)
 
-    @property
-    def spec(self) -> ModelSpec:
-        return get_preset(self.preset)
-
     def model(self) -> ContrastiveModel:
         """Our model with these weights (eval mode, CPU, float32)."""
-        model = build_plain_model(self.preset, "logit_bias" in self.state_dict)
+        model = build_plain_model(self.spec, "logit_bias" in self.state_dict)
         model.load_state_dict(self.state_dict, strict=True)
         return model.eval()
 
 
-def build_plain_model(preset: str, logit_bias: bool, device: str | torch.device | None = None) -> ContrastiveModel:
+def build_plain_model(spec: ModelSpec, logit_bias: bool, device: str | torch.device | None = None) -> ContrastiveModel:
     with torch.device(device or "cpu"):
-        return ContrastiveModel(get_preset(preset), logit_bias_init=0.0 if logit_bias else None)
+        return ContrastiveModel(spec, logit_bias_init=0.0 if logit_bias else None)
 
 
-def check_weights(state: dict[str, torch.Tensor], preset: str, what: str) -> None:
-    """The tensors of a whole model of ``preset``, no more, no fewer, with its shapes."""
-    expected = build_plain_model(preset, "logit_bias" in state, device="meta").state_dict()
+def check_weights(state: dict[str, torch.Tensor], spec: ModelSpec, preset: str, what: str) -> None:
+    """The tensors of a whole model of geometry ``spec`` (named ``preset``), no more, no fewer, with its shapes."""
+    expected = build_plain_model(spec, "logit_bias" in state, device="meta").state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
@@ -108,12 +106,14 @@ def load_checkpoint(path: str, preset: str | None = None) -> Source:
         if preset is not None and preset != cfg.model.preset:
             raise SourceError(f"--preset {preset} contradicts the checkpoint's config (model.preset = "
                               f"{cfg.model.preset!r})")
-        preset = cfg.model.preset
+        preset, spec = cfg.model.geometry_name, cfg.model.spec
     elif preset is None:
         raise SourceError(f"{tag_dir} has no {CONFIG_FILE} (written before runs saved their config): "
                           f"name its geometry with --preset")
+    else:
+        spec = _named_spec(preset, tag_dir)
     state = consolidate_checkpoint(tag_dir)
-    check_weights(state, preset, tag_dir)
+    check_weights(state, spec, preset, tag_dir)
     with open(os.path.join(tag_dir, manifest.get("train_states", ["train_state-rank0.json"])[0])) as f:
         train_state = json.load(f)
     info = {"run_dir": run_dir, "checkpoint": os.path.basename(tag_dir), "step": train_state.get("step"),
@@ -122,7 +122,14 @@ def load_checkpoint(path: str, preset: str | None = None) -> Source:
     if cfg is not None:
         info.update(data=cfg.data.train or "demo shards", zero_stage=cfg.parallel.zero_stage, tensor_parallel=cfg.parallel.tensor_parallel,
                     precision=cfg.parallel.precision, loss=cfg.loss.kind)
-    return Source(preset, state, info, cfg)
+    return Source(preset, spec, state, info, cfg)
+
+
+def _named_spec(preset: str, where: str) -> ModelSpec:
+    try:
+        return get_preset(preset)
+    except GeometryError as e:
+        raise SourceError(f"{where}: {e}") from None
 
 
 def load_openclip_export(path: str) -> Source:
@@ -133,14 +140,15 @@ def load_openclip_export(path: str) -> Source:
 
     manifest = verify_export(path, require=OPENCLIP_FILE)
     preset = manifest.get("preset")
-    try:
-        spec = get_preset(preset)
-    except KeyError as e:
-        raise ExportError(f"{os.path.join(path, MANIFEST_FILE)}: {e.args[0]}") from None
+    try:  # the geometry as written beside the weights (exact also for custom geometry)
+        with open(os.path.join(path, OPENCLIP_CONFIG)) as f:
+            spec = spec_from_openclip(json.load(f), os.path.join(path, OPENCLIP_CONFIG))
+    except (OSError, ValueError, GeometryError) as e:
+        raise ExportError(f"{os.path.join(path, OPENCLIP_CONFIG)}: {e}") from None
     state = {k: v.float() for k, v in from_openclip(load_file(os.path.join(path, OPENCLIP_FILE)), spec).items()}
-    check_weights(state, preset, os.path.join(path, OPENCLIP_FILE))
+    check_weights(state, spec, preset, os.path.join(path, OPENCLIP_FILE))
     info = {"export_dir": os.path.abspath(path), "dtype": manifest.get("dtype"), **manifest.get("source", {})}
-    return Source(preset, state, info, None, kind="export")
+    return Source(preset, spec, state, info, None, kind="export")
 
 
 def load_any(path: str, preset: str | None = None) -> Source:

@@ -53,7 +53,7 @@ from mtx_dist.export.common import (
     write_torch,
 )
 from mtx_dist.interop.openclip import OPENCLIP_ARCH, model_config, to_openclip
-from mtx_dist.models.presets import PRESETS, ModelSpec
+from mtx_dist.models.presets import PRESETS, GeometryError, ModelSpec, get_preset
 
 BLOCK_PREFIX = "visual.blocks."
 
@@ -66,23 +66,25 @@ def encoder_blocks(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return blocks
 
 
-def openclip_builtin(preset: str) -> bool:
-    """Whether OpenCLIP knows this geometry by name (its own model names and our aliases of them)."""
-    return preset in OPENCLIP_ARCH or (preset not in PRESETS and not preset.endswith(".json"))
-
-
-def openclip_arch(preset: str) -> str:
-    """The OpenCLIP model name to build this export with: OpenCLIP's own for its geometries, else
-    ``mtx-<name>`` for the config we write (a config file's preset is named after the file, or after
-    its folder for an ``open_clip_config.json``)."""
-    if preset in OPENCLIP_ARCH:
-        return OPENCLIP_ARCH[preset]
+def openclip_arch(preset: str, spec: ModelSpec) -> tuple[str, bool]:
+    """The OpenCLIP model name to build this export with, and whether OpenCLIP knows it already: its
+    own model names and our aliases of them, when the geometry is theirs; else ``mtx-<name>`` for the
+    config we write (a config file's preset is named after the file, or after its folder for an
+    ``open_clip_config.json``; a preset changed by custom geometry keys arrives as ``<name>-custom``)."""
+    try:
+        named = get_preset(preset) == spec
+    except GeometryError:
+        named = False
+    if named and preset in OPENCLIP_ARCH:
+        return OPENCLIP_ARCH[preset], True
+    if named and preset not in PRESETS and not preset.endswith(".json"):
+        return preset, True
+    stem = preset
     if preset.endswith(".json"):
         stem = os.path.splitext(os.path.basename(preset))[0]
         if stem == "open_clip_config":
             stem = os.path.basename(os.path.dirname(os.path.abspath(preset)))
-        return f"mtx-{stem}"
-    return f"mtx-{preset}" if preset in PRESETS else preset
+    return f"mtx-{stem}", False
 
 
 def _write_metatransformer(state_dict, spec: ModelSpec, preset: str, out_dir: str, dtype: torch.dtype
@@ -102,10 +104,10 @@ def _write_openclip(state_dict, spec: ModelSpec, preset: str, out_dir: str, dtyp
                   "interpolation": "bicubic", "resize_mode": "shortest"}
     write_json({"model_cfg": cfg, "preprocess_cfg": preprocess}, os.path.join(out_dir, OPENCLIP_CONFIG))
     files: dict[str, int | None] = {OPENCLIP_FILE: len(tensors), OPENCLIP_CONFIG: None}
-    arch = openclip_arch(preset)
+    arch, builtin = openclip_arch(preset, spec)
     # Load hints name the export folder symbolically: a copied export stays byte-identical.
     weights = f"DIR/{OPENCLIP_FILE}"
-    if not openclip_builtin(preset):
+    if not builtin:
         write_json(cfg, os.path.join(out_dir, f"{arch}.json"))
         files[f"{arch}.json"] = None
         by_name = f"open_clip.add_model_config('DIR'); open_clip.create_model('{arch}', pretrained='{weights}')"

@@ -196,17 +196,18 @@ def spec_from_openclip(cfg: dict, where: str = "model config") -> ModelSpec:
 
 
 def check_geometry(spec: ModelSpec) -> list[str]:
-    """What makes a geometry unbuildable, as ``key = value: why`` lines (empty: fine)."""
+    """What makes a geometry unbuildable, as ``key = value: why`` lines, keys as in
+    ``model.vision.heads`` (empty: fine)."""
     out = []
     v, t = spec.vision, spec.text
     if v.image_size % v.patch_size:
-        out.append(f"vision image_size = {v.image_size}: not a multiple of patch_size {v.patch_size}")
+        out.append(f"vision.image_size = {v.image_size}: not a multiple of vision.patch_size {v.patch_size}")
     for tower, s in (("vision", v), ("text", t)):
-        if s.heads < 1 or s.width % s.heads:
-            out.append(f"{tower} heads = {s.heads}: must divide {tower} width {s.width}")
-        for key in ("width", "layers", "mlp_ratio"):
+        for key in ("width", "layers", "heads", "mlp_ratio"):
             if getattr(s, key) <= 0:
-                out.append(f"{tower} {key} = {getattr(s, key)}: must be positive")
+                out.append(f"{tower}.{key} = {getattr(s, key)}: must be positive")
+        if s.heads > 0 and s.width % s.heads:
+            out.append(f"{tower}.heads = {s.heads}: must divide {tower}.width {s.width}")
     if spec.embed_dim <= 0:
         out.append(f"embed_dim = {spec.embed_dim}: must be positive")
     return out
