@@ -434,6 +434,16 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return validate(cfg)
 
 
+def load_cli_config(config: str | None, overrides: list[str]) -> Config:
+    """A subcommand's ``[CONFIG.toml] [section.key=value ...]``: the first positional may already be
+    an override (``mtx-dist train run.steps=5``, no config file given)."""
+    overrides = list(overrides)
+    if config and "=" in config and not config.endswith(".toml"):
+        overrides.insert(0, config)
+        config = None
+    return load_config(config, overrides)
+
+
 def describe() -> str:
     """Every key with its default and help text (for ``mtx-dist train --help-config`` and docs)."""
     lines = []

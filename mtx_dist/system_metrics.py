@@ -53,7 +53,7 @@ class SystemMetrics:
         self._thread.join(timeout_s)
         monitor = self._monitor
         if monitor is not None and monitor.mlflow_logger.data:
-            from mtx_dist.tracking import request_policy
+            from mtx_dist.mlflow_requests import request_policy
 
             try:
                 with request_policy(self.request_timeout_s):  # no retries: training is over, exit soon

@@ -18,8 +18,6 @@ it in ``<run.dir>/mlflow_run_id`` (with the store's URI) for a job stopped befor
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import logging
 import os
@@ -30,6 +28,7 @@ from typing import Any
 
 from mtx_data_pipelines.files import atomic_open
 from mtx_dist.config import TrackingConfig
+from mtx_dist.mlflow_requests import ScopedClient, request_policy
 
 log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -56,51 +55,6 @@ def _same_store(a: str, b: str) -> bool:
             return "sqlite:///" + os.path.abspath(u[len("sqlite:///"):])
         return u.rstrip("/")
     return norm(a) == norm(b)
-
-
-# MLflow's REST client retries a failed request 7 times with exponential backoff and waits up to
-# 120 s for an answer: minutes of stalled delivery per call, and at the end of training minutes of a
-# stalled exit. Our guard retries instead. MLflow reads both settings from the environment at every
-# request and has no per-client setting, so they are set only while one of our calls runs and
-# restored afterwards: a process that embeds the trainer keeps its own MLflow settings. (Another
-# thread's MLflow request that overlaps one of ours in time sees ours: the environment is the
-# process's.)
-_POLICY_LOCK = threading.RLock()
-
-
-@contextlib.contextmanager
-def request_policy(timeout_s: float):
-    """Within the block: MLflow requests are not retried and time out after ``timeout_s``."""
-    ours = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
-    with _POLICY_LOCK:
-        saved = {k: os.environ.get(k) for k in ours}
-        os.environ.update(ours)
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-
-class ScopedClient:
-    """An ``MlflowClient`` whose every method call runs under :func:`request_policy`."""
-
-    def __init__(self, client, timeout_s: float) -> None:
-        self._inner, self._timeout_s = client, timeout_s
-
-    def __getattr__(self, name: str):
-        attr = getattr(self._inner, name)
-        if not callable(attr):
-            return attr
-
-        @functools.wraps(attr)
-        def call(*args, **kwargs):
-            with request_policy(self._timeout_s):
-                return attr(*args, **kwargs)
-        return call
 
 
 def import_mlflow():

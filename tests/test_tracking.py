@@ -12,7 +12,8 @@ import pytest
 from mtx_launchers.env import DistEnv, free_port
 from mtx_dist.config import TrackingConfig
 from mtx_dist.run_tags import cluster_tags, git_info, host_ranges, launcher_name
-from mtx_dist.tracking import RUN_ID_FILE, UNDELIVERED_FILE, Tracker, request_policy
+from mtx_dist.mlflow_requests import request_policy
+from mtx_dist.tracking import RUN_ID_FILE, UNDELIVERED_FILE, Tracker
 
 
 @pytest.fixture(autouse=True)

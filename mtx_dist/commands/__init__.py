@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-COMMANDS = ("train", "shards", "export", "adapt", "eval", "launch", "verify")
+COMMANDS = ("train", "shards", "export", "adapt", "eval", "launch", "verify", "plan")
 
 
 def register_all(sub) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mtx_dist.config import describe, load_config
+from mtx_dist.config import describe, load_cli_config
 
 DEFAULT_CONFIG_HELP = "defaults = configs/tiny-cpu.toml (a CPU quickstart on generated demo shards)"
 
@@ -13,14 +13,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.help_config:
         print(describe())
         return 0
-    overrides = list(args.overrides)
-    config = args.config
-    if config and "=" in config and not config.endswith(".toml"):
-        overrides.insert(0, config)  # `mtx-dist train run.steps=5`: no config file given
-        config = None
-    if args.resume:
-        overrides.append(f"checkpoint.resume={args.resume}")
-    cfg = load_config(config, overrides)  # raises ConfigError before anything starts
+    resume = [f"checkpoint.resume={args.resume}"] if args.resume else []
+    cfg = load_cli_config(args.config, [*args.overrides, *resume])  # raises ConfigError before anything starts
 
     # Record preemption signals from here on: the imports below take seconds, and a SIGUSR1 from
     # SLURM in that window would otherwise kill the process instead of asking for a checkpoint.

@@ -1,0 +1,94 @@
+"""`mtx-dist plan`: parameter counts, the memory model against per-rank bytes measured on real ZeRO
+ranks, and the command's output."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from mtx_dist.config import load_config
+from mtx_dist.models import ContrastiveModel
+from mtx_dist.models.presets import get_preset
+from mtx_dist.plan import GIB, Layout, memory, param_counts
+from mtx_launchers.local import run_ranks
+from tests.helpers import REPO, run_cli
+
+BUCKET = 500_000  # bench_zero_memory's default buckets (elements)
+
+
+@pytest.mark.parametrize("name", ["micro", "tiny", "ViT-B-32", "ViT-H-14", "ViT-bigG-14"])
+def test_parameter_counts_equal_the_built_model(name):
+    spec = get_preset(name)
+    with torch.device("meta"):
+        model = ContrastiveModel(spec)
+    counts = param_counts(spec)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["image"] == sum(p.numel() for p in model.visual.parameters())
+
+
+def _measure(preset: str, stage: int, precision: str) -> int:
+    """On each rank: bench_zero_memory's measurement (a fresh pair of processes per layout: an engine
+    built before leaves state behind that would count)."""
+    path = os.path.join(REPO, "bench", "bench_zero_memory.py")
+    spec = importlib.util.spec_from_file_location("bench_zero_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.one_step(preset, stage, 8, BUCKET, precision)
+    return max(m["total"] for m in r["bytes"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, precision", [("micro", "fp32"), ("tiny", "fp32"), ("tiny", "bf16")])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_memory_model_within_15_percent_of_measured_zero_ranks(preset, precision, stage):
+    """Parameters, gradients, optimizer state and DeepSpeed's buckets of one rank of 2 (gloo, CPU), as
+    bench/bench_zero_memory.py measures them (live tensor storages after the backward and after the
+    step; no activations are alive then)."""
+    measured = max(run_ranks(2, _measure, preset, stage, precision, timeout=300))
+    lay = Layout(gpus=2, tp=1, zero_stage=stage, micro_batch=8, grad_accum=1, precision=precision,
+                 activation_checkpointing=False, reduce_bucket=BUCKET, allgather_bucket=BUCKET, prefetch_bucket=BUCKET)
+    m = memory(get_preset(preset), lay, on_gpu=False)
+    predicted = m["parameters"] + m["gradients"] + m["optimizer"] + m["buffers"]
+    assert abs(predicted - measured) <= 0.15 * measured, (predicted / 2 ** 20, measured / 2 ** 20)
+
+
+def test_plan_command_json_and_search(tmp_path):
+    res = run_cli(["plan", "configs/vit-b16.toml", "--gpus", "16", "--json"], cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    p = json.loads(res.stdout)
+    for key in ("params_total", "params_image_tower", "memory_per_gpu_gib", "fits", "step_time_s", "samples_per_s",
+                "scaling_efficiency"):
+        assert key in p
+    assert p["params_total"] == 149_620_737 and p["params_image_tower"] == 86_192_640
+    assert p["fits"] and 0 < p["scaling_efficiency"] <= 1
+    assert p["samples_per_s"] == pytest.approx(p["global_batch"] / p["step_time_s"], rel=1e-9)
+
+    # ViT-bigG-14 with a large batch in fp32 on one 80 GiB GPU does not fit; the search finds layouts that do
+    big = ["model.preset=ViT-bigG-14", "parallel.precision=bf16", "data.batch_size=512", "parallel.zero_stage=0"]
+    res = run_cli(["plan", *big, "--gpus", "64", "--json", "--search"], cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    p = json.loads(res.stdout)
+    assert not p["fits"] and p["search"]
+    assert all(s["fits"] and s["global_batch"] == p["global_batch"] for s in p["search"])
+    text = run_cli(["plan", *big, "--gpus", "64"], cwd=str(tmp_path)).stdout
+    assert "DOES NOT FIT" in text
+
+    res = run_cli(["plan", "parallel.tensor_parallel=2", "--gpus", "3"], cwd=str(tmp_path))
+    assert res.returncode == 2 and "--gpus 3" in res.stderr
+
+
+def test_weak_scaling_falls_once_data_parallel_traffic_leaves_the_node():
+    from mtx_dist.commands.plan import layout
+    from mtx_dist.plan import device, plan
+
+    cfg = load_config(None, ["model.preset=ViT-B-16", "parallel.precision=bf16", "data.batch_size=8",
+                             "parallel.zero_stage=3"])
+    spec, dev = cfg.model.spec, device("H100", "bf16")
+    eff = {n: plan(spec, layout(cfg, n), dev, inter_gbps=100)["scaling_efficiency"] for n in (8, 64)}
+    assert eff[8] > eff[64] and eff[64] < 1
+    mem = memory(spec, layout(cfg, 8))
+    assert mem["total"] / GIB < 80
