@@ -25,9 +25,12 @@ Memory per GPU (bytes):
 Step time = compute at ``mfu`` of the device's dense peak (model FLOPs of mtx_dist.flops; one
 more forward with activation checkpointing) + tensor-parallel all-reduces (two per layer forward,
 two backward, on the node's NVLink) + the loss's feature all-gather and its backward + the
-data-parallel gradient (and ZeRO-3 parameter) traffic, of which as much as the backward lasts is
-hidden when ``parallel.overlap_comm`` is on. Collectives are rings: 2(n-1)/n of the bytes for an
-all-reduce, (n-1)/n for an all-gather or reduce-scatter, at the slowest link they cross.
+data-parallel gradient (and ZeRO-1/2/3 parameter) traffic, of which as much as the backward lasts
+is hidden when ``parallel.overlap_comm`` is on. Collectives are rings: 2(n-1)/n of the bytes for an
+all-reduce, (n-1)/n for an all-gather or reduce-scatter, at the slowest link they cross. The volume
+per step is calibrated against every collective of a real training step on gloo
+(tests/test_plan.py, within 10 %); on gloo, which has no reduce-scatter, DeepSpeed's ZeRO-1/2 and our
+loss's backward all-reduce instead (``Layout.backend``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from mtx_dist.flops import PEAK_TFLOPS, train_flops_per_sample
 from mtx_dist.models.presets import ModelSpec
 
 GIB = 2 ** 30
+MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's stage3_max_live_parameters default
 RUNTIME_GIB = 2.0  # CUDA context, NCCL buffers and caching-allocator slack per GPU (not on CPU)
 
 
@@ -107,6 +111,7 @@ class Layout:
     reduce_bucket: int = 500_000_000
     allgather_bucket: int = 500_000_000
     prefetch_bucket: int = 50_000_000
+    backend: str = "nccl"  # gloo (CPU) has no reduce-scatter: the loss's backward all-reduces instead
 
     @property
     def dp(self) -> int:
@@ -195,9 +200,17 @@ def comm_bytes(spec: ModelSpec, lay: Layout) -> dict[str, float]:
     tp = sum(per_layer * layers * ar(lay.tp) * s * b * h * e
              for s, h, layers in ((v.tokens, v.width, v.layers), (t.context_length, t.width, t.layers)))
     # both towers' features of every micro-step gathered, and their gradients reduce-scattered back
-    loss = 2 * 2 * ag(lay.dp) * (b * lay.dp) * spec.embed_dim * 4
+    back = ar(lay.dp) if lay.backend == "gloo" else ag(lay.dp)
+    loss = 2 * (ag(lay.dp) + back) * (b * lay.dp) * spec.embed_dim * 4
     grad_e = 2 if lay.precision == "bf16" else 4
-    dp = (3 * ag(lay.dp) if lay.zero_stage == 3 else ar(lay.dp)) * local * grad_e
+    if lay.zero_stage == 0:  # the gradients all-reduced
+        dp = ar(lay.dp)
+    elif lay.zero_stage in (1, 2):  # gradients reduced to their owners (gloo: all-reduced), parameters all-gathered
+        dp = (ar(lay.dp) if lay.backend == "gloo" else ag(lay.dp)) + ag(lay.dp)
+    else:  # ZeRO-3: parameters gathered for the forward, again for the backward once they exceed DeepSpeed's
+        # stage3_max_live_parameters (1e9; below it they stay gathered), gradients reduce-scattered
+        dp = (3 if local > MAX_LIVE_PARAMETERS else 2) * ag(lay.dp)
+    dp *= local * grad_e
     return {"tensor_parallel": tp * lay.grad_accum, "loss_gather": loss * lay.grad_accum, "data_parallel": dp}
 
 

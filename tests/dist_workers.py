@@ -330,3 +330,88 @@ def count_collectives(overrides: list[str], steps: int) -> dict:
             setattr(dist, n, f)
     destroy_groups(groups)
     return out
+
+
+# -- bytes each rank sends per training step, by collective ---------------------------------------
+
+def comm_bytes_per_step(overrides: list[str]) -> dict:
+    """Bytes this rank sends in the second :func:`mtx_dist.step.train_step` of the micro model, by who
+    issues the collective (the loss, DeepSpeed's data-parallel traffic, megatron-core's tensor-parallel
+    all-reduces; anything else is ``other``), counted as ring algorithms send them: an all-reduce
+    2(n-1)/n of its tensor, an all-gather n-1 times its input, a reduce-scatter (n-1)/n of its input.
+    The wrappers go in before DeepSpeed starts: it keeps references to some of these functions."""
+    import inspect
+    import traceback
+
+    from torch.distributed import distributed_c10d  # the signatures, even under another wrapper
+
+    sent = {"loss_gather": 0.0, "data_parallel": 0.0, "tensor_parallel": 0.0, "other": 0.0}
+    counting = [False]
+    names = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+             "_reduce_scatter_base", "_all_gather_base", "all_reduce_coalesced")
+    originals = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+
+    def issuer() -> str:
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            f = frame.filename.replace(os.sep, "/")
+            if f.endswith("/mtx_dist/parallel/collectives.py"):
+                return "loss_gather"
+            if "/megatron/" in f:
+                return "tensor_parallel"
+            if "/deepspeed/" in f:
+                return "data_parallel"
+        return "other"
+
+    def nbytes(t) -> int:
+        return sum(x.numel() * x.element_size() for x in t) if isinstance(t, (list, tuple)) else t.numel() * t.element_size()
+
+    def counted(name):
+        params = list(inspect.signature(getattr(distributed_c10d, name)).parameters)
+
+        def call(*args, **kwargs):
+            bound = {**dict(zip(params, args)), **kwargs}
+            n = dist.get_world_size(bound.get("group")) if counting[0] else 1
+            if n > 1:
+                if name in ("all_reduce", "all_reduce_coalesced"):
+                    b = 2 * (n - 1) / n * nbytes(bound[params[0]])
+                elif name == "all_gather":
+                    b = (n - 1) * nbytes(bound["tensor"])
+                elif name in ("all_gather_into_tensor", "_all_gather_base"):
+                    b = (n - 1) * nbytes(bound[params[1]])
+                else:  # reduce-scatter: its input
+                    b = (n - 1) / n * nbytes(bound[params[1]])
+                sent[issuer()] += b
+            return originals[name](*args, **kwargs)
+        return call
+
+    for n in originals:
+        setattr(dist, n, counted(n))
+    try:
+        from mtx_dist.engine import build_engine, build_model, setup_runtime
+        from mtx_dist.parallel import destroy_groups
+        from mtx_dist.step import train_step
+        from mtx_dist.trainer import step_setup
+
+        cfg = micro_cfg(*overrides)
+        runtime = setup_runtime(cfg)
+        groups = runtime.groups
+        engine = build_engine(cfg, build_model(cfg, runtime), runtime)
+        setup = step_setup(cfg, runtime, engine)
+        spec = cfg.model.spec
+
+        def batches():
+            for step in range(2):
+                image, text = global_batch(spec, cfg.data.batch_size * groups.dp_size, step)
+                yield {"image": local_slice(image, groups.dp_rank, groups.dp_size),
+                       "text": local_slice(text, groups.dp_rank, groups.dp_size)}
+
+        feed = batches()
+        train_step(setup, feed, 0)
+        counting[0] = True
+        train_step(setup, feed, 1)
+        counting[0] = False
+        destroy_groups(groups)
+    finally:
+        for n, f in originals.items():
+            setattr(dist, n, f)
+    return sent

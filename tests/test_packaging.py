@@ -10,7 +10,7 @@ import sys
 import tomllib
 
 from mtx_dist import LEAF_PACKAGES
-from tests.helpers import REPO
+from tests.helpers import DIST_VARS, REPO
 
 
 def _pyproject() -> dict:
@@ -75,7 +75,7 @@ def test_training_runs_beside_hugging_faces_kernels_package(tmp_path):
     HF's and `mtx-dist train` runs with our kernels as `mtx_kernels`. Run from another folder with
     no PYTHONPATH, as an installed user runs it (from the checkout's root, the folder kernels/ itself
     would shadow HF's package: Python puts the current folder first for `python -m`)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and k not in DIST_VARS}  # as run_cli
     args = ["train", "model.preset=micro", "run.steps=2", "optim.warmup_steps=1", "data.batch_size=8",
             "data.workers=0", f"run.dir={tmp_path / 'run'}", "tracking.enabled=false", "run.eval_at_end=false",
             "run.export_at_end=false", "run.device=cpu"]
