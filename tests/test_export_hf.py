@@ -14,7 +14,7 @@ from mtx_dist.export.writers import write_export
 from mtx_dist.interop.hf import HfConversionError, from_hf, spec_from_hf_config, to_hf
 from mtx_dist.models import ContrastiveModel, get_preset
 from tests.helpers import run_cli, torchvision_shim
-from tests.test_tokenizer import TEXTS
+from tests.data.test_tokenizer import TEXTS
 
 import transformers  # noqa: E402 (a test dependency; a lazy module: its models import torchvision on first use)
 

@@ -11,7 +11,7 @@ import torch
 from mtx_dist.config import ConfigError
 from tests import dist_workers as w
 from tests.dist import run_ranks
-from tests.test_data_streams import write_shards
+from tests.data.test_streams import write_shards
 
 pytestmark = pytest.mark.slow
 

@@ -188,7 +188,7 @@ def test_truncated_shard_is_counted_and_the_stream_goes_on(tmp_path):
 
 
 def test_jpeg_draft_decodes_large_images_smaller_with_nearly_the_same_result():
-    from tests.test_data_dali import _photo
+    from tests.data.test_dali_loader import _photo
 
     data = _photo(3, 1000, 800)
     full, draft = decode_rgb(data), decode_rgb(data, draft=224)

@@ -12,8 +12,8 @@ import webdataset as wds
 from PIL import Image
 
 from mtx_data_pipelines.loader import Loader, LoaderStateError, StreamConfig
-from tests.test_data_streams import _jpeg, write_shards
-from tests.test_data_training import _tar_bytes
+from tests.data.test_streams import _jpeg, write_shards
+from tests.data.test_training_data import _tar_bytes
 
 from mtx_data_pipelines.dali_loader import DaliDataError, DaliLoader
 

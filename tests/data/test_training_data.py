@@ -12,7 +12,7 @@ from PIL import Image
 
 from mtx_dist.trainer import train
 from tests.dist_workers import micro_cfg
-from tests.test_data_streams import _jpeg, write_shards
+from tests.data.test_streams import _jpeg, write_shards
 
 pytestmark = pytest.mark.slow
 
