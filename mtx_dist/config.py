@@ -19,6 +19,7 @@ import tomli_w
 from mtx_kernels import BACKENDS as ATTENTION_BACKENDS
 from mtx_launchers.signals import parse_signals
 from mtx_dist.errors import UserError
+from mtx_dist.devices import DEVICES
 from mtx_dist.models.presets import GeometryError, ModelSpec, check_geometry, get_preset
 
 
@@ -38,13 +39,16 @@ def _opt(default: Any, help: str, choices: tuple | None = None, min: float | Non
     return field(default=default, metadata=meta)
 
 
+option = _opt  # for typed sections outside this module (mtx_dist.adapt.config)
+
+
 @dataclass
 class RunConfig:
     dir: str = _opt("runs/quickstart", "run directory: checkpoints/ and export/ go here")
     name: str = _opt("", "run name shown in MLflow (default: the run directory's name)")
     steps: int = _opt(300, "optimizer steps to train in total", min=1)
     seed: int = _opt(0, "seed for initialization and the data stream", min=0)
-    device: str = _opt("auto", "where to train: auto picks cuda when available", ("auto", "cpu", "cuda"))
+    device: str = _opt("auto", "where to train: auto picks cuda when available", DEVICES)
     log_every: int = _opt(10, "steps between metric logs", min=1)
     eval_at_end: bool = _opt(True, "held-out retrieval on data.val at the end of training")
     export_at_end: bool = _opt(True, "export the encoder to <run.dir>/export at the end (Meta-Transformer blocks, "
@@ -444,13 +448,28 @@ def load_cli_config(config: str | None, overrides: list[str]) -> Config:
     return load_config(config, overrides)
 
 
+def describe_section(cls, section: str) -> list[str]:
+    """``[section]`` and every key of a typed section with its default and help text."""
+    lines = [f"[{section}]"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        extra = f"  one of {', '.join(map(str, f.metadata['choices']))}" if f.metadata.get("choices") else ""
+        lines.append(f"  {_key(f)} = {default!r}  # {f.metadata['help']}{extra}")
+    return lines
+
+
 def describe() -> str:
     """Every key with its default and help text (for ``mtx-dist train --help-config`` and docs)."""
-    lines = []
-    for sname, sfield in _fields(Config).items():
-        lines.append(f"[{sname}]")
-        for f in dataclasses.fields(sfield.default_factory):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            extra = f"  one of {', '.join(map(str, f.metadata['choices']))}" if f.metadata.get("choices") else ""
-            lines.append(f"  {_key(f)} = {default!r}  # {f.metadata['help']}{extra}")
-    return "\n".join(lines)
+    return "\n".join(line for sname, sfield in _fields(Config).items()
+                     for line in describe_section(sfield.default_factory, sname))
+
+
+def check_section(obj, section: str, error: type[Exception] = ConfigError) -> None:
+    """Every key of a typed section (a dataclass of :func:`option` fields, e.g. ``mtx-dist adapt``'s)
+    against its type, choices and bounds, with the same messages as the training config's keys."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        try:
+            setattr(obj, f.name, _check_value(f"{section}.{_key(f)}", f, hints[f.name], getattr(obj, f.name)))
+        except ConfigError as e:
+            raise error(str(e)) from None

@@ -18,6 +18,7 @@ from torch import nn
 
 from mtx_launchers import DistEnv, RendezvousError, discover
 from mtx_dist.deepspeed_compat import skip_shm_op_build, skip_single_rank_allreduce
+from mtx_dist.devices import resolve_device
 from mtx_dist.config import Config, ConfigError
 from mtx_dist.loss import logit_init
 from mtx_dist.models import ContrastiveModel
@@ -36,17 +37,6 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.env.is_main
-
-
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("run.device = 'cuda' but torch sees no CUDA device")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _import_deepspeed(device: torch.device):

@@ -396,8 +396,10 @@ def test_bad_inputs_are_named(encoder, tmp_path):
     assert s["samples"] == 4 and s["reading"]["bad_files_skipped"] == 1  # the 16 kHz file, counted
     assert "fast.wav" in s["reading"]["bad_files_first"][0]
     from mtx_dist.adapt import AdaptError
-    with pytest.raises(AdaptError, match="unknown modality 'smell'"):
+    with pytest.raises(AdaptError, match="config key 'adapt.modality' = 'smell': allowed values are 'timeseries'"):
         AdaptConfig(encoder=encoder, out="x", data="y", modality="smell").validate()
+    with pytest.raises(AdaptError, match="config key 'adapt.epochs' = 0: must be >= 1"):  # the training config's words
+        AdaptConfig(encoder=encoder, out="x", data="y", modality="image", epochs=0).validate()
     # A table missing a feature column the model was trained with.
     train_adapter(AdaptConfig(encoder=encoder, out=base["out"], modality="tabular", data=str(tmp_path / "t.csv"),
                               target="cls", ignore="id,y", epochs=1), NO_TRACKING, progress=False)

@@ -96,7 +96,7 @@ def test_custom_geometry_keys_train_export_and_evaluate(tmp_path):
         (96, 3, 3.0, 1, 48)
     val = sorted(glob.glob(str(tmp_path / "data" / "demo" / "val-*.tar")))
     assert val, "no demo val shards"
-    res = run_cli(["eval", str(export), "--data", val[0], "--no-track", "--json"], cwd=str(tmp_path))
+    res = run_cli(["eval", str(export), "--data", val[0], "--no-tracking", "--json"], cwd=str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "eval of micro-custom" in res.stdout
     metrics = json.loads(next(l for l in res.stdout.splitlines() if l.startswith("metrics: "))[len("metrics: "):])

@@ -22,6 +22,7 @@ from mtx_dist.adapt.errors import AdaptError
 from mtx_dist.adapt.files import AudioIO, ImageIO, PointCloudIO
 from mtx_dist.adapt.model import AdaptedModel, build_model, load_adapter, save_adapter
 from mtx_dist.config import TrackingConfig
+from mtx_dist.devices import resolve_device
 
 IO = {"timeseries": TimeSeriesIO, "tabular": TabularIO, "audio": AudioIO, "pointcloud": PointCloudIO,
       "image": ImageIO}
@@ -39,14 +40,6 @@ def metrics(out: torch.Tensor, y: torch.Tensor, task: str, target: dict) -> dict
     sse = float(((pred - true) ** 2).sum())
     sst = float(((true - true.mean()) ** 2).sum())
     return {"rmse": math.sqrt(sse / len(y)), "r2": 1 - sse / sst if sst > 0 else float("nan")}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise AdaptError("device 'cuda' requested but torch sees no CUDA device")
-    return torch.device(name)
 
 
 @torch.no_grad()

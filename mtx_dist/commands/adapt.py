@@ -7,15 +7,20 @@ import argparse
 import dataclasses
 import json
 
-from mtx_dist.adapt.config import DEVICES, MODALITIES, TASKS, AdaptConfig
-_REQUIRED = ("encoder", "modality", "data", "out")
-_CHOICES = {"modality": MODALITIES, "task": TASKS, "pool": ("cls", "mean"), "device": DEVICES}
+from mtx_dist.adapt.config import DEVICES, REQUIRED, AdaptConfig
+from mtx_dist.adapt.errors import AdaptError
 
 
 def _train(args: argparse.Namespace) -> int:
     from mtx_dist.adapt.train import train_adapter
-    from mtx_dist.config import TrackingConfig
+    from mtx_dist.config import TrackingConfig, describe_section
 
+    if args.help_config:
+        print("\n".join(describe_section(AdaptConfig, "adapt")))
+        return 0
+    missing = [f"--{name}" for name in REQUIRED if getattr(args, name) is None]
+    if missing:
+        raise AdaptError(f"the following arguments are required: {', '.join(missing)}")
     cfg = AdaptConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AdaptConfig)})
     tracking = TrackingConfig(enabled=not args.no_tracking, uri=args.tracking_uri, experiment=args.experiment)
     s = train_adapter(cfg, tracking, progress=not args.quiet)
@@ -58,8 +63,11 @@ def register(sub) -> None:
             t.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
             continue
         kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-        t.add_argument(flag, dest=f.name, type=kind, default=None if f.name in _REQUIRED else f.default,
-                       required=f.name in _REQUIRED, choices=_CHOICES.get(f.name), help=f.metadata["help"])
+        t.add_argument(flag, dest=f.name, type=kind, default=None if f.name in REQUIRED else f.default,
+                       choices=f.metadata.get("choices"), help=f.metadata["help"] + (" (required)" if f.name in
+                                                                                       REQUIRED else ""))
+    t.add_argument("--help-config", action="store_true", help="print every option as a typed config section "
+                   "(defaults, choices, help) and exit")
     t.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     t.add_argument("--tracking-uri", default="", help="MLflow tracking URI ('' = $MLFLOW_TRACKING_URI, else "
                    "sqlite:///mlflow.db here)")

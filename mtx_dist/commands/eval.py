@@ -32,8 +32,8 @@ def _run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise EvalDataError(f"--data {args.data!r}: {e}") from None
     source = load_any(args.source, args.preset)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    from mtx_dist.devices import resolve_device
+    device = resolve_device(args.device)
     model = source.model().to(device)
     tokenizer = ClipTokenizer(context_length=source.spec.text.context_length)
 
@@ -62,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print("metrics: " + json.dumps(metrics, sort_keys=True))
 
-    if not args.no_track:
+    if not args.no_tracking:
         cfg = source.cfg.tracking if source.cfg is not None else TrackingConfig()
         if args.tracking_uri:
             cfg.uri = args.tracking_uri
@@ -96,5 +96,6 @@ def register(sub) -> None:
     e.add_argument("--json", action="store_true", help="also print every metric as one JSON line")
     e.add_argument("--tracking-uri", help="MLflow store (default: the run's tracking config, else "
                                           "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    e.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    e.add_argument("--no-tracking", "--no-track", dest="no_tracking", action="store_true",
+                   help="do not log to MLflow (the same flag as adapt train's; --no-track is kept as an alias)")
     e.set_defaults(func=_run)

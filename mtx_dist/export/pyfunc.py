@@ -84,7 +84,9 @@ class EncoderModel:
         from mtx_dist.export.source import load_openclip_export
 
         source = load_openclip_export(path)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from mtx_dist.devices import resolve_device
+
+        self.device = resolve_device(device)
         self.model = source.model().to(self.device)
         self.spec = source.spec
         self.tokenizer = ClipTokenizer(context_length=self.spec.text.context_length)
