@@ -157,6 +157,33 @@ def image_dir(d: str, n: int, seed: int, size: int = 32) -> None:
             np.save(os.path.join(d, k, f"{seed}-{i}.npy"), img.astype(np.float32))
 
 
+def gray_dir(d: str, n: int, seed: int, size: int = 32, bits: int = 16) -> None:
+    """Single-channel images, 3 classes (horizontal stripes, vertical stripes, a disc, on noise):
+    ``bits``-bit PNGs (16: 'I;16', as x-ray detectors write them; 8: 'L') and float .npy, alternately."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        k = ["hstripes", "vstripes", "disc"][i % 3]
+        img = rng.uniform(0, 0.3, (size, size))
+        if k == "hstripes":
+            img[::4] += 0.6
+        elif k == "vstripes":
+            img[:, ::4] += 0.6
+        else:
+            cy, cx = rng.integers(8, 24, 2)
+            yy, xx = np.mgrid[:size, :size]
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] += 0.6
+        img = np.clip(img, 0, 1)
+        os.makedirs(os.path.join(d, k), exist_ok=True)
+        if i % 2 and bits == 16:
+            Image.fromarray((img * 65535).astype(np.uint16)).save(os.path.join(d, k, f"{seed}-{i}.png"))
+        elif i % 2:
+            Image.fromarray((img * 255).astype(np.uint8), mode="L").save(os.path.join(d, k, f"{seed}-{i}.png"))
+        else:
+            np.save(os.path.join(d, k, f"{seed}-{i}.npy"), img.astype(np.float32))
+
+
 # -- references --------------------------------------------------------------------------------------
 
 def reference_fbank(rate: int, n_fft: int, n_mels: int) -> np.ndarray:
@@ -290,6 +317,8 @@ TASKS = {
     "pointcloud": (lambda d, n, s: pointcloud_dir(f"{d}/clouds", n, s), "clouds",
                    {"points": 128, "groups": 16, "neighbours": 8, "pool": "mean", "epochs": 25, "lr": 3e-3}, 4, 80),
     "image": (lambda d, n, s: image_dir(f"{d}/images", n, s), "images", {"epochs": 15, "lr": 3e-3}, 3, 60),
+    "xray": (lambda d, n, s: gray_dir(f"{d}/xray", n, s, bits=16), "xray", {"epochs": 15, "lr": 3e-3}, 3, 60),
+    "infrared": (lambda d, n, s: gray_dir(f"{d}/ir", n, s, bits=8), "ir", {"epochs": 15, "lr": 3e-3}, 3, 60),
 }
 
 
@@ -469,3 +498,30 @@ def test_parquet_reads_like_csv(tmp_path):
         assert settings == {"n_numeric": 2, "vocab_sizes": [4]}  # x1, x2 numeric; colour: 3 values + unknown
         tensors.append(TabularIO.transform(raw, pre, settings))
     assert torch.equal(tensors[0], tensors[1])
+
+
+def test_single_channel_modalities_read_bit_depths_and_refuse_colour(tmp_path):
+    """xray/infrared: 16- and 8-bit PNGs and .npy arrays read as one channel in 0..1; a colour image is
+    refused naming its file; an RGB file of a grey picture is read as its one channel."""
+    from PIL import Image
+
+    from mtx_dist.adapt.errors import DataError
+    from mtx_dist.adapt.files import GrayImageIO
+
+    d = tmp_path / "x" / "a"
+    os.makedirs(d)
+    Image.fromarray(np.full((4, 6), 65535, np.uint16)).save(d / "white16.png")
+    Image.fromarray(np.full((4, 6), 51, np.uint8), mode="L").save(d / "grey8.png")
+    Image.fromarray(np.full((4, 6, 3), 102, np.uint8)).save(d / "rgbgrey.png")
+    np.save(d / "half.npy", np.full((4, 6), 0.5, np.float32))
+    cfg = AdaptConfig(modality="xray", target="label")
+    raw = GrayImageIO.read(str(tmp_path / "x"), cfg, labelled=True)
+    values = {os.path.basename(i): float(a.mean()) for i, a in zip(raw.ids, raw.items)}
+    assert values == {"grey8.png": pytest.approx(0.2), "half.npy": 0.5, "rgbgrey.png": pytest.approx(0.4),
+                      "white16.png": 1.0}
+    assert all(a.shape == (4, 6) for a in raw.items)
+    colour = np.zeros((4, 6, 3), np.uint8)
+    colour[..., 0] = 200
+    Image.fromarray(colour).save(d / "red.png")
+    with pytest.raises(DataError, match="red.png: a colour image"):
+        GrayImageIO.read(str(tmp_path / "x"), cfg, labelled=True)

@@ -211,3 +211,65 @@ class ImageIO:
                                   align_corners=False)[0].clamp(0, 1)
             out.append((x - mean) / std)
         return torch.stack(out)
+
+
+class GrayImageIO:
+    """Single-channel images (``xray``, ``infrared``): ``.png``/``.jpg``/``.tif`` in 8 or 16 bits, or
+    ``.npy`` (H, W) arrays (uint8, uint16, or float in 0..1). A colour image is refused, except one
+    whose three channels are equal (a grey picture saved as RGB). Intensities are scaled to 0..1 by
+    their bit depth, resized (bicubic) to the tokenizer's size and standardised with the training
+    pixels' mean and std (saved with the model): a one-channel patch embedding reads them."""
+
+    SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
+
+    @staticmethod
+    def read(path, cfg, labelled, pre=None) -> Raw:
+        from PIL import Image
+
+        raw = list_samples(path, GrayImageIO.SUFFIXES, cfg.target, labelled)
+
+        def load(f: str) -> np.ndarray:
+            try:
+                if f.lower().endswith(".npy"):
+                    a = np.load(f, allow_pickle=False)
+                else:
+                    with Image.open(f) as im:
+                        a = np.asarray(im)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise DataError(f"{f}: not a readable image ({e})") from e
+            if a.ndim == 3 and a.shape[2] in (3, 4) and np.issubdtype(a.dtype, np.number):
+                if a.shape[2] == 4 or not (np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2])):
+                    raise DataError(f"{f}: a colour image (shape {a.shape}); {cfg.modality} reads single-channel "
+                                    "images (H, W)")
+                a = a[..., 0]
+            if a.ndim != 2 or not np.issubdtype(a.dtype, np.number) or min(a.shape) < 1:
+                raise DataError(f"{f}: shape {a.shape} {a.dtype}; expected a numeric single-channel (H, W) image")
+            if a.dtype == np.uint8:
+                return a.astype(np.float32) / 255.0
+            if a.dtype in (np.uint16, np.int32) or np.issubdtype(a.dtype, np.integer):  # PIL's 16-bit modes
+                return a.astype(np.float32) / 65535.0
+            a = a.astype(np.float32)
+            if not np.isfinite(a).all():
+                raise DataError(f"{f}: NaN or infinite values")
+            return a
+
+        return load_each(raw, load, cfg.skip_bad)
+
+    @staticmethod
+    def fit(raw, train_idx, cfg, manifest) -> tuple[dict, dict]:
+        enc = manifest.get("encoder", {})
+        size = cfg.image_size or int(enc.get("image_size", 224))
+        pixels = np.concatenate([raw.items[i].ravel() for i in train_idx])
+        pre = {"mean": float(pixels.mean()), "std": float(pixels.std()) or 1.0}
+        return pre, {"image_size": size, "patch": cfg.patch or int(enc.get("patch_size", 16)), "channels": 1}
+
+    @staticmethod
+    def transform(raw, pre, settings) -> torch.Tensor:
+        size = settings["image_size"]
+        out = []
+        for a in raw.items:
+            x = torch.from_numpy(np.ascontiguousarray(a))[None]
+            if x.shape[1:] != (size, size):
+                x = F.interpolate(x[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
+            out.append((x - pre["mean"]) / pre["std"])
+        return torch.stack(out)

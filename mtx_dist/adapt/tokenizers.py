@@ -91,22 +91,23 @@ class TabularTokenizer(nn.Module):
 
 
 class ImageTokenizer(nn.Module):
-    """(B, 3, S, S) normalised images -> [CLS] + (S/P)^2 patch tokens (a conv with stride = patch)."""
+    """(B, C, S, S) normalised images -> [CLS] + (S/P)^2 patch tokens (a conv with stride = patch).
+    C = 3 (``image``) or 1 (``xray``, ``infrared``: a one-channel patch embedding)."""
 
-    def __init__(self, width: int, image_size: int, patch: int) -> None:
+    def __init__(self, width: int, image_size: int, patch: int, channels: int = 3) -> None:
         super().__init__()
         if image_size % patch:
             raise AdaptError(f"image: size {image_size} is not a multiple of patch {patch}")
-        self.image_size = image_size
-        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch, stride=patch)
+        self.image_size, self.channels = image_size, channels
+        self.patch_embed = nn.Conv2d(channels, width, kernel_size=patch, stride=patch)
         self.cls_token = nn.Parameter(torch.randn(width) * 0.02)
         self.pos_embed = _init(width, (image_size // patch) ** 2 + 1)
         self.norm = nn.LayerNorm(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[1:]) != (3, self.image_size, self.image_size):
+        if tuple(x.shape[1:]) != (self.channels, self.image_size, self.image_size):
             raise AdaptError(f"image: input {tuple(x.shape[1:])}, the tokenizer expects "
-                             f"(3, {self.image_size}, {self.image_size})")
+                             f"({self.channels}, {self.image_size}, {self.image_size})")
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         cls = self.cls_token.expand(x.shape[0], 1, -1)
         return self.norm(torch.cat([cls, x], dim=1) + self.pos_embed)
@@ -115,7 +116,8 @@ class ImageTokenizer(nn.Module):
 def build_tokenizer(modality: str, width: int, settings: dict) -> nn.Module:
     """A tokenizer from its saved settings (``adapter.json`` "tokenizer" section, less "modality")."""
     kinds = {"timeseries": TimeSeriesTokenizer, "tabular": TabularTokenizer, "audio": AudioTokenizer,
-             "pointcloud": PointCloudTokenizer, "image": ImageTokenizer}
+             "pointcloud": PointCloudTokenizer, "image": ImageTokenizer, "xray": ImageTokenizer,
+             "infrared": ImageTokenizer}
     if modality not in kinds:
         raise AdaptError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
     try:
