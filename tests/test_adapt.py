@@ -184,6 +184,19 @@ def gray_dir(d: str, n: int, seed: int, size: int = 32, bits: int = 16) -> None:
             np.save(os.path.join(d, k, f"{seed}-{i}.npy"), img.astype(np.float32))
 
 
+def cube_dir(d: str, n: int, seed: int, size: int = 6, bands: int = 20) -> None:
+    """Hyperspectral patches (H, W, bands), 3 classes told apart by where their spectrum peaks, with
+    per-pixel brightness and noise (float .npy)."""
+    rng = np.random.default_rng(seed)
+    b = np.arange(bands)
+    for i in range(n):
+        k = i % 3
+        spectrum = np.exp(-0.5 * ((b - (4 + 6 * k)) / 2.0) ** 2)
+        cube = rng.uniform(0.5, 1.5, (size, size, 1)) * spectrum + rng.normal(0, 0.15, (size, size, bands))
+        os.makedirs(os.path.join(d, f"class{k}"), exist_ok=True)
+        np.save(os.path.join(d, f"class{k}", f"{seed}-{i}.npy"), cube.astype(np.float32))
+
+
 # -- references --------------------------------------------------------------------------------------
 
 def reference_fbank(rate: int, n_fft: int, n_mels: int) -> np.ndarray:
@@ -319,6 +332,8 @@ TASKS = {
     "image": (lambda d, n, s: image_dir(f"{d}/images", n, s), "images", {"epochs": 15, "lr": 3e-3}, 3, 60),
     "xray": (lambda d, n, s: gray_dir(f"{d}/xray", n, s, bits=16), "xray", {"epochs": 15, "lr": 3e-3}, 3, 60),
     "infrared": (lambda d, n, s: gray_dir(f"{d}/ir", n, s, bits=8), "ir", {"epochs": 15, "lr": 3e-3}, 3, 60),
+    "hyperspectral": (lambda d, n, s: cube_dir(f"{d}/cubes", n, s), "cubes",
+                      {"epochs": 15, "lr": 3e-3, "band_group": 4}, 3, 60),
 }
 
 
@@ -525,3 +540,22 @@ def test_single_channel_modalities_read_bit_depths_and_refuse_colour(tmp_path):
     Image.fromarray(colour).save(d / "red.png")
     with pytest.raises(DataError, match="red.png: a colour image"):
         GrayImageIO.read(str(tmp_path / "x"), cfg, labelled=True)
+
+
+def test_hyperspectral_band_count_is_recorded_and_checked(encoder, tmp_path):
+    """The cubes' shape is saved with the model; a cube with other bands is refused naming the file, at
+    training (against the first cube) and at prediction (against the model)."""
+    from mtx_dist.adapt.errors import DataError
+
+    cube_dir(str(tmp_path / "train"), 12, 0)
+    cfg = AdaptConfig(encoder=encoder, modality="hyperspectral", data=str(tmp_path / "train"), out=str(tmp_path / "m"),
+                      epochs=1, band_group=4, batch_size=4)
+    train_adapter(cfg, NO_TRACKING, progress=False)
+    spec = json.loads((tmp_path / "m" / "adapter.json").read_text())
+    assert spec["tokenizer"]["bands"] == 20 and spec["preprocessing"]["input"]["shape"] == [6, 6, 20]
+    cube_dir(str(tmp_path / "other"), 3, 1, bands=16)
+    with pytest.raises(DataError, match=r"1-0.npy: shape \(6, 6, 16\); the model was trained on \(6, 6, 20\)"):
+        predict(str(tmp_path / "m"), str(tmp_path / "other"))
+    cube_dir(str(tmp_path / "train" / "odd"), 1, 2, bands=16)
+    with pytest.raises(DataError, match="every cube needs the same bands and size"):
+        train_adapter(cfg, NO_TRACKING, progress=False)

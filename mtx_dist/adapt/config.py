@@ -11,7 +11,7 @@ from mtx_dist.config import check_section, option
 from mtx_dist.devices import DEVICES
 from mtx_kernels import BACKENDS
 
-MODALITIES = ("timeseries", "tabular", "audio", "pointcloud", "image", "xray", "infrared")
+MODALITIES = ("timeseries", "tabular", "audio", "pointcloud", "image", "xray", "infrared", "hyperspectral")
 TASKS = ("classification", "regression")
 REQUIRED = ("encoder", "modality", "data", "out")
 
@@ -34,7 +34,8 @@ class AdaptConfig:
     pool: str = option("cls", "head input: the [CLS] token (cls) or the mean of the other tokens (mean)",
                        ("cls", "mean"))
     patch: int = option(0, "patch size: time steps (timeseries, default 16), mel x frame square (audio, "
-                         "default 16), pixels (image, xray, infrared; default: the encoder's); 0 = default", min=0)
+                         "default 16), pixels (image, xray, infrared; default: the encoder's; hyperspectral: the "
+                         "largest of 4, 3, 2, 1 dividing the cube); 0 = default", min=0)
     ignore: str = option("", "tabular: comma-separated columns to leave out (ids)")
     categorical: str = option("", "tabular: comma-separated columns to treat as categories even if numeric")
     sample_rate: int = option(0, "audio: required sample rate in Hz; 0 = that of the first file", min=0)
@@ -47,6 +48,7 @@ class AdaptConfig:
     neighbours: int = option(16, "point cloud: kNN points per group", min=1)
     normalize_points: bool = option(True, "point cloud: centre each cloud and scale it into the unit sphere")
     image_size: int = option(0, "image, xray, infrared: side in pixels; 0 = the encoder's image size", min=0)
+    band_group: int = option(8, "hyperspectral: adjacent bands in one token", min=1)
     skip_bad: bool = option(False, "folders: leave out (and count) files that cannot be read, instead of stopping")
     attention: str = option("auto", "attention backend for the frozen blocks", BACKENDS)
     device: str = option("auto", "where to train: auto = cuda when available, else cpu", DEVICES)

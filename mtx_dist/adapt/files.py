@@ -239,7 +239,7 @@ class GrayImageIO:
                 raise DataError(f"{f}: not a readable image ({e})") from e
             if a.ndim == 3 and a.shape[2] in (3, 4) and np.issubdtype(a.dtype, np.number):
                 if a.shape[2] == 4 or not (np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2])):
-                    raise DataError(f"{f}: a colour image (shape {a.shape}); {cfg.modality} reads single-channel "
+                    raise DataError(f"{f}: a colour image (shape {a.shape}); {cfg.modality or 'this model'} reads single-channel "
                                     "images (H, W)")
                 a = a[..., 0]
             if a.ndim != 2 or not np.issubdtype(a.dtype, np.number) or min(a.shape) < 1:

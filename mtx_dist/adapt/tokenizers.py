@@ -14,6 +14,7 @@ from torch import nn
 from mtx_dist.adapt.audio import AudioTokenizer
 from mtx_dist.adapt.config import MODALITIES
 from mtx_dist.adapt.errors import AdaptError
+from mtx_dist.adapt.hyperspectral import HyperspectralTokenizer
 from mtx_dist.adapt.pointcloud import PointCloudTokenizer
 
 
@@ -117,7 +118,7 @@ def build_tokenizer(modality: str, width: int, settings: dict) -> nn.Module:
     """A tokenizer from its saved settings (``adapter.json`` "tokenizer" section, less "modality")."""
     kinds = {"timeseries": TimeSeriesTokenizer, "tabular": TabularTokenizer, "audio": AudioTokenizer,
              "pointcloud": PointCloudTokenizer, "image": ImageTokenizer, "xray": ImageTokenizer,
-             "infrared": ImageTokenizer}
+             "infrared": ImageTokenizer, "hyperspectral": HyperspectralTokenizer}
     if modality not in kinds:
         raise AdaptError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
     try:
