@@ -197,6 +197,22 @@ def cube_dir(d: str, n: int, seed: int, size: int = 6, bands: int = 20) -> None:
         np.save(os.path.join(d, f"class{k}", f"{seed}-{i}.npy"), cube.astype(np.float32))
 
 
+def imu_dir(d: str, n: int, seed: int, steps: int = 64) -> None:
+    """IMU-like recordings (6 channels: accelerometer + gyroscope, T steps) as .npy (channels, T), 3
+    activities: still (noise), walking (a 2 Hz-like gait on the vertical axis), turning (gyroscope z)."""
+    rng, t = np.random.default_rng(seed), np.arange(steps) / steps
+    for i in range(n):
+        k = ["still", "walk", "turn"][i % 3]
+        x = 0.2 * rng.standard_normal((6, steps))
+        x[2] += 1.0  # gravity on the accelerometer's z axis
+        if k == "walk":
+            x[2] += np.sin(2 * np.pi * 6 * t + rng.uniform(0, 6.3))
+        elif k == "turn":
+            x[5] += 1.5 * np.sin(np.pi * t)
+        os.makedirs(os.path.join(d, k), exist_ok=True)
+        np.save(os.path.join(d, k, f"{seed}-{i}.npy"), x.astype(np.float32))
+
+
 # -- references --------------------------------------------------------------------------------------
 
 def reference_fbank(rate: int, n_fft: int, n_mels: int) -> np.ndarray:
@@ -334,6 +350,8 @@ TASKS = {
     "infrared": (lambda d, n, s: gray_dir(f"{d}/ir", n, s, bits=8), "ir", {"epochs": 15, "lr": 3e-3}, 3, 60),
     "hyperspectral": (lambda d, n, s: cube_dir(f"{d}/cubes", n, s), "cubes",
                       {"epochs": 15, "lr": 3e-3, "band_group": 4}, 3, 60),
+    "imu": (lambda d, n, s: imu_dir(f"{d}/imu", n, s), "imu", {"patch": 8, "epochs": 15, "lr": 3e-3,
+                                                                "sample_rate": 50}, 3, 60),
 }
 
 
@@ -559,3 +577,18 @@ def test_hyperspectral_band_count_is_recorded_and_checked(encoder, tmp_path):
     cube_dir(str(tmp_path / "train" / "odd"), 1, 2, bands=16)
     with pytest.raises(DataError, match="every cube needs the same bands and size"):
         train_adapter(cfg, NO_TRACKING, progress=False)
+
+
+def test_imu_records_its_rate_and_refuses_other_channels(encoder, tmp_path):
+    from mtx_dist.adapt.errors import DataError
+
+    imu_dir(str(tmp_path / "train"), 12, 0)
+    cfg = AdaptConfig(encoder=encoder, modality="imu", data=str(tmp_path / "train"), out=str(tmp_path / "m"),
+                      epochs=1, patch=8, sample_rate=50, batch_size=4)
+    train_adapter(cfg, NO_TRACKING, progress=False)
+    spec = json.loads((tmp_path / "m" / "adapter.json").read_text())
+    assert spec["preprocessing"]["input"]["sample_rate_hz"] == 50 and spec["tokenizer"]["channels"] == 6
+    os.makedirs(tmp_path / "three")
+    np.save(tmp_path / "three" / "r.npy", np.zeros((3, 64), np.float32))
+    with pytest.raises(DataError, match=r"r.npy: shape \(3, 64\); the model was trained on 6 channels x 64 steps"):
+        predict(str(tmp_path / "m"), str(tmp_path / "three"))

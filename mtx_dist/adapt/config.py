@@ -11,7 +11,7 @@ from mtx_dist.config import check_section, option
 from mtx_dist.devices import DEVICES
 from mtx_kernels import BACKENDS
 
-MODALITIES = ("timeseries", "tabular", "audio", "pointcloud", "image", "xray", "infrared", "hyperspectral")
+MODALITIES = ("timeseries", "tabular", "audio", "pointcloud", "image", "xray", "infrared", "hyperspectral", "imu")
 TASKS = ("classification", "regression")
 REQUIRED = ("encoder", "modality", "data", "out")
 
@@ -38,7 +38,8 @@ class AdaptConfig:
                          "largest of 4, 3, 2, 1 dividing the cube); 0 = default", min=0)
     ignore: str = option("", "tabular: comma-separated columns to leave out (ids)")
     categorical: str = option("", "tabular: comma-separated columns to treat as categories even if numeric")
-    sample_rate: int = option(0, "audio: required sample rate in Hz; 0 = that of the first file", min=0)
+    sample_rate: int = option(0, "audio: required sample rate in Hz, 0 = that of the first file; imu: the recordings' "
+                              "rate, recorded with the model", min=0)
     clip_samples: int = option(0, "audio: samples per clip (pad/crop); 0 = the longest training clip", min=0)
     n_fft: int = option(400, "audio: STFT size (Hann window of the same length)", min=1)
     hop: int = option(160, "audio: STFT hop in samples", min=1)

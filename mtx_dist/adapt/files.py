@@ -273,3 +273,56 @@ class GrayImageIO:
                 x = F.interpolate(x[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
             out.append((x - pre["mean"]) / pre["std"])
         return torch.stack(out)
+
+
+class ImuIO:
+    """IMU recordings: a folder of ``.npy`` ``(channels, T)`` arrays, or a table in the timeseries
+    layout (``<channel>_t<k>`` columns). Per-channel standardisation and windows of ``--patch`` steps
+    over all channels (the timeseries tokenizer); every recording must have the training recordings'
+    channels and length (checked at prediction too, naming the file). The sampling rate
+    (``--sample-rate``, Hz) is recorded with the model."""
+
+    @staticmethod
+    def read(path, cfg, labelled, pre=None) -> Raw:
+        from mtx_dist.adapt.data import TimeSeriesIO
+
+        if os.path.isfile(path):
+            return TimeSeriesIO.read(path, cfg, labelled, pre)
+        raw = list_samples(path, (".npy",), cfg.target, labelled)
+        want = (len(pre["channels"]), pre["length"]) if pre else None
+
+        def load(f: str) -> np.ndarray:
+            try:
+                a = np.load(f, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise DataError(f"{f}: not a readable .npy array ({e})") from e
+            if a.ndim != 2 or not np.issubdtype(a.dtype, np.number) or min(a.shape) < 1:
+                raise DataError(f"{f}: shape {a.shape} {a.dtype}; expected a numeric (channels, T) recording")
+            if want and a.shape != want:
+                raise DataError(f"{f}: shape {a.shape}; the model was trained on {want[0]} channels x {want[1]} steps")
+            if not np.isfinite(a).all():
+                raise DataError(f"{f}: NaN or infinite values")
+            return np.ascontiguousarray(a.T.astype(np.float32))  # (T, channels), as tables give it
+
+        raw = load_each(raw, load, cfg.skip_bad)
+        if raw.items:
+            raw.info.update(channels=[f"c{k}" for k in range(raw.items[0].shape[1])], length=raw.items[0].shape[0])
+        return raw
+
+    @staticmethod
+    def fit(raw, train_idx, cfg, manifest) -> tuple[dict, dict]:
+        from mtx_dist.adapt.data import TimeSeriesIO
+
+        first = raw.items[train_idx[0]].shape
+        for i in train_idx:
+            if raw.items[i].shape != first:
+                raise DataError(f"{raw.ids[i]}: {raw.items[i].shape[1]} channels x {raw.items[i].shape[0]} steps; the "
+                                f"first training recording has {first[1]} x {first[0]}: every recording needs the same")
+        pre, settings = TimeSeriesIO.fit(raw, train_idx, cfg, manifest)
+        return {**pre, "sample_rate_hz": cfg.sample_rate or None}, settings
+
+    @staticmethod
+    def transform(raw, pre, settings) -> torch.Tensor:
+        from mtx_dist.adapt.data import TimeSeriesIO
+
+        return TimeSeriesIO.transform(raw, pre, settings)

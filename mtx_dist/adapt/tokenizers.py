@@ -118,7 +118,7 @@ def build_tokenizer(modality: str, width: int, settings: dict) -> nn.Module:
     """A tokenizer from its saved settings (``adapter.json`` "tokenizer" section, less "modality")."""
     kinds = {"timeseries": TimeSeriesTokenizer, "tabular": TabularTokenizer, "audio": AudioTokenizer,
              "pointcloud": PointCloudTokenizer, "image": ImageTokenizer, "xray": ImageTokenizer,
-             "infrared": ImageTokenizer, "hyperspectral": HyperspectralTokenizer}
+             "infrared": ImageTokenizer, "hyperspectral": HyperspectralTokenizer, "imu": TimeSeriesTokenizer}
     if modality not in kinds:
         raise AdaptError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
     try:
