@@ -213,6 +213,30 @@ def imu_dir(d: str, n: int, seed: int, steps: int = 64) -> None:
         np.save(os.path.join(d, k, f"{seed}-{i}.npy"), x.astype(np.float32))
 
 
+def video_dir(d: str, n: int, seed: int, frames: int = 8, size: int = 16) -> None:
+    """Clips of a bright square on noise, 3 classes: still, blinking (on and off by frame), sliding
+    across; half (T, H, W, 3) uint8 .npy, half animated .gif."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        k = ["still", "blink", "slide"][i % 3]
+        clip = rng.uniform(0, 0.3, (frames, size, size, 3))
+        y, x = rng.integers(2, size - 8, 2)
+        for t in range(frames):
+            if k == "blink" and t % 2:
+                continue
+            dx = t if k == "slide" else 0
+            clip[t, y:y + 6, min(x + dx, size - 6):min(x + dx, size - 6) + 6] += 0.7
+        clip = (np.clip(clip, 0, 1) * 255).astype(np.uint8)
+        os.makedirs(os.path.join(d, k), exist_ok=True)
+        if i % 2:
+            frames_ = [Image.fromarray(f) for f in clip]
+            frames_[0].save(os.path.join(d, k, f"{seed}-{i}.gif"), save_all=True, append_images=frames_[1:])
+        else:
+            np.save(os.path.join(d, k, f"{seed}-{i}.npy"), clip)
+
+
 # -- references --------------------------------------------------------------------------------------
 
 def reference_fbank(rate: int, n_fft: int, n_mels: int) -> np.ndarray:
@@ -352,6 +376,8 @@ TASKS = {
                       {"epochs": 15, "lr": 3e-3, "band_group": 4}, 3, 60),
     "imu": (lambda d, n, s: imu_dir(f"{d}/imu", n, s), "imu", {"patch": 8, "epochs": 15, "lr": 3e-3,
                                                                 "sample_rate": 50}, 3, 60),
+    "video": (lambda d, n, s: video_dir(f"{d}/clips", n, s), "clips", {"epochs": 15, "lr": 3e-3, "image_size": 16,
+                                                                        "patch": 8}, 3, 60),
 }
 
 
@@ -592,3 +618,19 @@ def test_imu_records_its_rate_and_refuses_other_channels(encoder, tmp_path):
     np.save(tmp_path / "three" / "r.npy", np.zeros((3, 64), np.float32))
     with pytest.raises(DataError, match=r"r.npy: shape \(3, 64\); the model was trained on 6 channels x 64 steps"):
         predict(str(tmp_path / "m"), str(tmp_path / "three"))
+
+
+def test_video_clips_without_frames_or_a_decoder_are_refused_naming_the_file(tmp_path):
+    from mtx_dist.adapt.errors import DataError
+    from mtx_dist.adapt.video import VideoIO
+
+    d = tmp_path / "v" / "a"
+    os.makedirs(d)
+    np.save(d / "empty.npy", np.zeros((0, 8, 8, 3), np.uint8))
+    cfg = AdaptConfig(modality="video", target="label")
+    with pytest.raises(DataError, match="empty.npy: a clip with no frames"):
+        VideoIO.read(str(tmp_path / "v"), cfg, labelled=True)
+    os.remove(d / "empty.npy")
+    (d / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    with pytest.raises(DataError, match="clip.mp4: mp4 clips need a video decoder"):
+        VideoIO.read(str(tmp_path / "v"), cfg, labelled=True)

@@ -11,7 +11,8 @@ from mtx_dist.config import check_section, option
 from mtx_dist.devices import DEVICES
 from mtx_kernels import BACKENDS
 
-MODALITIES = ("timeseries", "tabular", "audio", "pointcloud", "image", "xray", "infrared", "hyperspectral", "imu")
+MODALITIES = ("timeseries", "tabular", "audio", "pointcloud", "image", "xray", "infrared", "hyperspectral", "imu",
+              "video")
 TASKS = ("classification", "regression")
 REQUIRED = ("encoder", "modality", "data", "out")
 
@@ -50,6 +51,8 @@ class AdaptConfig:
     normalize_points: bool = option(True, "point cloud: centre each cloud and scale it into the unit sphere")
     image_size: int = option(0, "image, xray, infrared: side in pixels; 0 = the encoder's image size", min=0)
     band_group: int = option(8, "hyperspectral: adjacent bands in one token", min=1)
+    frames: int = option(8, "video: frames sampled evenly from each clip", min=1)
+    tubelet: int = option(2, "video: frames in one token (a tubelet of tubelet x patch x patch pixels)", min=1)
     skip_bad: bool = option(False, "folders: leave out (and count) files that cannot be read, instead of stopping")
     attention: str = option("auto", "attention backend for the frozen blocks", BACKENDS)
     device: str = option("auto", "where to train: auto = cuda when available, else cpu", DEVICES)

@@ -16,6 +16,7 @@ from mtx_dist.adapt.config import MODALITIES
 from mtx_dist.adapt.errors import AdaptError
 from mtx_dist.adapt.hyperspectral import HyperspectralTokenizer
 from mtx_dist.adapt.pointcloud import PointCloudTokenizer
+from mtx_dist.adapt.video import VideoTokenizer
 
 
 def _init(width: int, n: int) -> nn.Parameter:
@@ -118,7 +119,8 @@ def build_tokenizer(modality: str, width: int, settings: dict) -> nn.Module:
     """A tokenizer from its saved settings (``adapter.json`` "tokenizer" section, less "modality")."""
     kinds = {"timeseries": TimeSeriesTokenizer, "tabular": TabularTokenizer, "audio": AudioTokenizer,
              "pointcloud": PointCloudTokenizer, "image": ImageTokenizer, "xray": ImageTokenizer,
-             "infrared": ImageTokenizer, "hyperspectral": HyperspectralTokenizer, "imu": TimeSeriesTokenizer}
+             "infrared": ImageTokenizer, "hyperspectral": HyperspectralTokenizer, "imu": TimeSeriesTokenizer,
+             "video": VideoTokenizer}
     if modality not in kinds:
         raise AdaptError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
     try:

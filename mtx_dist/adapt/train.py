@@ -21,13 +21,14 @@ from mtx_dist.adapt.encoder import FrozenEncoder
 from mtx_dist.adapt.errors import AdaptError
 from mtx_dist.adapt.files import AudioIO, GrayImageIO, ImageIO, ImuIO, PointCloudIO
 from mtx_dist.adapt.hyperspectral import HyperspectralIO
+from mtx_dist.adapt.video import VideoIO
 from mtx_dist.adapt.model import AdaptedModel, build_model, load_adapter, save_adapter
 from mtx_dist.config import TrackingConfig
 from mtx_dist.devices import resolve_device
 
 IO = {"timeseries": TimeSeriesIO, "tabular": TabularIO, "audio": AudioIO, "pointcloud": PointCloudIO,
       "image": ImageIO, "xray": GrayImageIO, "infrared": GrayImageIO, "hyperspectral": HyperspectralIO,
-      "imu": ImuIO}
+      "imu": ImuIO, "video": VideoIO}
 
 
 def _loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:

@@ -1,0 +1,100 @@
+"""Video clips: a folder of ``.npy`` arrays ``(T, H, W)`` or ``(T, H, W, 3)`` (uint8, or float in 0..1)
+or animated ``.gif`` files (decoded with PIL, a core dependency). ``.mp4`` and other containers are
+refused with a hint: decode them to ``.npy`` first (no video decoder is a dependency).
+
+Each clip is sampled to ``--frames`` frames spread evenly over its length, resized (bicubic) to the
+encoder's image size and normalised with its preprocessing mean/std. The tokenizer embeds tubelets of
+``--tubelet`` frames x patch x patch pixels with one 3-D convolution; learned space-time positions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtx_dist.adapt.errors import AdaptError, DataError
+from mtx_dist.adapt.files import list_samples, load_each
+
+SUFFIXES = (".npy", ".gif", ".mp4", ".avi", ".mov", ".mkv", ".webm")
+
+
+class VideoIO:
+    @staticmethod
+    def read(path, cfg, labelled, pre=None):
+        from PIL import Image, ImageSequence
+
+        raw = list_samples(path, SUFFIXES, cfg.target, labelled)
+
+        def load(f: str) -> np.ndarray:
+            low = f.lower()
+            if not low.endswith((".npy", ".gif")):
+                raise DataError(f"{f}: {low.rsplit('.', 1)[-1]} clips need a video decoder, which is not a dependency; "
+                                "decode them to .npy (T, H, W, 3) arrays first (e.g. with PyAV or imageio)")
+            try:
+                if low.endswith(".npy"):
+                    a = np.load(f, allow_pickle=False)
+                else:
+                    with Image.open(f) as im:
+                        a = np.stack([np.asarray(fr.convert("RGB")) for fr in ImageSequence.Iterator(im)])
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise DataError(f"{f}: not a readable clip ({e})") from e
+            if a.ndim == 3:
+                a = np.repeat(a[..., None], 3, axis=3)
+            if a.ndim != 4 or a.shape[3] != 3 or not np.issubdtype(a.dtype, np.number):
+                raise DataError(f"{f}: shape {a.shape} {a.dtype}; expected (T, H, W) or (T, H, W, 3) frames")
+            if a.shape[0] == 0 or min(a.shape[1:3]) < 1:
+                raise DataError(f"{f}: a clip with no frames")
+            a = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
+            if not np.isfinite(a).all():
+                raise DataError(f"{f}: NaN or infinite values")
+            return a
+
+        return load_each(raw, load, cfg.skip_bad)
+
+    @staticmethod
+    def fit(raw, train_idx, cfg, manifest) -> tuple[dict, dict]:
+        enc, prep = manifest.get("encoder", {}), manifest.get("preprocessing", {})
+        size = cfg.image_size or int(enc.get("image_size", 224))
+        pre = {"mean": list(prep.get("mean", (0.5, 0.5, 0.5))), "std": list(prep.get("std", (0.5, 0.5, 0.5)))}
+        settings = {"frames": cfg.frames, "image_size": size, "patch": cfg.patch or int(enc.get("patch_size", 16)),
+                    "tubelet": cfg.tubelet}
+        return pre, settings
+
+    @staticmethod
+    def transform(raw, pre, settings) -> torch.Tensor:
+        size, frames = settings["image_size"], settings["frames"]
+        mean = torch.tensor(pre["mean"]).view(1, 3, 1, 1)
+        std = torch.tensor(pre["std"]).view(1, 3, 1, 1)
+        out = []
+        for a in raw.items:
+            pick = np.linspace(0, a.shape[0] - 1, frames).round().astype(int)  # evenly over the clip
+            x = torch.from_numpy(np.ascontiguousarray(a[pick])).permute(0, 3, 1, 2)  # (F, 3, H, W)
+            if x.shape[2:] != (size, size):
+                x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+            out.append(((x - mean) / std).transpose(0, 1))  # (3, F, S, S)
+        return torch.stack(out)
+
+
+class VideoTokenizer(nn.Module):
+    """(N, 3, F, S, S) clips -> [CLS] + (F/t) (S/p)^2 tubelet tokens with space-time positions."""
+
+    def __init__(self, width: int, frames: int, image_size: int, patch: int, tubelet: int) -> None:
+        super().__init__()
+        if image_size % patch or frames % tubelet:
+            raise AdaptError(f"video: size {image_size} / patch {patch} and frames {frames} / tubelet {tubelet} "
+                             "must divide evenly")
+        self.shape = (3, frames, image_size, image_size)
+        self.embed = nn.Conv3d(3, width, kernel_size=(tubelet, patch, patch), stride=(tubelet, patch, patch))
+        n = (frames // tubelet) * (image_size // patch) ** 2
+        self.cls_token = nn.Parameter(torch.randn(width) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(n + 1, width) * 0.02)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != self.shape:
+            raise AdaptError(f"video: input {tuple(x.shape[1:])}, the tokenizer expects {self.shape}")
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        cls = self.cls_token.expand(x.shape[0], 1, -1)
+        return self.norm(torch.cat([cls, x], dim=1) + self.pos_embed)
