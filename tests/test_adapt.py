@@ -237,6 +237,22 @@ def video_dir(d: str, n: int, seed: int, frames: int = 8, size: int = 16) -> Non
             np.save(os.path.join(d, k, f"{seed}-{i}.npy"), clip)
 
 
+def text_csv(path: str, n: int, seed: int) -> None:
+    """3 topics (animals, vehicles, food): a sentence of topic words and filler words in random order."""
+    rng = np.random.default_rng(seed)
+    topics = {"animals": ["dog", "cat", "horse", "bird", "fish"], "vehicles": ["car", "bus", "train", "bike", "boat"],
+              "food": ["bread", "apple", "rice", "cheese", "soup"]}
+    filler = ["the", "a", "today", "near", "my", "big", "small", "old", "new", "very"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text", "label"])
+        for i in range(n):
+            topic = list(topics)[i % 3]
+            words = list(rng.choice(topics[topic], 2)) + list(rng.choice(filler, 4))
+            rng.shuffle(words)
+            w.writerow([i, " ".join(words), topic])
+
+
 # -- references --------------------------------------------------------------------------------------
 
 def reference_fbank(rate: int, n_fft: int, n_mels: int) -> np.ndarray:
@@ -378,6 +394,8 @@ TASKS = {
                                                                 "sample_rate": 50}, 3, 60),
     "video": (lambda d, n, s: video_dir(f"{d}/clips", n, s), "clips", {"epochs": 15, "lr": 3e-3, "image_size": 16,
                                                                         "patch": 8}, 3, 60),
+    "text": (lambda d, n, s: text_csv(f"{d}/texts.csv", n, s), "texts.csv", {"epochs": 15, "lr": 3e-3,
+                                                                             "context_length": 16}, 3, 60),
 }
 
 
@@ -634,3 +652,13 @@ def test_video_clips_without_frames_or_a_decoder_are_refused_naming_the_file(tmp
     (d / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
     with pytest.raises(DataError, match="clip.mp4: mp4 clips need a video decoder"):
         VideoIO.read(str(tmp_path / "v"), cfg, labelled=True)
+
+
+def test_text_needs_its_text_column(encoder, tmp_path):
+    from mtx_dist.adapt.errors import DataError
+
+    text_csv(str(tmp_path / "t.csv"), 6, 0)
+    cfg = AdaptConfig(encoder=encoder, modality="text", data=str(tmp_path / "t.csv"), out=str(tmp_path / "m"),
+                      text_column="caption", epochs=1)
+    with pytest.raises(DataError, match=r"t.csv: no text column 'caption' \(--text-column\)"):
+        train_adapter(cfg, NO_TRACKING, progress=False)

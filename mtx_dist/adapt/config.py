@@ -12,7 +12,7 @@ from mtx_dist.devices import DEVICES
 from mtx_kernels import BACKENDS
 
 MODALITIES = ("timeseries", "tabular", "audio", "pointcloud", "image", "xray", "infrared", "hyperspectral", "imu",
-              "video")
+              "video", "text")
 TASKS = ("classification", "regression")
 REQUIRED = ("encoder", "modality", "data", "out")
 
@@ -53,6 +53,9 @@ class AdaptConfig:
     band_group: int = option(8, "hyperspectral: adjacent bands in one token", min=1)
     frames: int = option(8, "video: frames sampled evenly from each clip", min=1)
     tubelet: int = option(2, "video: frames in one token (a tubelet of tubelet x patch x patch pixels)", min=1)
+    text_column: str = option("text", "text: the column holding the text")
+    context_length: int = option(32, "text: CLIP BPE tokens per text (SOT and EOT included; longer texts are cut)",
+                                 min=3)
     skip_bad: bool = option(False, "folders: leave out (and count) files that cannot be read, instead of stopping")
     attention: str = option("auto", "attention backend for the frozen blocks", BACKENDS)
     device: str = option("auto", "where to train: auto = cuda when available, else cpu", DEVICES)

@@ -16,6 +16,7 @@ from mtx_dist.adapt.config import MODALITIES
 from mtx_dist.adapt.errors import AdaptError
 from mtx_dist.adapt.hyperspectral import HyperspectralTokenizer
 from mtx_dist.adapt.pointcloud import PointCloudTokenizer
+from mtx_dist.adapt.text import TextTokenizer
 from mtx_dist.adapt.video import VideoTokenizer
 
 
@@ -120,7 +121,7 @@ def build_tokenizer(modality: str, width: int, settings: dict) -> nn.Module:
     kinds = {"timeseries": TimeSeriesTokenizer, "tabular": TabularTokenizer, "audio": AudioTokenizer,
              "pointcloud": PointCloudTokenizer, "image": ImageTokenizer, "xray": ImageTokenizer,
              "infrared": ImageTokenizer, "hyperspectral": HyperspectralTokenizer, "imu": TimeSeriesTokenizer,
-             "video": VideoTokenizer}
+             "video": VideoTokenizer, "text": TextTokenizer}
     if modality not in kinds:
         raise AdaptError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
     try:

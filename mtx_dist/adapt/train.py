@@ -21,6 +21,7 @@ from mtx_dist.adapt.encoder import FrozenEncoder
 from mtx_dist.adapt.errors import AdaptError
 from mtx_dist.adapt.files import AudioIO, GrayImageIO, ImageIO, ImuIO, PointCloudIO
 from mtx_dist.adapt.hyperspectral import HyperspectralIO
+from mtx_dist.adapt.text import TextIO
 from mtx_dist.adapt.video import VideoIO
 from mtx_dist.adapt.model import AdaptedModel, build_model, load_adapter, save_adapter
 from mtx_dist.config import TrackingConfig
@@ -28,7 +29,7 @@ from mtx_dist.devices import resolve_device
 
 IO = {"timeseries": TimeSeriesIO, "tabular": TabularIO, "audio": AudioIO, "pointcloud": PointCloudIO,
       "image": ImageIO, "xray": GrayImageIO, "infrared": GrayImageIO, "hyperspectral": HyperspectralIO,
-      "imu": ImuIO, "video": VideoIO}
+      "imu": ImuIO, "video": VideoIO, "text": TextIO}
 
 
 def _loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:

@@ -1,0 +1,67 @@
+"""Text classification/regression on the frozen encoder: a ``.csv``/``.parquet`` table with a text
+column (``--text-column``, default ``text``) and the ``--target`` column.
+
+Captions are CLIP BPE tokens (the training tokenizer, ``--context-length`` tokens with SOT/EOT,
+zero padded). The tokenizer is a learned token embedding over the CLIP vocabulary plus learned
+positions and a [CLS] token; the Meta-Transformer export carries the image blocks only, so the
+embedding starts random (a text tower's embedding is not part of that export).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from mtx_dist.adapt.data import DataError, is_missing, read_rows
+
+
+class TextIO:
+    @staticmethod
+    def read(path, cfg, labelled, pre=None):
+        columns, rows, _, raw = read_rows(path, cfg.target, labelled)
+        column = pre["column"] if pre else cfg.text_column
+        if column not in columns:
+            raise DataError(f"{path}: no text column {column!r} (--text-column); columns are: {', '.join(columns)}")
+        texts = []
+        for i, row in enumerate(rows):
+            v = row[column]
+            if is_missing(v) or not str(v).strip():
+                raise DataError(f"{path}: row {raw.ids[i]}, column {column!r} is empty")
+            texts.append(str(v))
+        raw.items = texts
+        raw.info.update(text_column=column)
+        return raw
+
+    @staticmethod
+    def fit(raw, train_idx, cfg, manifest) -> tuple[dict, dict]:
+        from mtx_data_pipelines.tokenizer import ClipTokenizer
+
+        ids = ClipTokenizer(context_length=cfg.context_length)([raw.items[i] for i in train_idx])
+        truncated = int((ids[:, -1] != 0).sum())  # rows that filled the context (their tail was cut)
+        raw.info.update(texts_filling_the_context=truncated)
+        return {"column": raw.info["text_column"]}, {"context_length": cfg.context_length}
+
+    @staticmethod
+    def transform(raw, pre, settings) -> torch.Tensor:
+        from mtx_data_pipelines.tokenizer import ClipTokenizer
+
+        ids = ClipTokenizer(context_length=settings["context_length"])(raw.items)
+        return torch.from_numpy(np.ascontiguousarray(ids))
+
+
+class TextTokenizer(nn.Module):
+    """(N, context) CLIP token ids -> [CLS] + context token embeddings with learned positions."""
+
+    def __init__(self, width: int, context_length: int, vocab_size: int = 49408) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, width)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.cls_token = nn.Parameter(torch.randn(width) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(context_length + 1, width) * 0.01)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids.long())
+        cls = self.cls_token.expand(x.shape[0], 1, -1)
+        return self.norm(torch.cat([cls, x], dim=1) + self.pos_embed)
