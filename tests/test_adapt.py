@@ -222,11 +222,11 @@ def video_dir(d: str, n: int, seed: int, frames: int = 8, size: int = 16) -> Non
     for i in range(n):
         k = ["still", "blink", "slide"][i % 3]
         clip = rng.uniform(0, 0.3, (frames, size, size, 3))
-        y, x = rng.integers(2, size - 8, 2)
+        y, x = rng.integers(0, size - 6, 2)
         for t in range(frames):
             if k == "blink" and t % 2:
                 continue
-            dx = t if k == "slide" else 0
+            dx = 2 * t if k == "slide" else 0
             clip[t, y:y + 6, min(x + dx, size - 6):min(x + dx, size - 6) + 6] += 0.7
         clip = (np.clip(clip, 0, 1) * 255).astype(np.uint8)
         os.makedirs(os.path.join(d, k), exist_ok=True)
@@ -251,6 +251,35 @@ def text_csv(path: str, n: int, seed: int) -> None:
             words = list(rng.choice(topics[topic], 2)) + list(rng.choice(filler, 4))
             rng.shuffle(words)
             w.writerow([i, " ".join(words), topic])
+
+
+def graph_dir(d: str, n: int, seed: int) -> None:
+    """Graphs of 6-10 nodes, 3 classes: a cycle, a star, a complete graph; node feature: the degree;
+    half .json, half .npz, edges listed both ways in some."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        k, size = ["cycle", "star", "complete"][i % 3], int(rng.integers(6, 11))
+        if k == "cycle":
+            edges = [(j, (j + 1) % size) for j in range(size)]
+        elif k == "star":
+            edges = [(0, j) for j in range(1, size)]
+        else:
+            edges = [(a, b) for a in range(size) for b in range(a + 1, size)]
+        if i % 4 == 0:
+            edges += [(b, a) for a, b in edges]
+        perm = rng.permutation(size)
+        edges = [(int(perm[a]), int(perm[b])) for a, b in edges]
+        degree = np.zeros(size)
+        for a, b in set(tuple(sorted(e)) for e in edges):
+            degree[a] += 1
+            degree[b] += 1
+        os.makedirs(os.path.join(d, k), exist_ok=True)
+        if i % 2:
+            with open(os.path.join(d, k, f"{seed}-{i}.json"), "w") as f:
+                json.dump({"nodes": [[float(v)] for v in degree], "edges": edges}, f)
+        else:
+            np.savez(os.path.join(d, k, f"{seed}-{i}.npz"), x=degree[:, None].astype(np.float32),
+                     edge_index=np.asarray(edges, np.int64).T)
 
 
 # -- references --------------------------------------------------------------------------------------
@@ -392,10 +421,11 @@ TASKS = {
                       {"epochs": 15, "lr": 3e-3, "band_group": 4}, 3, 60),
     "imu": (lambda d, n, s: imu_dir(f"{d}/imu", n, s), "imu", {"patch": 8, "epochs": 15, "lr": 3e-3,
                                                                 "sample_rate": 50}, 3, 60),
-    "video": (lambda d, n, s: video_dir(f"{d}/clips", n, s), "clips", {"epochs": 15, "lr": 3e-3, "image_size": 16,
-                                                                        "patch": 8}, 3, 60),
+    "video": (lambda d, n, s: video_dir(f"{d}/clips", n, s), "clips", {"epochs": 25, "lr": 3e-3, "image_size": 16,
+                                                                        "patch": 8}, 3, 90),
     "text": (lambda d, n, s: text_csv(f"{d}/texts.csv", n, s), "texts.csv", {"epochs": 15, "lr": 3e-3,
                                                                              "context_length": 16}, 3, 60),
+    "graph": (lambda d, n, s: graph_dir(f"{d}/graphs", n, s), "graphs", {"epochs": 30, "lr": 3e-3}, 3, 60),
 }
 
 
@@ -662,3 +692,18 @@ def test_text_needs_its_text_column(encoder, tmp_path):
                       text_column="caption", epochs=1)
     with pytest.raises(DataError, match=r"t.csv: no text column 'caption' \(--text-column\)"):
         train_adapter(cfg, NO_TRACKING, progress=False)
+
+
+def test_graph_edge_to_a_missing_node_is_refused_naming_the_file(tmp_path):
+    from mtx_dist.adapt.errors import DataError
+    from mtx_dist.adapt.graph import GraphIO, laplacian_ids
+
+    d = tmp_path / "g" / "a"
+    os.makedirs(d)
+    (d / "bad.json").write_text(json.dumps({"nodes": [[1.0], [2.0], [1.0]], "edges": [[0, 1], [1, 5]]}))
+    cfg = AdaptConfig(modality="graph", target="label")
+    with pytest.raises(DataError, match=r"bad.json: edge 1 -> 5 names a missing node \(the graph has 3 nodes"):
+        GraphIO.read(str(tmp_path / "g"), cfg, labelled=True)
+    # the identifiers are orthonormal eigenvectors of the normalised Laplacian (a 4-cycle here)
+    p = laplacian_ids(4, np.array([[0, 1], [1, 2], [2, 3], [0, 3]]), 4)
+    np.testing.assert_allclose(p.T @ p, np.eye(4), atol=1e-5)

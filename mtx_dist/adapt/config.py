@@ -12,7 +12,7 @@ from mtx_dist.devices import DEVICES
 from mtx_kernels import BACKENDS
 
 MODALITIES = ("timeseries", "tabular", "audio", "pointcloud", "image", "xray", "infrared", "hyperspectral", "imu",
-              "video", "text")
+              "video", "text", "graph")
 TASKS = ("classification", "regression")
 REQUIRED = ("encoder", "modality", "data", "out")
 
@@ -56,6 +56,7 @@ class AdaptConfig:
     text_column: str = option("text", "text: the column holding the text")
     context_length: int = option(32, "text: CLIP BPE tokens per text (SOT and EOT included; longer texts are cut)",
                                  min=3)
+    graph_eigvecs: int = option(8, "graph: Laplacian eigenvectors per node identifier (TokenGT)", min=1)
     skip_bad: bool = option(False, "folders: leave out (and count) files that cannot be read, instead of stopping")
     attention: str = option("auto", "attention backend for the frozen blocks", BACKENDS)
     device: str = option("auto", "where to train: auto = cuda when available, else cpu", DEVICES)

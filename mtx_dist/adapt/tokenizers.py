@@ -14,6 +14,7 @@ from torch import nn
 from mtx_dist.adapt.audio import AudioTokenizer
 from mtx_dist.adapt.config import MODALITIES
 from mtx_dist.adapt.errors import AdaptError
+from mtx_dist.adapt.graph import GraphTokenizer
 from mtx_dist.adapt.hyperspectral import HyperspectralTokenizer
 from mtx_dist.adapt.pointcloud import PointCloudTokenizer
 from mtx_dist.adapt.text import TextTokenizer
@@ -121,7 +122,7 @@ def build_tokenizer(modality: str, width: int, settings: dict) -> nn.Module:
     kinds = {"timeseries": TimeSeriesTokenizer, "tabular": TabularTokenizer, "audio": AudioTokenizer,
              "pointcloud": PointCloudTokenizer, "image": ImageTokenizer, "xray": ImageTokenizer,
              "infrared": ImageTokenizer, "hyperspectral": HyperspectralTokenizer, "imu": TimeSeriesTokenizer,
-             "video": VideoTokenizer, "text": TextTokenizer}
+             "video": VideoTokenizer, "text": TextTokenizer, "graph": GraphTokenizer}
     if modality not in kinds:
         raise AdaptError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
     try:

@@ -20,6 +20,7 @@ from mtx_dist.adapt.data import TabularIO, TimeSeriesIO, as_float, encode_target
 from mtx_dist.adapt.encoder import FrozenEncoder
 from mtx_dist.adapt.errors import AdaptError
 from mtx_dist.adapt.files import AudioIO, GrayImageIO, ImageIO, ImuIO, PointCloudIO
+from mtx_dist.adapt.graph import GraphIO
 from mtx_dist.adapt.hyperspectral import HyperspectralIO
 from mtx_dist.adapt.text import TextIO
 from mtx_dist.adapt.video import VideoIO
@@ -29,7 +30,7 @@ from mtx_dist.devices import resolve_device
 
 IO = {"timeseries": TimeSeriesIO, "tabular": TabularIO, "audio": AudioIO, "pointcloud": PointCloudIO,
       "image": ImageIO, "xray": GrayImageIO, "infrared": GrayImageIO, "hyperspectral": HyperspectralIO,
-      "imu": ImuIO, "video": VideoIO, "text": TextIO}
+      "imu": ImuIO, "video": VideoIO, "text": TextIO, "graph": GraphIO}
 
 
 def _loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
