@@ -707,3 +707,20 @@ def test_graph_edge_to_a_missing_node_is_refused_naming_the_file(tmp_path):
     # the identifiers are orthonormal eigenvectors of the normalised Laplacian (a 4-cycle here)
     p = laplacian_ids(4, np.array([[0, 1], [1, 2], [2, 3], [0, 3]]), 4)
     np.testing.assert_allclose(p.T @ p, np.eye(4), atol=1e-5)
+
+
+def test_the_best_validation_epoch_is_saved_and_patience_stops_early(encoder, tmp_path):
+    tabular_csv(str(tmp_path / "t.csv"), 90, 0)
+    cfg = AdaptConfig(encoder=encoder, modality="tabular", data=str(tmp_path / "t.csv"), target="cls",
+                      ignore="id,y", out=str(tmp_path / "m"), epochs=40, lr=3e-3, batch_size=16, patience=3)
+    s = train_adapter(cfg, NO_TRACKING, progress=False)
+    assert s["epochs_run"] < 40 and s["epochs_run"] == s["best_epoch"] + 3  # stopped 3 epochs after the best
+    saved = json.loads((tmp_path / "m" / "adapter.json").read_text())["training"]
+    assert saved["best_epoch"] == s["best_epoch"] and saved["metrics"] == s["metrics"]
+    # the saved model is the best epoch's: it reproduces that epoch's validation accuracy
+    from mtx_dist.adapt.data import split
+    r = predict(str(tmp_path / "m"), str(tmp_path / "t.csv"))
+    _, val_idx = split(90, cfg.val_fraction, cfg.seed)
+    truth = [l.split(",")[-1] for l in (tmp_path / "t.csv").read_text().splitlines()[1:]]
+    right = sum(r["predictions"][i] == truth[i] for i in val_idx)
+    assert right / len(val_idx) == pytest.approx(s["metrics"]["val_accuracy"], abs=1e-6)

@@ -27,6 +27,8 @@ class AdaptConfig:
     target: str = option("label", "target column (tables, or labels.csv in a folder)")
     task: str = option("classification", "classification (cross-entropy) or regression (MSE)", TASKS)
     epochs: int = option(20, "passes over the training split", min=1)
+    patience: int = option(0, "early stopping: stop after this many epochs without a better validation metric "
+                           "(0 = run every epoch); the best epoch is the one saved either way", min=0)
     lr: float = option(1e-3, "AdamW learning rate (constant), > 0", min=0)
     weight_decay: float = option(0.01, "AdamW weight decay", min=0)
     batch_size: int = option(32, "samples per step", min=1)

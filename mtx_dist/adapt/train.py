@@ -102,6 +102,10 @@ def train_adapter(cfg: AdaptConfig, tracking: TrackingConfig | None = None, prog
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"adapt {cfg.modality}", disable=not progress,
                leave=False)
     status = "FAILED"
+    # The epoch saved is the best on validation (accuracy, or RMSE for regression); without a
+    # validation split, the last. Only the trainable tensors are kept: the encoder never changes.
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    best, best_epoch, best_state, since_best = None, 0, None, 0
     try:
         for epoch in range(cfg.epochs):
             model.train()
@@ -122,9 +126,19 @@ def train_adapter(cfg: AdaptConfig, tracking: TrackingConfig | None = None, prog
                                metrics(infer(model, x[val_idx]), y[val_idx], cfg.task, target).items()})
             bar.set_postfix({k: f"{v:.3g}" for k, v in logged.items()})
             tracker.log_metrics(logged, step=epoch + 1)
-        summary["metrics"] = logged
-        spec["training"] = {"config": dataclasses.asdict(cfg), "metrics": logged,
-                            "samples": {"train": len(train_idx), "val": len(val_idx)}}
+            score = (logged["val_accuracy"] if cfg.task == "classification" else -logged["val_rmse"]) if val_idx \
+                else epoch
+            if best is None or score > best[0]:
+                best, best_epoch, since_best = (score, dict(logged)), epoch + 1, 0
+                best_state = {n: t.detach().clone() for n, t in model.state_dict().items() if n in trainable}
+            else:
+                since_best += 1
+                if cfg.patience and since_best >= cfg.patience:
+                    break
+        model.load_state_dict(best_state, strict=False)
+        summary.update(metrics=best[1], best_epoch=best_epoch, epochs_run=epoch + 1)
+        spec["training"] = {"config": dataclasses.asdict(cfg), "metrics": best[1], "best_epoch": best_epoch,
+                            "epochs_run": epoch + 1, "samples": {"train": len(train_idx), "val": len(val_idx)}}
         summary["out"] = save_adapter(model, spec, cfg.out)
         summary["model"] = model.eval()
         tracker.log_artifacts(cfg.out, "adapter")
