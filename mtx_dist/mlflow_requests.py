@@ -13,27 +13,37 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import threading
 
-_POLICY_LOCK = threading.RLock()
+_LOCK = threading.Lock()  # guards the count and the saved values, never held across a request
+_active = {"count": 0, "saved": {}}
 
 
 @contextlib.contextmanager
 def request_policy(timeout_s: float):
-    """Within the block: MLflow requests are not retried and time out after ``timeout_s``."""
-    ours = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
-    with _POLICY_LOCK:
-        saved = {k: os.environ.get(k) for k in ours}
-        os.environ.update(ours)
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    """Within the block: MLflow requests are not retried and time out after ``timeout_s`` (whole
+    seconds: MLflow reads the variable as an integer). Scopes may overlap, on one thread or several:
+    the first to enter sets the variables, the last to leave restores the process's values, and no
+    lock is held while a request runs."""
+    ours = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout_s)))}
+    with _LOCK:
+        if _active["count"] == 0:
+            _active["saved"] = {k: os.environ.get(k) for k in ours}
+            os.environ.update(ours)
+        _active["count"] += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _active["count"] -= 1
+            if _active["count"] == 0:
+                for k, v in _active["saved"].items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
 
 
 class ScopedClient:

@@ -56,11 +56,12 @@ class Device:
     per_node: int = 8
 
 
-# Memory from the datasheets; NVLink bus bandwidth is what NCCL's all_reduce_perf reaches on 8-GPU
-# nodes (about 80 % of the one-way NVLink bandwidth: 450 GB/s on H100/H200, 300 GB/s on A100).
+# Memory in GiB as the driver reports it (the datasheets' "80 GB" is 79.6 GiB usable, "141 GB" 140.4);
+# NVLink bus bandwidth is what NCCL's all_reduce_perf reaches on 8-GPU nodes (about 80 % of the
+# one-way NVLink bandwidth: 450 GB/s on H100/H200, 300 GB/s on A100).
 DEVICES = {
-    "H100": (80.0, 360.0), "H200": (141.0, 360.0), "GH200": (96.0, 360.0), "A100": (80.0, 240.0),
-    "A100-40GB": (40.0, 240.0), "H100 PCIe": (80.0, 100.0),
+    "H100": (79.6, 360.0), "H200": (140.4, 360.0), "GH200": (94.5, 360.0), "A100": (79.2, 240.0),
+    "A100-40GB": (39.4, 240.0), "H100 PCIe": (79.6, 100.0),
 }
 
 

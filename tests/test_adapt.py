@@ -133,23 +133,28 @@ def pointcloud_dir(d: str, n: int, seed: int) -> None:
         np.save(os.path.join(d, k, f"{seed}-{i}.npy"), p.astype(np.float32))
 
 
+def _pattern(rng, i: int, shape: tuple[int, ...]) -> tuple[str, np.ndarray]:
+    """Class i % 3 of the image tasks (horizontal stripes, vertical stripes, a disc) on noise, in 0..1."""
+    k, size = ["hstripes", "vstripes", "disc"][i % 3], shape[0]
+    img = rng.uniform(0, 0.3, shape)
+    if k == "hstripes":
+        img[::4] += 0.6
+    elif k == "vstripes":
+        img[:, ::4] += 0.6
+    else:
+        cy, cx = rng.integers(8, 24, 2)
+        yy, xx = np.mgrid[:size, :size]
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] += 0.6
+    return k, np.clip(img, 0, 1)
+
+
 def image_dir(d: str, n: int, seed: int, size: int = 32) -> None:
     """3 classes: horizontal stripes, vertical stripes, a disc; half .png, half float .npy."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     for i in range(n):
-        k = ["hstripes", "vstripes", "disc"][i % 3]
-        img = rng.uniform(0, 0.3, (size, size, 3))
-        if k == "hstripes":
-            img[::4] += 0.6
-        elif k == "vstripes":
-            img[:, ::4] += 0.6
-        else:
-            cy, cx = rng.integers(8, 24, 2)
-            yy, xx = np.mgrid[:size, :size]
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] += 0.6
-        img = np.clip(img, 0, 1)
+        k, img = _pattern(rng, i, (size, size, 3))
         os.makedirs(os.path.join(d, k), exist_ok=True)
         if i % 2:
             Image.fromarray((img * 255).astype(np.uint8)).save(os.path.join(d, k, f"{seed}-{i}.png"))
@@ -164,17 +169,7 @@ def gray_dir(d: str, n: int, seed: int, size: int = 32, bits: int = 16) -> None:
 
     rng = np.random.default_rng(seed)
     for i in range(n):
-        k = ["hstripes", "vstripes", "disc"][i % 3]
-        img = rng.uniform(0, 0.3, (size, size))
-        if k == "hstripes":
-            img[::4] += 0.6
-        elif k == "vstripes":
-            img[:, ::4] += 0.6
-        else:
-            cy, cx = rng.integers(8, 24, 2)
-            yy, xx = np.mgrid[:size, :size]
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] += 0.6
-        img = np.clip(img, 0, 1)
+        k, img = _pattern(rng, i, (size, size))
         os.makedirs(os.path.join(d, k), exist_ok=True)
         if i % 2 and bits == 16:
             Image.fromarray((img * 65535).astype(np.uint16)).save(os.path.join(d, k, f"{seed}-{i}.png"))

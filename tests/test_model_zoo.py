@@ -110,3 +110,15 @@ def test_bad_custom_geometry_is_refused_naming_the_key(key, value, named):
     with pytest.raises(ConfigError) as e:
         load_config(None, ["model.preset=micro", f"{key}={value}"])
     assert str(e.value).startswith(f"config key '{named}'")
+
+
+def test_export_names_of_custom_and_file_geometries():
+    from mtx_dist.export.writers import openclip_arch
+
+    micro = get_preset("micro")
+    assert openclip_arch("ViT-B-32", get_preset("ViT-B-32")) == ("ViT-B-32", True)
+    assert openclip_arch("vit-b16", get_preset("vit-b16")) == ("ViT-B-16", True)
+    assert openclip_arch("micro", micro) == ("mtx-micro", False)
+    assert openclip_arch("ViT-B-32-custom", micro) == ("mtx-ViT-B-32-custom", False)
+    assert openclip_arch("/runs/a/export/open_clip_config.json-custom", micro) == ("mtx-export-custom", False)
+    assert openclip_arch("/cfg/geo.json", micro)[0] == "mtx-geo"

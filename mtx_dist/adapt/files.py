@@ -68,6 +68,34 @@ def list_samples(path: str, suffixes: tuple[str, ...], target: str, labelled: bo
     return Raw(files, targets, [os.path.relpath(f, path) for f in files], info)
 
 
+def read_npy(f: str) -> np.ndarray:
+    """An ``.npy`` array (data only, no pickles), or a DataError naming the file."""
+    try:
+        return np.load(f, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{f}: not a readable .npy array ({e})") from e
+
+
+def as_float_checked(a: np.ndarray, f: str, what: str) -> np.ndarray:
+    """uint8 -> float32 / 255; floats as they are (NaN and infinities refused); other integer types
+    refused (``what`` names the values: pixels, frames)."""
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if np.issubdtype(a.dtype, np.integer):
+        raise DataError(f"{f}: {a.dtype} {what}; expected uint8, or floats")
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise DataError(f"{f}: NaN or infinite values")
+    return a
+
+
+def image_geometry(cfg, manifest) -> tuple[dict, int, int]:
+    """(the encoder's normalisation {mean, std}, image size, patch) for the image-like modalities."""
+    enc, prep = manifest.get("encoder", {}), manifest.get("preprocessing", {})
+    pre = {"mean": list(prep.get("mean", (0.5, 0.5, 0.5))), "std": list(prep.get("std", (0.5, 0.5, 0.5)))}
+    return pre, cfg.image_size or int(enc.get("image_size", 224)), cfg.patch or int(enc.get("patch_size", 16))
+
+
 def load_each(raw: Raw, load, skip_bad: bool) -> Raw:
     """Replace each file path in ``raw.items`` by ``load(path)``; a file ``load`` rejects with a
     DataError stops reading, or with ``skip_bad`` is dropped (with its target and id) and counted."""
@@ -193,10 +221,8 @@ class ImageIO:
 
     @staticmethod
     def fit(raw, train_idx, cfg, manifest) -> tuple[dict, dict]:
-        enc, prep = manifest.get("encoder", {}), manifest.get("preprocessing", {})
-        size = cfg.image_size or int(enc.get("image_size", 224))
-        pre = {"mean": list(prep.get("mean", (0.5, 0.5, 0.5))), "std": list(prep.get("std", (0.5, 0.5, 0.5)))}
-        return pre, {"image_size": size, "patch": cfg.patch or int(enc.get("patch_size", 16))}
+        pre, size, patch = image_geometry(cfg, manifest)
+        return pre, {"image_size": size, "patch": patch}
 
     @staticmethod
     def transform(raw, pre, settings) -> torch.Tensor:
@@ -229,14 +255,14 @@ class GrayImageIO:
         raw = list_samples(path, GrayImageIO.SUFFIXES, cfg.target, labelled)
 
         def load(f: str) -> np.ndarray:
-            try:
-                if f.lower().endswith(".npy"):
-                    a = np.load(f, allow_pickle=False)
-                else:
+            if f.lower().endswith(".npy"):
+                a = read_npy(f)
+            else:
+                try:
                     with Image.open(f) as im:
-                        a = np.asarray(im)
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                raise DataError(f"{f}: not a readable image ({e})") from e
+                        a = np.asarray(im.convert("L") if im.mode in ("P", "PA", "LA", "1") else im)
+                except (OSError, ValueError, Image.DecompressionBombError) as e:
+                    raise DataError(f"{f}: not a readable image ({e})") from e
             if a.ndim == 3 and a.shape[2] in (3, 4) and np.issubdtype(a.dtype, np.number):
                 if a.shape[2] == 4 or not (np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2])):
                     raise DataError(f"{f}: a colour image (shape {a.shape}); {cfg.modality or 'this model'} reads single-channel "
@@ -244,24 +270,18 @@ class GrayImageIO:
                 a = a[..., 0]
             if a.ndim != 2 or not np.issubdtype(a.dtype, np.number) or min(a.shape) < 1:
                 raise DataError(f"{f}: shape {a.shape} {a.dtype}; expected a numeric single-channel (H, W) image")
-            if a.dtype == np.uint8:
-                return a.astype(np.float32) / 255.0
-            if a.dtype in (np.uint16, np.int32) or np.issubdtype(a.dtype, np.integer):  # PIL's 16-bit modes
+            if a.dtype in (np.uint16, np.int32) and a.min() >= 0 and a.max() <= 65535:  # 16 bits (PIL: I;16 or I)
                 return a.astype(np.float32) / 65535.0
-            a = a.astype(np.float32)
-            if not np.isfinite(a).all():
-                raise DataError(f"{f}: NaN or infinite values")
-            return a
+            return as_float_checked(a, f, "pixels")
 
         return load_each(raw, load, cfg.skip_bad)
 
     @staticmethod
     def fit(raw, train_idx, cfg, manifest) -> tuple[dict, dict]:
-        enc = manifest.get("encoder", {})
-        size = cfg.image_size or int(enc.get("image_size", 224))
+        _, size, patch = image_geometry(cfg, manifest)
         pixels = np.concatenate([raw.items[i].ravel() for i in train_idx])
         pre = {"mean": float(pixels.mean()), "std": float(pixels.std()) or 1.0}
-        return pre, {"image_size": size, "patch": cfg.patch or int(enc.get("patch_size", 16)), "channels": 1}
+        return pre, {"image_size": size, "patch": patch, "channels": 1}
 
     @staticmethod
     def transform(raw, pre, settings) -> torch.Tensor:
@@ -292,10 +312,7 @@ class ImuIO:
         want = (len(pre["channels"]), pre["length"]) if pre else None
 
         def load(f: str) -> np.ndarray:
-            try:
-                a = np.load(f, allow_pickle=False)
-            except (OSError, ValueError) as e:
-                raise DataError(f"{f}: not a readable .npy array ({e})") from e
+            a = read_npy(f)
             if a.ndim != 2 or not np.issubdtype(a.dtype, np.number) or min(a.shape) < 1:
                 raise DataError(f"{f}: shape {a.shape} {a.dtype}; expected a numeric (channels, T) recording")
             if want and a.shape != want:
@@ -305,7 +322,7 @@ class ImuIO:
             return np.ascontiguousarray(a.T.astype(np.float32))  # (T, channels), as tables give it
 
         raw = load_each(raw, load, cfg.skip_bad)
-        if raw.items:
+        if raw.items:  # fit() checks that every recording has this shape
             raw.info.update(channels=[f"c{k}" for k in range(raw.items[0].shape[1])], length=raw.items[0].shape[0])
         return raw
 
@@ -314,7 +331,7 @@ class ImuIO:
         from mtx_dist.adapt.data import TimeSeriesIO
 
         first = raw.items[train_idx[0]].shape
-        for i in train_idx:
+        for i in range(len(raw.items)):  # validation recordings too
             if raw.items[i].shape != first:
                 raise DataError(f"{raw.ids[i]}: {raw.items[i].shape[1]} channels x {raw.items[i].shape[0]} steps; the "
                                 f"first training recording has {first[1]} x {first[0]}: every recording needs the same")

@@ -33,7 +33,10 @@ def _load_graph(f: str) -> tuple[np.ndarray, np.ndarray]:
         else:
             with np.load(f, allow_pickle=False) as z:
                 x = np.asarray(z["x"], dtype=np.float32)
-                edges = np.asarray(z["edge_index"], dtype=np.int64).reshape(2, -1).T
+                index = np.asarray(z["edge_index"], dtype=np.int64)
+            if index.ndim != 2 or index.shape[0] != 2:
+                raise ValueError(f"edge_index of shape {index.shape}, not (2, E)")
+            edges = index.T
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{f}: not a readable graph ({type(e).__name__}: {e}); expected JSON {{'nodes': [[...]], "
                         "'edges': [[i, j]]}} or .npz with x (N, F) and edge_index (2, E)") from e
@@ -58,6 +61,9 @@ def laplacian_ids(n: int, edges: np.ndarray, k: int) -> np.ndarray:
     d = a.sum(1)
     inv = np.where(d > 0, 1.0 / np.sqrt(np.maximum(d, 1e-12)), 0.0)
     _, vecs = np.linalg.eigh(np.eye(n) - inv[:, None] * a * inv[None, :])
+    # An eigenvector's sign is arbitrary: fix it (largest-magnitude entry positive) so that the same
+    # graph gets the same identifiers on any LAPACK build. (Bases of repeated eigenvalues stay arbitrary.)
+    vecs = vecs * np.where(vecs[np.abs(vecs).argmax(0), np.arange(n)] < 0, -1.0, 1.0)
     out = np.zeros((n, k), np.float32)
     out[:, : min(k, n)] = vecs[:, : min(k, n)]
     return out
@@ -79,12 +85,12 @@ class GraphIO:
 
     @staticmethod
     def fit(raw, train_idx, cfg, manifest) -> tuple[dict, dict]:
-        feats = {raw.items[i][0].shape[1] for i in train_idx}
+        feats = {g[0].shape[1] for g in raw.items}
         if len(feats) > 1:
-            raise DataError(f"training graphs have different node feature counts: {sorted(feats)}")
+            raise DataError(f"the graphs have different node feature counts: {sorted(feats)}")
         x = np.concatenate([raw.items[i][0] for i in train_idx])
         std = x.std(0)
-        tokens = max(len(raw.items[i][0]) + len(raw.items[i][1]) for i in train_idx)
+        tokens = max(len(g[0]) + len(g[1]) for g in raw.items)  # validation graphs need room too
         pre = {"features": feats.pop(), "tokens": tokens, "eigvecs": cfg.graph_eigvecs,
                "mean": x.mean(0).tolist(), "std": np.where(std > 0, std, 1.0).tolist()}
         return pre, {"in_features": pre["features"] + 2 * cfg.graph_eigvecs + 3, "tokens": tokens}

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtx_dist.adapt.errors import AdaptError, DataError
-from mtx_dist.adapt.files import list_samples, load_each
+from mtx_dist.adapt.files import list_samples, load_each, read_npy
 
 
 class HyperspectralIO:
@@ -25,10 +25,7 @@ class HyperspectralIO:
         want = tuple(pre["shape"]) if pre else None
 
         def load(f: str) -> np.ndarray:
-            try:
-                a = np.load(f, allow_pickle=False)
-            except (OSError, ValueError) as e:
-                raise DataError(f"{f}: not a readable .npy array ({e})") from e
+            a = read_npy(f)
             if a.ndim != 3 or not np.issubdtype(a.dtype, np.number) or min(a.shape) < 1:
                 raise DataError(f"{f}: shape {a.shape} {a.dtype}; expected a numeric (H, W, bands) cube")
             if want and a.shape != want:
@@ -44,9 +41,9 @@ class HyperspectralIO:
     @staticmethod
     def fit(raw, train_idx, cfg, manifest) -> tuple[dict, dict]:
         shape = raw.items[train_idx[0]].shape
-        for i in train_idx:
-            if raw.items[i].shape != shape:
-                raise DataError(f"{raw.ids[i]}: shape {raw.items[i].shape}; the first training cube "
+        for i, a in enumerate(raw.items):  # validation cubes too: they go through the same tokenizer
+            if a.shape != shape:
+                raise DataError(f"{raw.ids[i]}: shape {a.shape}; the first training cube "
                                 f"({raw.ids[train_idx[0]]}) has {shape}: every cube needs the same bands and size")
         cubes = np.stack([raw.items[i] for i in train_idx]).reshape(-1, shape[2])
         std = cubes.std(0)

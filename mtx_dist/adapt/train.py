@@ -104,7 +104,7 @@ def train_adapter(cfg: AdaptConfig, tracking: TrackingConfig | None = None, prog
     status = "FAILED"
     # The epoch saved is the best on validation (accuracy, or RMSE for regression); without a
     # validation split, the last. Only the trainable tensors are kept: the encoder never changes.
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    kept = [n for n in model.state_dict() if not n.startswith("encoder.")]  # tokenizer and head
     best, best_epoch, best_state, since_best = None, 0, None, 0
     try:
         for epoch in range(cfg.epochs):
@@ -128,9 +128,11 @@ def train_adapter(cfg: AdaptConfig, tracking: TrackingConfig | None = None, prog
             tracker.log_metrics(logged, step=epoch + 1)
             score = (logged["val_accuracy"] if cfg.task == "classification" else -logged["val_rmse"]) if val_idx \
                 else epoch
+            score = -math.inf if math.isnan(score) else score
             if best is None or score > best[0]:
                 best, best_epoch, since_best = (score, dict(logged)), epoch + 1, 0
-                best_state = {n: t.detach().clone() for n, t in model.state_dict().items() if n in trainable}
+                state = model.state_dict()
+                best_state = {n: state[n].detach().clone() for n in kept}
             else:
                 since_best += 1
                 if cfg.patience and since_best >= cfg.patience:

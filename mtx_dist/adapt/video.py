@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtx_dist.adapt.errors import AdaptError, DataError
-from mtx_dist.adapt.files import list_samples, load_each
+from mtx_dist.adapt.files import as_float_checked, image_geometry, list_samples, load_each, read_npy
 
 SUFFIXES = (".npy", ".gif", ".mp4", ".avi", ".mov", ".mkv", ".webm")
 
@@ -32,34 +32,28 @@ class VideoIO:
             if not low.endswith((".npy", ".gif")):
                 raise DataError(f"{f}: {low.rsplit('.', 1)[-1]} clips need a video decoder, which is not a dependency; "
                                 "decode them to .npy (T, H, W, 3) arrays first (e.g. with PyAV or imageio)")
-            try:
-                if low.endswith(".npy"):
-                    a = np.load(f, allow_pickle=False)
-                else:
+            if low.endswith(".npy"):
+                a = read_npy(f)
+            else:
+                try:
                     with Image.open(f) as im:
                         a = np.stack([np.asarray(fr.convert("RGB")) for fr in ImageSequence.Iterator(im)])
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                raise DataError(f"{f}: not a readable clip ({e})") from e
+                except (OSError, ValueError, Image.DecompressionBombError) as e:
+                    raise DataError(f"{f}: not a readable clip ({e})") from e
             if a.ndim == 3:
                 a = np.repeat(a[..., None], 3, axis=3)
             if a.ndim != 4 or a.shape[3] != 3 or not np.issubdtype(a.dtype, np.number):
                 raise DataError(f"{f}: shape {a.shape} {a.dtype}; expected (T, H, W) or (T, H, W, 3) frames")
             if a.shape[0] == 0 or min(a.shape[1:3]) < 1:
                 raise DataError(f"{f}: a clip with no frames")
-            a = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
-            if not np.isfinite(a).all():
-                raise DataError(f"{f}: NaN or infinite values")
-            return a
+            return as_float_checked(a, f, "frames")
 
         return load_each(raw, load, cfg.skip_bad)
 
     @staticmethod
     def fit(raw, train_idx, cfg, manifest) -> tuple[dict, dict]:
-        enc, prep = manifest.get("encoder", {}), manifest.get("preprocessing", {})
-        size = cfg.image_size or int(enc.get("image_size", 224))
-        pre = {"mean": list(prep.get("mean", (0.5, 0.5, 0.5))), "std": list(prep.get("std", (0.5, 0.5, 0.5)))}
-        settings = {"frames": cfg.frames, "image_size": size, "patch": cfg.patch or int(enc.get("patch_size", 16)),
-                    "tubelet": cfg.tubelet}
+        pre, size, patch = image_geometry(cfg, manifest)
+        settings = {"frames": cfg.frames, "image_size": size, "patch": patch, "tubelet": cfg.tubelet}
         return pre, settings
 
     @staticmethod
@@ -72,7 +66,8 @@ class VideoIO:
             pick = np.linspace(0, a.shape[0] - 1, frames).round().astype(int)  # evenly over the clip
             x = torch.from_numpy(np.ascontiguousarray(a[pick])).permute(0, 3, 1, 2)  # (F, 3, H, W)
             if x.shape[2:] != (size, size):
-                x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+                x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+            x = x.clamp(0, 1)  # resized or not: bicubic overshoot and out-of-range floats alike
             out.append(((x - mean) / std).transpose(0, 1))  # (3, F, S, S)
         return torch.stack(out)
 

@@ -18,6 +18,9 @@ def layout(cfg: Config, gpus: int):
     p = cfg.parallel
     if gpus < 1 or gpus % p.tensor_parallel:
         raise PlanError(f"--gpus {gpus}: must be a positive multiple of parallel.tensor_parallel ({p.tensor_parallel})")
+    if p.tensor_parallel > 8:
+        raise PlanError(f"parallel.tensor_parallel = {p.tensor_parallel}: the planner keeps a TP group inside one "
+                        "8-GPU node (its all-reduces run on NVLink)")
     return Layout(gpus=gpus, tp=p.tensor_parallel, zero_stage=p.zero_stage, micro_batch=cfg.data.batch_size,
                   grad_accum=cfg.optim.grad_accum, precision=p.precision,
                   activation_checkpointing=p.activation_checkpointing, tile_size=cfg.loss.tile_size,
@@ -59,6 +62,12 @@ def _show(p: dict, spec) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     import json
+
+    for flag in ("mfu", "interconnect_gbps", "nvlink_gbs"):
+        if getattr(args, flag) <= 0:
+            raise PlanError(f"--{flag.replace('_', '-')} = {getattr(args, flag)}: must be > 0")
+    if args.mfu > 1:
+        raise PlanError(f"--mfu = {args.mfu}: a fraction of the peak, at most 1")
 
     from mtx_dist.plan import plan, search
 

@@ -79,12 +79,13 @@ def openclip_arch(preset: str, spec: ModelSpec) -> tuple[str, bool]:
         return OPENCLIP_ARCH[preset], True
     if named and preset not in PRESETS and not preset.endswith(".json"):
         return preset, True
-    stem = preset
-    if preset.endswith(".json"):
-        stem = os.path.splitext(os.path.basename(preset))[0]
+    base, custom = (preset[: -len("-custom")], "-custom") if preset.endswith("-custom") else (preset, "")
+    stem = base
+    if base.endswith(".json"):
+        stem = os.path.splitext(os.path.basename(base))[0]
         if stem == "open_clip_config":
-            stem = os.path.basename(os.path.dirname(os.path.abspath(preset)))
-    return f"mtx-{stem}", False
+            stem = os.path.basename(os.path.dirname(os.path.abspath(base)))
+    return f"mtx-{stem}{custom}", False
 
 
 def _write_metatransformer(state_dict, spec: ModelSpec, preset: str, out_dir: str, dtype: torch.dtype

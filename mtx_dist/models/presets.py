@@ -182,6 +182,8 @@ def spec_from_openclip(cfg: dict, where: str = "model config") -> ModelSpec:
         if len(set(size)) != 1:
             raise GeometryError(f"model config {where}: vision_cfg image_size = {size!r}: square images only")
         size = size[0]
+    if "width" not in vision:
+        raise GeometryError(f"model config {where}: vision_cfg has no width")
     width = vision["width"]
     head_width = vision.get("head_width", 64)
     v = VisionSpec(size, vision.get("patch_size", 16), width, vision["layers"], width // head_width,
