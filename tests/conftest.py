@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from tests.helpers import torchvision_shim
+from tests.helpers import DIST_VARS, torchvision_shim
 
 # Triton reads TRITON_INTERPRET once, when it is first imported (torch's FLOP counter imports it
 # through inductor while tests are being collected): without a GPU, Triton kernels can only run in
@@ -19,15 +19,19 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 
 @pytest.fixture(autouse=True)
-def _restore_mlflow_tracking_uri():
-    """mlflow.set_tracking_uri (called by an in-process training run) writes MLFLOW_TRACKING_URI into
-    os.environ; without this, CLI subprocesses of later tests would inherit that run's store."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+def _restore_process_environment():
+    """An in-process training run writes into os.environ: mlflow.set_tracking_uri sets
+    MLFLOW_TRACKING_URI, and the runtime sets the launcher variables (RANK, WORLD_SIZE, MASTER_PORT,
+    ...) of its single process. Without this, later tests' subprocesses (CLI runs, a SLURM cluster's
+    daemons and jobs) would inherit that run's store and its rank layout."""
+    keys = ("MLFLOW_TRACKING_URI", *DIST_VARS)
+    before = {k: os.environ.get(k) for k in keys}
     yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

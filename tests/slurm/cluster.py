@@ -15,6 +15,8 @@ import socket
 import subprocess
 import time
 
+from mtx_launchers.env import DIST_VARS
+
 BINARIES = ("sbatch", "squeue", "scontrol", "scancel", "sinfo", "slurmctld", "slurmd", "munged", "mungekey")
 INSTALL_HINT = ("SLURM is not installed: run `bash install.sh test` as root (it runs `apt-get install -y "
                 "--no-install-recommends slurm-wlm munge`), or install those two Debian packages yourself")
@@ -41,7 +43,8 @@ class Cluster:
         self.root = root
         self.conf = os.path.join(root, "slurm.conf")
         self.munge_socket = os.path.join(root, "munge", "munge.socket.2")
-        self.env = {**os.environ, "SLURM_CONF": self.conf}
+        # the daemons and every job inherit this: no launcher variables of the test process's own runs
+        self.env = {**{k: v for k, v in os.environ.items() if k not in DIST_VARS}, "SLURM_CONF": self.conf}
         self._pid_files = [os.path.join(root, "slurmctld.pid")] + [os.path.join(root, f"slurmd-{n}.pid")
                                                                    for n in NODES]
 
