@@ -15,6 +15,10 @@ shards, seed 0, and 2 torch threads (``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` for
 which its WebDataset pipeline needs; torch, torchvision and open_clip are this environment's,
 seen through ``--system-site-packages``). Ours runs as ``python -m mtx_dist.cli train`` in variants:
 ``baseline`` (every speed technique off), each technique alone, and ``all`` (see ``TECHNIQUES``).
+``trim+bf16mm`` lets ours' fp32 matmuls use bf16 products (``parallel.matmul_precision=medium``, the
+CPU counterpart of the TF32 OpenCLIP turns on for its GPU fp32 runs): a different precision, so not
+the race's like-for-like rows; OpenCLIP stays at exact fp32, its faster setting on a CPU (its SDPA
+attention slows down under bf16 matmuls: ``bench/bench_step.py --matmul-precision medium``).
 
 Data sets (``bench/race_data.py``): ``demo`` (the quickstart's shards; held out: 4 pools of its 240
 distinct scenes) and ``hard`` (two objects per image, compositional captions; 3 pools of 400 distinct
@@ -87,6 +91,8 @@ TECHNIQUES: dict[str, tuple[str, str, str]] = {
     "patch_dropout": ("model.patch_dropout", "0.5", "0.0"),
     "compile": ("run.compile", "true", "false"),
     "low_res": ("model.train_image_size", "48", "0"),  # CLIPA: 64 px -> 48 px, 6 x 6 instead of 8 x 8 patches
+    # bf16 products inside fp32 matmuls (AMX/AVX512-BF16 CPUs; TF32 on GPUs, which OpenCLIP turns on there)
+    "bf16_matmul": ("parallel.matmul_precision", "medium", "highest"),
 }
 # our variant -> the techniques it turns on (every other one is explicitly off)
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -98,6 +104,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "trim+flip": ("text_trim", "patch_dropout"),  # compile's start-up does not pay off in short runs
     "trim+lowres": ("text_trim", "low_res"),
     "trim+lowres+flip": ("text_trim", "low_res", "patch_dropout"),
+    "trim+bf16mm": ("text_trim", "bf16_matmul"),
     "all": tuple(TECHNIQUES),
 }
 DATASETS = {  # name -> (train samples, distinct scenes per held-out pool, pools)

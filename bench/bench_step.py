@@ -48,7 +48,7 @@ def build_ours(args):
     from mtx_dist.trainer import step_setup
 
     cfg = load_config(None, [f"model.preset={args.preset}", "parallel.zero_stage=0", f"run.device={args.device}",
-                             f"parallel.precision={args.precision}",
+                             f"parallel.precision={args.precision}", f"parallel.matmul_precision={args.matmul_precision}",
                              f"data.batch_size={args.batch}", f"optim.grad_clip={GRAD_CLIP}",
                              "optim.warmup_steps=1", "run.steps=100000"])
     runtime = setup_runtime(cfg)
@@ -122,6 +122,9 @@ def main() -> None:
     ap.add_argument("--precision", choices=("fp32", "bf16", "amp_bf16"), default=None,
                     help="ours: parallel.precision; OpenCLIP autocasts to bf16 unless fp32 (default: bf16 on cuda, "
                          "fp32 on cpu)")
+    ap.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default="highest",
+                    help="float32 matmul precision of the process, so of both sides (torch.set_float32_matmul_precision; "
+                         "ours sets it through parallel.matmul_precision)")
     ap.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     args = ap.parse_args()
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
@@ -156,7 +159,8 @@ def main() -> None:
     paired = statistics.median(o / t for o, t in zip(times["openclip"], times["ours"]))
 
     print(f"preset={args.preset} batch={args.batch} device={args.device} threads={args.threads} "
-          f"precision={'bf16' if args.device == 'cuda' else 'fp32'} timed steps/side={rounds * args.block} "
+          f"precision={args.precision} matmul_precision={torch.get_float32_matmul_precision()} "
+          f"timed steps/side={rounds * args.block} "
           f"interleaved in turns of {args.block}")
     print(f"{'':10} {'params':>12} {'median s/step':>14} {'samples/s':>10}")
     for name in sides:
@@ -170,6 +174,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"preset": args.preset, "batch": args.batch, "device": args.device, "threads": args.threads,
+                       "precision": args.precision, "matmul_precision": args.matmul_precision,
                        "params": count, "median_step_s": median, "samples_per_s": sps, "ratio": ratio,
                        "paired_ratio": paired, "block": args.block,
                        "step_times_s": times}, f, indent=2)

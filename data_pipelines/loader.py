@@ -84,13 +84,17 @@ class StreamConfig:
     # > 0: each batch's text is padded only to its longest caption, rounded up to this multiple
     # (tokenizer.trimmed_length); the samples are the same, so it is not part of the resume identity
     text_pad_multiple: int = 0
+    # niceness added to each worker process (0..19): with 19 the training process's threads keep the
+    # cores and the workers use what the step leaves idle; workers blocked on I/O are not affected
+    worker_nice: int = 0
 
 
 def stream_identity(cfg: StreamConfig) -> str:
     """What a saved stream position is valid for: the fields that decide which samples come in which
-    order and how they are transformed (not how many workers read them or how text is padded)."""
+    order and how they are transformed (not how many workers read them, at which priority, or how text is
+    padded)."""
     same = {k: v for k, v in asdict(cfg).items()
-            if k not in ("workers", "worker_timeout_s", "normalize", "text_pad_multiple")}
+            if k not in ("workers", "worker_timeout_s", "normalize", "text_pad_multiple", "worker_nice")}
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -307,7 +311,17 @@ _unreleased: set = set()
 atexit.register(lambda: [e.set() for e in list(_unreleased)])
 
 
-def _worker_sigterm(released, worker_id: int) -> None:
+def _worker_init(released, nice: int, worker_id: int) -> None:
+    if nice:
+        # Loader workers and the training process's compute threads share the cores. An OpenMP thread
+        # descheduled in the middle of a parallel region stalls every thread of it at the barrier, so a
+        # worker that takes a core from the step costs more than its own CPU time; at a lower priority it
+        # runs in the step's idle moments (bench/bench_race.py: ~7 % faster steps on 2 cores, 2026-12-03).
+        os.nice(nice)
+    _worker_sigterm(released)
+
+
+def _worker_sigterm(released) -> None:
     """Keep a loader worker alive through a job-wide SIGTERM while its trainer handles SIGTERM.
 
     torch makes loader workers die on SIGTERM. A cluster that preempts a job sends SIGTERM to every
@@ -351,7 +365,7 @@ class Loader:
             dataset, batch_size=None, num_workers=self.cfg.workers,
             persistent_workers=False, prefetch_factor=4 if self.cfg.workers else None, pin_memory=self.pin_memory,
             timeout=self.cfg.worker_timeout_s if self.cfg.workers else 0,
-            worker_init_fn=functools.partial(_worker_sigterm, released),
+            worker_init_fn=functools.partial(_worker_init, released, self.cfg.worker_nice),
         )
         batches = iter(loader)
         try:

@@ -8,7 +8,10 @@ Backends (``model.attention``):
     fused kernel for the device and dtype; the math kernel otherwise).
   * ``math``       -- the explicit softmax(QK^T / sqrt(d)) V reference, used by tests.
   * ``auto``       -- flash_attn when it can run (installed, CUDA, fp16/bf16), else sdpa (whose
-    CUDA kernels are FlashAttention-2 and memory-efficient attention, and which inductor traces).
+    CUDA kernels are FlashAttention-2 and memory-efficient attention, and which inductor traces);
+    on a CPU float32 input while float32 matmuls may use bf16 (``torch.set_float32_matmul_precision
+    ("medium")``), math: torch's fused CPU kernel then runs several times slower than two batched
+    matmuls (a ``tiny``-preset training step: 375 ms against 141 ms, 2-core AMX CPU, 2026-12-03).
     Our Triton kernel runs only when asked for by name, until a GPU measurement shows it beats
     SDPA (bench/gpu_suite.sh measures both).
 
@@ -78,6 +81,9 @@ def resolve_backend(backend: str, q: torch.Tensor | None = None) -> str:
         chosen = "sdpa"
         if q is not None and q.device.type == "cuda" and _flash_attn_problem(q) is None:
             chosen = "flash_attn"
+        elif (q is not None and q.device.type == "cpu" and q.dtype == torch.float32
+              and torch.backends.mkldnn.matmul.fp32_precision == "bf16"):
+            chosen = "math"
     else:
         chosen = backend
         problem = _PROBLEMS[backend](q) if backend in _PROBLEMS and q is not None else None

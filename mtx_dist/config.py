@@ -137,6 +137,9 @@ class DataConfig:
     val: str = _opt("", "held-out shards for retrieval; empty = generated demo shards")
     batch_size: int = _opt(64, "samples per step per data-parallel rank", min=1)
     workers: int = _opt(2, "loader worker processes per rank", min=0, max=256)
+    worker_nice: int = _opt(19, "niceness added to the loader workers (0-19): at 19 the training step keeps the cores "
+                            "and the workers run in its idle moments (about 7 % faster steps on a 2-core CPU); "
+                            "0 = the training process's own priority", min=0, max=19)
     shuffle_buffer: int = _opt(1000, "samples in the shuffle buffer of each worker", min=0)
     max_pixels: int = _opt(89_478_485, "images with more pixels are skipped (decompression bombs)", min=1)
     train_weights: str = _opt("", "mixing weights of the '::'-separated sources of data.train, e.g. '0.7,0.3' "
@@ -169,6 +172,10 @@ class ParallelConfig:
                           "master copy in the optimizer); amp_bf16 = fp32 weights, gradients and optimizer with the "
                           "forward under torch.autocast(bfloat16) (OpenCLIP's --precision amp_bf16; the loss stays "
                           "fp32)", ("fp32", "bf16", "amp_bf16"))
+    matmul_precision: str = _opt("highest", "float32 matmuls (torch.set_float32_matmul_precision): highest = exact "
+                                 "fp32; high = TF32 on NVIDIA GPUs (OpenCLIP's own setting there); medium = also bf16 "
+                                 "products with fp32 accumulation on CPUs with AMX or AVX512-BF16 (~3x faster matmuls, "
+                                 "about 3 significant digits per product)", ("highest", "high", "medium"))
     activation_checkpointing: bool = _opt(False, "recompute each transformer block in the backward")
     overlap_comm: bool = _opt(True, "ZeRO: overlap gradient reduction with the backward")
     reduce_bucket_size: int = _opt(500_000_000, "ZeRO: elements per gradient reduce bucket", min=1)

@@ -59,7 +59,7 @@ def build_loader(cfg: Config, shards: str, train: bool, rank: int, world_size: i
         shuffle_buffer=cfg.data.shuffle_buffer, max_pixels=cfg.data.max_pixels, rank=rank,
         world_size=world_size, weights=cfg.data.train_weights if train else "", mode=cfg.data.mode,
         jpeg_draft=cfg.data.jpeg_draft, normalize=not train,  # training batches are normalized by DevicePrefetcher
-        text_pad_multiple=TEXT_PAD_MULTIPLE if cfg.data.text_trim else 0,
+        text_pad_multiple=TEXT_PAD_MULTIPLE if cfg.data.text_trim else 0, worker_nice=cfg.data.worker_nice,
     )
     try:
         if cfg.data.backend == "dali" and train:  # held-out evaluation stays on the small, exact cpu path

@@ -73,6 +73,7 @@ def setup_runtime(cfg: Config) -> Runtime:
     device = resolve_device(cfg.run.device, env.local_rank)
     if device.type == "cpu" and sys.platform == "linux":
         keep_freed_memory_in_process()
+    torch.set_float32_matmul_precision(cfg.parallel.matmul_precision)
     deepspeed = _import_deepspeed(device)
     env.export()
     import torch.distributed as dist

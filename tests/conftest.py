@@ -23,10 +23,13 @@ def _restore_process_environment():
     """An in-process training run writes into os.environ: mlflow.set_tracking_uri sets
     MLFLOW_TRACKING_URI, and the runtime sets the launcher variables (RANK, WORLD_SIZE, MASTER_PORT,
     ...) of its single process. Without this, later tests' subprocesses (CLI runs, a SLURM cluster's
-    daemons and jobs) would inherit that run's store and its rank layout."""
+    daemons and jobs) would inherit that run's store and its rank layout. The runtime also sets the
+    process's float32 matmul precision (parallel.matmul_precision), restored likewise."""
     keys = ("MLFLOW_TRACKING_URI", *DIST_VARS)
     before = {k: os.environ.get(k) for k in keys}
+    matmul = torch.get_float32_matmul_precision()
     yield
+    torch.set_float32_matmul_precision(matmul)
     for k, v in before.items():
         if v is None:
             os.environ.pop(k, None)

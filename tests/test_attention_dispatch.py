@@ -23,6 +23,16 @@ def test_auto_picks_sdpa_on_cpu(dtype, monkeypatch):
     assert mtx_kernels.resolve_backend("auto", q) == "sdpa"
 
 
+def test_auto_takes_math_on_cpu_float32_when_matmuls_may_use_bf16():
+    q32, _, _ = _qkv(torch.float32)
+    q16, _, _ = _qkv(torch.bfloat16)
+    torch.set_float32_matmul_precision("medium")  # restored after the test (conftest)
+    assert mtx_kernels.resolve_backend("auto", q32) == "math"
+    assert mtx_kernels.resolve_backend("auto", q16) == "sdpa"
+    torch.set_float32_matmul_precision("high")
+    assert mtx_kernels.resolve_backend("auto", q32) == "sdpa"
+
+
 def test_auto_on_cuda_is_flash_attn_when_it_can_run_else_sdpa_never_triton(monkeypatch):
     """On a GPU machine (the device checks stubbed: no GPU here) auto takes flash-attn when it can
     run and SDPA otherwise, even where our Triton kernel could run: that one is used only by name."""

@@ -197,6 +197,29 @@ def test_amp_bf16_autocasts_the_forward_and_keeps_fp32_weights_and_loss(monkeypa
         assert abs(a - b) <= 2e-2 * abs(b), (amp["losses"], fp32["losses"])  # bf16 has 8 significant bits
 
 
+def test_medium_matmul_precision_trains_like_fp32_with_math_attention_on_cpu(monkeypatch):
+    """parallel.matmul_precision = medium: the runtime sets torch's float32 matmul precision (bf16 products
+    on AMX/AVX512-BF16 CPUs, TF32 on GPUs), auto attention on CPU float32 becomes the math path (torch's
+    fused CPU kernel is slow under it), and the losses follow exact fp32 within bf16 rounding."""
+    import mtx_kernels
+    from tests.helpers import DIST_VARS
+    for k in DIST_VARS:
+        monkeypatch.delenv(k, raising=False)
+    seen = {}
+
+    def hook(engine):
+        seen["precision"] = torch.get_float32_matmul_precision()
+        seen["backend"] = mtx_kernels.resolve_backend("auto", torch.zeros(1, 1, 4, 8))
+
+    medium = _engine_losses(["run.device=cpu", "parallel.matmul_precision=medium"], 3, on_engine=hook)
+    exact = _engine_losses(["run.device=cpu"], 3)
+    assert seen == {"precision": "medium", "backend": "math"}
+    assert torch.get_float32_matmul_precision() == "highest"  # the second run set it back
+    assert not any(medium["skipped"])
+    for a, b in zip(medium["losses"], exact["losses"]):
+        assert abs(a - b) <= 2e-2 * abs(b), (medium["losses"], exact["losses"])
+
+
 @pytest.mark.slow
 def test_compiled_losses_equal_eager_over_five_steps(monkeypatch):
     from tests.helpers import DIST_VARS

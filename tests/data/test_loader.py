@@ -125,6 +125,26 @@ def test_resume_replays_exactly_the_next_batches(demo_shards, workers):
             assert torch.equal(got["image"], ref["image"]) and torch.equal(got["text"], ref["text"])
 
 
+def test_workers_run_at_the_configured_niceness_with_the_same_batches(demo_shards):
+    import multiprocessing
+    train, _, _ = demo_shards
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    plain = iter(Loader(_cfg(train, workers=2)))
+    reference = [next(plain) for _ in range(4)]
+    before = {p.pid for p in multiprocessing.active_children()}
+    niced = Loader(_cfg(train, workers=2, worker_nice=5))
+    it = iter(niced)
+    got = [next(it) for _ in range(4)]
+    workers = [p for p in multiprocessing.active_children() if p.pid not in before]
+    assert len(workers) == 2
+    assert {os.getpriority(os.PRIO_PROCESS, w.pid) for w in workers} == {min(19, own + 5)}
+    assert [b["key"] for b in got] == [b["key"] for b in reference]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(got, reference))
+    # the priority is not part of what a saved position is valid for
+    Loader(_cfg(train, workers=2)).load_state_dict(niced.state_dict())
+    del it, plain
+
+
 def test_epoch_covers_all_samples_then_reshuffles(demo_shards):
     train, _, _ = demo_shards
     it = iter(Loader(_cfg(train, workers=0, batch_size=20)))
