@@ -48,6 +48,9 @@ class GuardedAdamW(torch.optim.AdamW):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        # > 0: clip the gradients to this global norm here, with the norm the non-finite check computes
+        # anyway (set by the engine where it replaces DeepSpeed's clipping: see mtx_dist.engine.optimizer_clips)
+        self.clip_norm = 0.0
         self._request: torch.Tensor | None = None
         self._signal = 0
         self.skipped_last = False
@@ -107,8 +110,10 @@ class GuardedAdamW(torch.optim.AdamW):
         device = grads[0].device if grads else groups[0]["params"][0].device
         flags = torch.zeros(3, device=device)
         flags[1], flags[2] = self._signal, self._checkpoint
-        if grads:  # a NaN or inf anywhere makes a norm, hence their sum, non-finite
-            flags[0] = (~torch.stack(torch._foreach_norm(grads)).sum().isfinite()).float()
+        norm = None
+        if grads:  # a NaN or inf anywhere makes a norm, hence the global norm, non-finite
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            flags[0] = (~norm.isfinite()).float()
         if self._request is not None:
             flags[0] += self._request.to(device).float()
             self._request = None
@@ -117,6 +122,11 @@ class GuardedAdamW(torch.optim.AdamW):
         bad, signum, checkpoint = flags.tolist()
         self.agreed_signal, self.agreed_checkpoint = int(signum), int(checkpoint)
         self.skipped_last = self.overflow = bad > 0
+        if self.clip_norm and norm is not None and not self.skipped_last:
+            # DeepSpeed's rule (deepspeed.runtime.utils.clip_grad_norm_): scale by max_norm / (norm + 1e-6)
+            # when that is below 1. The norm is this rank's, which is the global one where the engine
+            # hands clipping to this optimizer (every data-parallel rank holds the same reduced gradients).
+            torch._foreach_mul_(grads, (self.clip_norm / (norm + 1e-6)).clamp(max=1.0))
         return self.skipped_last
 
 

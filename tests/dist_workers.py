@@ -312,7 +312,8 @@ def count_collectives(overrides: list[str], steps: int) -> dict:
             yield {"image": local_slice(image, groups.dp_rank, groups.dp_size),
                    "text": local_slice(text, groups.dp_rank, groups.dp_size)}
 
-    feed, out = batches(), {"ours": [], "deepspeed": [], "loss": [], "signal": [], "checkpoint": []}
+    feed, out = batches(), {"ours": [], "deepspeed": [], "deepspeed_small": [], "loss": [], "signal": [],
+                            "checkpoint": []}
     try:
         for n in names:
             setattr(dist, n, counted(n))
@@ -322,6 +323,8 @@ def count_collectives(overrides: list[str], steps: int) -> dict:
             result = train_step(setup, feed, step, signal=shared, checkpoint=step * dist.get_rank())
             for who in ("deepspeed", "loss"):
                 out[who].append(sorted({n for i, n, _ in calls if i == who}))
+            # DeepSpeed's scalar collectives (a gradient norm's all-reduce), beside its gradient traffic
+            out["deepspeed_small"].append(sum(i == "deepspeed" and 0 <= k <= 8 for i, _, k in calls))
             out["ours"].append([(i, n, k) for i, n, k in calls if i not in ("deepspeed", "loss")])
             out["signal"].append(result.signal)
             out["checkpoint"].append(result.checkpoint)
