@@ -17,6 +17,7 @@ than resampled: a silent resampler of lesser quality would change what the model
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 import wave
 
 import numpy as np
@@ -111,7 +112,7 @@ class AudioTokenizer(nn.Module):
         return self.norm(torch.cat([cls, x], dim=1) + self.pos_embed)
 
 
-def fit_clip(waves: list[np.ndarray], hop: int) -> int:
+def fit_clip(waves: Iterable[np.ndarray], hop: int) -> int:
     """Clip length for a training set: its longest wave, whole hops (shorter ones are zero-padded)."""
     return max(hop, int(math.ceil(max(len(w) for w in waves) / hop) * hop))
 

@@ -59,6 +59,8 @@ class AdaptConfig:
     context_length: int = option(32, "text: CLIP BPE tokens per text (SOT and EOT included; longer texts are cut)",
                                  min=3)
     graph_eigvecs: int = option(8, "graph: Laplacian eigenvectors per node identifier (TokenGT)", min=1)
+    cache_gib: float = option(2.0, "folders: decoded samples and model inputs kept in memory up to this many GiB; "
+                              "beyond it, batches are decoded from the files each time (memory of a batch)", min=0)
     skip_bad: bool = option(False, "folders: leave out (and count) files that cannot be read, instead of stopping")
     attention: str = option("auto", "attention backend for the frozen blocks", BACKENDS)
     device: str = option("auto", "where to train: auto = cuda when available, else cpu", DEVICES)

@@ -16,6 +16,7 @@ import csv
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,10 +27,101 @@ from mtx_dist.adapt.errors import DataError
 
 @dataclass
 class Raw:
-    items: list                    # one raw input per sample (row dict, array, wave)
+    items: Sequence                # one raw input per sample (row dict, array, wave; files: see FileItems)
     targets: list | None           # raw target values, None where the data carries none
     ids: list[str]                 # row numbers or file paths, for the prediction file
     info: dict = field(default_factory=dict)  # what reading found (skipped rows, columns left out)
+
+    def subset(self, idx) -> Raw:
+        """The samples ``idx`` (decoded now where they were not kept in memory), with a fresh ``info``."""
+        idx = [int(i) for i in idx]
+        return Raw([self.items[i] for i in idx], None if self.targets is None else [self.targets[i] for i in idx],
+                   [self.ids[i] for i in idx], {})
+
+
+class FileItems(Sequence):
+    """The samples of a folder: decoded arrays kept in memory up to a byte budget, the rest decoded again
+    from their files on each access, so a folder larger than memory trains in the memory of a batch.
+    (A plain list would hold every decoded file at once.)"""
+
+    def __init__(self, files: list[str], load, kept: dict[int, object]) -> None:
+        self.files, self.load, self.kept = files, load, kept
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        got = self.kept.get(k)
+        return self.load(self.files[k]) if got is None else got
+
+
+class Moments:
+    """Per-feature mean and standard deviation of rows added chunk by chunk (the pairwise update of Chan,
+    Golub and LeVeque), so the statistics of a training split never hold it in memory at once."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, rows: np.ndarray) -> None:
+        """``rows``: (k, features); a 1-D array counts as k rows of one feature."""
+        x = np.asarray(rows, np.float64)
+        x = x.reshape(-1, 1) if x.ndim == 1 else x
+        if not len(x):
+            return
+        mean, k = x.mean(0), len(x)
+        delta, n = mean - self.mean, self.n + k
+        self.m2 = self.m2 + ((x - mean) ** 2).sum(0) + delta ** 2 * (self.n * k / n)
+        self.mean, self.n = self.mean + delta * (k / n), n
+
+    def std(self, ddof: int = 0) -> np.ndarray:
+        return np.sqrt(self.m2 / max(1, self.n - ddof))
+
+
+class Inputs:
+    """Model inputs of a :class:`Raw`'s samples, by index: ``inputs(idx) -> tensor``.
+
+    Every sample passes the modality's ``transform`` once here, in chunks, so a sample that cannot be
+    transformed fails before training and the reading counters (``clips_cropped``, ...) are totals.
+    When all the inputs fit ``budget`` bytes they are kept from that pass (small data: the fastest);
+    otherwise each call transforms its samples again (decoding files that were not kept in memory), so
+    memory stays that of a batch whatever the size of the folder. Transforms are per sample, so both
+    ways give the same tensors."""
+
+    def __init__(self, io, raw: Raw, pre: dict, settings: dict, budget: int, chunk: int = 64) -> None:
+        self.io, self.raw, self.pre, self.settings = io, raw, pre, settings
+        parts: list | None = []
+        size, totals = 0, {}
+        for k in range(0, len(raw.items), chunk):
+            sub = raw.subset(range(k, min(len(raw.items), k + chunk)))
+            x = io.transform(sub, pre, settings)
+            for key, v in sub.info.items():  # counters add up over the chunks
+                totals[key] = totals.get(key, 0) + v if isinstance(v, (int, float)) else v
+            size += x.nbytes
+            if parts is not None and size <= budget:
+                parts.append(x)
+            else:
+                parts = None
+        raw.info.update(totals)
+        self.kept = torch.cat(parts) if parts else None
+        if self.kept is None:
+            raw.info["inputs_transformed_per_batch"] = True
+
+    def __len__(self) -> int:
+        return len(self.raw.items)
+
+    def __call__(self, idx) -> torch.Tensor:
+        if self.kept is not None:
+            return self.kept[torch.as_tensor(idx, dtype=torch.long)]
+        return self.io.transform(self.raw.subset(idx), self.pre, self.settings)
+
+
+def nbytes(item) -> int:
+    """Memory of one decoded sample (an array, or a tuple of arrays such as a graph's)."""
+    if isinstance(item, (tuple, list)):
+        return sum(nbytes(x) for x in item)
+    return int(getattr(item, "nbytes", 0))
 
 
 MISSING = ("", "nan", "na", "n/a", "null", "none")  # how CSV writers spell an empty cell

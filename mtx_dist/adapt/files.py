@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mtx_dist.adapt.audio import fit_clip, fixed_length, log_mel, mel_filterbank, read_wav
-from mtx_dist.adapt.data import DataError, Raw, is_missing, read_table
+from mtx_dist.adapt.data import DataError, FileItems, Moments, Raw, is_missing, nbytes, read_table
 from mtx_dist.adapt.pointcloud import normalize_cloud, resample_cloud
 
 LABELS_FILE = "labels.csv"
@@ -96,22 +96,31 @@ def image_geometry(cfg, manifest) -> tuple[dict, int, int]:
     return pre, cfg.image_size or int(enc.get("image_size", 224)), cfg.patch or int(enc.get("patch_size", 16))
 
 
-def load_each(raw: Raw, load, skip_bad: bool) -> Raw:
-    """Replace each file path in ``raw.items`` by ``load(path)``; a file ``load`` rejects with a
-    DataError stops reading, or with ``skip_bad`` is dropped (with its target and id) and counted."""
-    keep, items, bad = [], [], []
+def load_each(raw: Raw, load, cfg) -> Raw:
+    """Check every file of ``raw.items`` (paths) with ``load``; the items become a :class:`FileItems`
+    that keeps decoded samples in memory up to ``cfg.cache_gib`` and decodes the rest again from disk
+    when used. A file ``load`` rejects with a DataError stops reading, or with ``cfg.skip_bad`` is
+    dropped (with its target and id) and counted."""
+    budget = int(cfg.cache_gib * 2**30)
+    keep, kept, bad, used = [], {}, [], 0
     for k, f in enumerate(raw.items):
         try:
-            items.append(load(f))
-            keep.append(k)
+            item = load(f)
         except DataError as e:
-            if not skip_bad:
+            if not cfg.skip_bad:
                 raise
             bad.append(str(e))
-    if not items:
+            continue
+        size = nbytes(item)
+        if used + size <= budget:
+            kept[len(keep)], used = item, used + size
+        keep.append(k)
+    if not keep:
         raise DataError(f"no usable file among {len(raw.items)}; the first problem: {bad[0]}")
-    raw.items, raw.ids = items, [raw.ids[k] for k in keep]
+    raw.items, raw.ids = FileItems([raw.items[k] for k in keep], load, kept), [raw.ids[k] for k in keep]
     raw.targets = None if raw.targets is None else [raw.targets[k] for k in keep]
+    if len(kept) < len(keep):
+        raw.info["files_read_from_disk_each_time"] = len(keep) - len(kept)
     if bad:
         raw.info.update(bad_files_skipped=len(bad), bad_files_first=bad[:3])
         log.warning("left out %d unusable files, e.g. %s", len(bad), bad[0])
@@ -129,20 +138,22 @@ class AudioIO:
             w, rate = read_wav(f, rate)  # the first file fixes the rate when none is configured
             return w
 
-        load_each(raw, load, cfg.skip_bad)
+        load_each(raw, load, cfg)
         raw.info["sample_rate"] = rate
         return raw
 
     @staticmethod
     def fit(raw, train_idx, cfg, manifest) -> tuple[dict, dict]:
         rate = raw.info["sample_rate"]
-        clip = cfg.clip_samples or fit_clip([raw.items[i] for i in train_idx], cfg.hop)
+        clip = cfg.clip_samples or fit_clip((raw.items[i] for i in train_idx), cfg.hop)
         fbank = mel_filterbank(rate, cfg.n_fft, cfg.n_mels)
-        waves, _ = fixed_length([raw.items[i] for i in train_idx], clip)
-        feats = torch.cat([log_mel(chunk, fbank, cfg.n_fft, cfg.hop).flatten() for chunk in waves.split(64)])
+        feats = Moments()  # of the log-mel features, 64 clips at a time
+        for k in range(0, len(train_idx), 64):
+            waves, _ = fixed_length([raw.items[i] for i in train_idx[k:k + 64]], clip)
+            feats.add(log_mel(waves, fbank, cfg.n_fft, cfg.hop).flatten().numpy())
         settings = {"sample_rate": rate, "clip_samples": clip, "n_fft": cfg.n_fft, "hop": cfg.hop,
-                    "n_mels": cfg.n_mels, "patch": cfg.patch or 16, "mean": float(feats.mean()),
-                    "std": float(feats.std().clamp_min(1e-6))}
+                    "n_mels": cfg.n_mels, "patch": cfg.patch or 16, "mean": float(feats.mean[0]),
+                    "std": max(float(feats.std(ddof=1)[0]), 1e-6)}
         return {"sample_rate": rate, "clip_samples": clip}, settings
 
     @staticmethod
@@ -168,7 +179,7 @@ class PointCloudIO:
                 raise DataError(f"{f}: contains NaN or infinite coordinates")
             return a.astype(np.float32)
 
-        load_each(raw, load, cfg.skip_bad)
+        load_each(raw, load, cfg)
         channels = {c.shape[1] for c in raw.items}
         if len(channels) > 1:
             raise DataError(f"{path}: clouds have different numbers of channels per point: {sorted(channels)}")
@@ -217,7 +228,7 @@ class ImageIO:
                 raise DataError(f"{f}: shape {a.shape} {a.dtype}; expected numeric (H, W) or (H, W, 3)")
             return a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
 
-        return load_each(raw, load, cfg.skip_bad)
+        return load_each(raw, load, cfg)
 
     @staticmethod
     def fit(raw, train_idx, cfg, manifest) -> tuple[dict, dict]:
@@ -274,13 +285,15 @@ class GrayImageIO:
                 return a.astype(np.float32) / 65535.0
             return as_float_checked(a, f, "pixels")
 
-        return load_each(raw, load, cfg.skip_bad)
+        return load_each(raw, load, cfg)
 
     @staticmethod
     def fit(raw, train_idx, cfg, manifest) -> tuple[dict, dict]:
         _, size, patch = image_geometry(cfg, manifest)
-        pixels = np.concatenate([raw.items[i].ravel() for i in train_idx])
-        pre = {"mean": float(pixels.mean()), "std": float(pixels.std()) or 1.0}
+        pixels = Moments()
+        for i in train_idx:
+            pixels.add(raw.items[i].ravel())
+        pre = {"mean": float(pixels.mean[0]), "std": float(pixels.std()[0]) or 1.0}
         return pre, {"image_size": size, "patch": patch, "channels": 1}
 
     @staticmethod
@@ -321,7 +334,7 @@ class ImuIO:
                 raise DataError(f"{f}: NaN or infinite values")
             return np.ascontiguousarray(a.T.astype(np.float32))  # (T, channels), as tables give it
 
-        raw = load_each(raw, load, cfg.skip_bad)
+        raw = load_each(raw, load, cfg)
         if raw.items:  # fit() checks that every recording has this shape
             raw.info.update(channels=[f"c{k}" for k in range(raw.items[0].shape[1])], length=raw.items[0].shape[0])
         return raw

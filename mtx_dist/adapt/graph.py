@@ -73,7 +73,7 @@ class GraphIO:
     @staticmethod
     def read(path, cfg, labelled, pre=None):
         raw = list_samples(path, (".json", ".npz"), cfg.target, labelled)
-        raw = load_each(raw, _load_graph, cfg.skip_bad)
+        raw = load_each(raw, _load_graph, cfg)
         if pre is not None:
             for gid, (x, e) in zip(raw.ids, raw.items):
                 if x.shape[1] != pre["features"]:

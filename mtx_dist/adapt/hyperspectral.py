@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtx_dist.adapt.data import Moments
 from mtx_dist.adapt.errors import AdaptError, DataError
 from mtx_dist.adapt.files import list_samples, load_each, read_npy
 
@@ -36,7 +37,7 @@ class HyperspectralIO:
                 raise DataError(f"{f}: NaN or infinite values")
             return a
 
-        return load_each(raw, load, cfg.skip_bad)
+        return load_each(raw, load, cfg)
 
     @staticmethod
     def fit(raw, train_idx, cfg, manifest) -> tuple[dict, dict]:
@@ -45,9 +46,11 @@ class HyperspectralIO:
             if a.shape != shape:
                 raise DataError(f"{raw.ids[i]}: shape {a.shape}; the first training cube "
                                 f"({raw.ids[train_idx[0]]}) has {shape}: every cube needs the same bands and size")
-        cubes = np.stack([raw.items[i] for i in train_idx]).reshape(-1, shape[2])
-        std = cubes.std(0)
-        pre = {"shape": list(shape), "mean": cubes.mean(0).tolist(), "std": np.where(std > 0, std, 1.0).tolist()}
+        bands = Moments()
+        for i in train_idx:
+            bands.add(raw.items[i].reshape(-1, shape[2]))
+        std = bands.std()
+        pre = {"shape": list(shape), "mean": bands.mean.tolist(), "std": np.where(std > 0, std, 1.0).tolist()}
         patch = cfg.patch or next(p for p in (4, 3, 2, 1) if shape[0] % p == 0 and shape[1] % p == 0)
         if shape[0] % patch or shape[1] % patch:
             raise AdaptError(f"hyperspectral: patch {patch} does not divide the cubes' {shape[0]} x {shape[1]} pixels")

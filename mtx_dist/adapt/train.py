@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mtx_dist.adapt.config import AdaptConfig
-from mtx_dist.adapt.data import TabularIO, TimeSeriesIO, as_float, encode_targets, split
+from mtx_dist.adapt.data import Inputs, TabularIO, TimeSeriesIO, as_float, encode_targets, split
 from mtx_dist.adapt.encoder import FrozenEncoder
 from mtx_dist.adapt.errors import AdaptError
 from mtx_dist.adapt.files import AudioIO, GrayImageIO, ImageIO, ImuIO, PointCloudIO
@@ -48,11 +48,17 @@ def metrics(out: torch.Tensor, y: torch.Tensor, task: str, target: dict) -> dict
 
 
 @torch.no_grad()
-def infer(model: AdaptedModel, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Model outputs for ``x`` (on the model's device, in chunks), returned on the CPU."""
+def infer(model: AdaptedModel, x: torch.Tensor | Inputs, batch_size: int = 64, idx=None) -> torch.Tensor:
+    """Model outputs (on the model's device, in chunks, returned on the CPU) for ``x``: a tensor of inputs,
+    or :class:`Inputs` with the samples ``idx`` (default: all)."""
     model.eval()
     device = next(model.tokenizer.parameters()).device
-    return torch.cat([model(chunk.to(device)).cpu() for chunk in x.split(batch_size)])
+    if isinstance(x, torch.Tensor):
+        chunks = x.split(batch_size)
+    else:
+        idx = list(range(len(x))) if idx is None else list(idx)
+        chunks = (x(idx[k:k + batch_size]) for k in range(0, len(idx), batch_size))
+    return torch.cat([model(chunk.to(device)).cpu() for chunk in chunks])
 
 
 def train_adapter(cfg: AdaptConfig, tracking: TrackingConfig | None = None, progress: bool = True) -> dict:
@@ -72,7 +78,7 @@ def train_adapter(cfg: AdaptConfig, tracking: TrackingConfig | None = None, prog
     raw = io.read(cfg.data, cfg, labelled=True)
     train_idx, val_idx = split(len(raw.items), cfg.val_fraction, cfg.seed)
     pre, settings = io.fit(raw, train_idx, cfg, encoder.manifest)
-    x = io.transform(raw, pre, settings)
+    x = Inputs(io, raw, pre, settings, int(cfg.cache_gib * 2**30))
     y, target = encode_targets(raw.targets, cfg.task, train_idx)
     outputs = len(target["classes"]) if cfg.task == "classification" else 1
     spec = {"modality": cfg.modality, "task": cfg.task, "tokenizer": settings,
@@ -108,10 +114,11 @@ def train_adapter(cfg: AdaptConfig, tracking: TrackingConfig | None = None, prog
     best, best_epoch, best_state, since_best = None, 0, None, 0
     try:
         for epoch in range(cfg.epochs):
+            bar.set_description(f"adapt {cfg.modality} epoch {epoch + 1}/{cfg.epochs}")
             model.train()
             total = 0.0
             for batch in tr[torch.randperm(len(tr), generator=gen)].split(cfg.batch_size):
-                loss = _loss(model(x[batch].to(device)), y[batch].to(device), cfg.task)
+                loss = _loss(model(x(batch).to(device)), y[batch].to(device), cfg.task)
                 if not torch.isfinite(loss):
                     raise AdaptError(f"epoch {epoch + 1}: the loss became {loss.item()}; lower --lr")
                 opt.zero_grad(set_to_none=True)
@@ -123,7 +130,7 @@ def train_adapter(cfg: AdaptConfig, tracking: TrackingConfig | None = None, prog
             logged = {"train_loss": total / len(train_idx)}
             if val_idx:
                 logged.update({f"val_{k}": v for k, v in
-                               metrics(infer(model, x[val_idx]), y[val_idx], cfg.task, target).items()})
+                               metrics(infer(model, x, idx=val_idx), y[val_idx], cfg.task, target).items()})
             bar.set_postfix({k: f"{v:.3g}" for k, v in logged.items()})
             tracker.log_metrics(logged, step=epoch + 1)
             score = (logged["val_accuracy"] if cfg.task == "classification" else -logged["val_rmse"]) if val_idx \
@@ -163,7 +170,7 @@ def predict(model_dir: str, data: str, out: str | None = None, encoder_dir: str 
     target = spec["preprocessing"]["target"]
     cfg = AdaptConfig(target=target["column"], skip_bad=skip_bad)
     raw = io.read(data, cfg, labelled=False, pre=pre)
-    outputs = infer(model, io.transform(raw, pre, settings), batch_size)
+    outputs = infer(model, Inputs(io, raw, pre, settings, int(cfg.cache_gib * 2**30)), batch_size)
     result = {"ids": raw.ids, "outputs": outputs, "reading": raw.info, "metrics": None}
     if spec["task"] == "classification":
         classes = target["classes"]

@@ -48,7 +48,7 @@ class VideoIO:
                 raise DataError(f"{f}: a clip with no frames")
             return as_float_checked(a, f, "frames")
 
-        return load_each(raw, load, cfg.skip_bad)
+        return load_each(raw, load, cfg)
 
     @staticmethod
     def fit(raw, train_idx, cfg, manifest) -> tuple[dict, dict]:
