@@ -434,6 +434,8 @@ def test_modality_learns_above_chance(modality, encoder, tmp_path):
     write(str(tmp_path / "test"), n // 2, 1)
     cfg = AdaptConfig(encoder=encoder, modality=modality, data=str(tmp_path / "train" / name),
                       out=str(tmp_path / "model"), batch_size=16, val_fraction=0.25, **opts)
+    enc_file = os.path.join(encoder, ENCODER_FILE)
+    sha_before, weights_before = sha256_file(enc_file), load_file(enc_file)
     s = train_adapter(cfg, NO_TRACKING, progress=False)
     chance = 1 / classes
     assert s["outputs"] == classes and chance <= 0.34
@@ -443,6 +445,19 @@ def test_modality_learns_above_chance(modality, encoder, tmp_path):
     with open(tmp_path / "preds.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(r["ids"]) == n // 2 and len(rows[0]) == 2 + classes  # id, prediction, p_<class>
+
+    # the encoder: its file and weights unchanged, no gradient; the saved model predicts as the trained one
+    model = s["model"]
+    assert sha256_file(enc_file) == sha_before == s["encoder_sha256"]
+    assert all(torch.equal(v, weights_before[k]) for k, v in model.encoder.blocks.state_dict().items())
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is not None for k, p in model.named_parameters() if not k.startswith("encoder."))
+    from mtx_dist.adapt.data import Inputs
+    from mtx_dist.adapt.train import IO, infer
+    spec = json.loads((tmp_path / "model" / "adapter.json").read_text())
+    pre, settings = spec["preprocessing"]["input"], spec["tokenizer"]
+    raw = IO[modality].read(str(tmp_path / "test" / name), cfg, labelled=False, pre=pre)
+    assert torch.equal(r["outputs"], infer(model, Inputs(IO[modality], raw, pre, settings, 2**30)))  # bitwise
 
 
 @pytest.mark.slow
