@@ -89,7 +89,10 @@ def train_adapter(cfg: AdaptConfig, tracking: TrackingConfig | None = None, prog
     device = resolve_device(cfg.device)
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
         torch.manual_seed(cfg.seed)
-        model = build_model(spec, encoder).to(device)
+        model = build_model(spec, encoder)
+        if hasattr(io, "initialise"):  # tokenizers that start from pretrained weights (text)
+            io.initialise(model.tokenizer, encoder.export_dir, settings)
+        model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     summary = {"samples": len(y), "train": len(train_idx), "val": len(val_idx), "outputs": outputs,
