@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import shutil
+import sys
 import wave
 
 import numpy as np
@@ -210,7 +211,7 @@ def imu_dir(d: str, n: int, seed: int, steps: int = 64) -> None:
 
 def video_dir(d: str, n: int, seed: int, frames: int = 8, size: int = 16) -> None:
     """Clips of a bright square on noise, 3 classes: still, blinking (on and off by frame), sliding
-    across; half (T, H, W, 3) uint8 .npy, half animated .gif."""
+    across; a third each (T, H, W, 3) uint8 .npy, animated .gif and .mp4."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -225,11 +226,27 @@ def video_dir(d: str, n: int, seed: int, frames: int = 8, size: int = 16) -> Non
             clip[t, y:y + 6, min(x + dx, size - 6):min(x + dx, size - 6) + 6] += 0.7
         clip = (np.clip(clip, 0, 1) * 255).astype(np.uint8)
         os.makedirs(os.path.join(d, k), exist_ok=True)
-        if i % 2:
+        kind = (i // 3) % 3  # every class in every format
+        if kind == 1:
             frames_ = [Image.fromarray(f) for f in clip]
             frames_[0].save(os.path.join(d, k, f"{seed}-{i}.gif"), save_all=True, append_images=frames_[1:])
+        elif kind == 2:
+            write_mp4(os.path.join(d, k, f"{seed}-{i}.mp4"), clip)
         else:
             np.save(os.path.join(d, k, f"{seed}-{i}.npy"), clip)
+
+
+def write_mp4(path: str, clip: np.ndarray, fps: int = 8) -> None:
+    """(T, H, W, 3) uint8 -> an MPEG-4 part 2 .mp4 (FFmpeg's own encoder, inside the PyAV wheel)."""
+    import av
+
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = clip.shape[2], clip.shape[1], "yuv420p"
+        stream.options = {"qscale": "2"}  # near-lossless: the test data's signal, not the codec, is learned
+        for frame in clip:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())  # flush
 
 
 def text_csv(path: str, n: int, seed: int) -> None:
@@ -678,7 +695,7 @@ def test_imu_records_its_rate_and_refuses_other_channels(encoder, tmp_path):
         predict(str(tmp_path / "m"), str(tmp_path / "three"))
 
 
-def test_video_clips_without_frames_or_a_decoder_are_refused_naming_the_file(tmp_path):
+def test_video_clips_without_frames_or_a_decoder_are_refused_naming_the_file(tmp_path, monkeypatch):
     from mtx_dist.adapt.errors import DataError
     from mtx_dist.adapt.video import VideoIO
 
@@ -689,9 +706,29 @@ def test_video_clips_without_frames_or_a_decoder_are_refused_naming_the_file(tmp
     with pytest.raises(DataError, match="empty.npy: a clip with no frames"):
         VideoIO.read(str(tmp_path / "v"), cfg, labelled=True)
     os.remove(d / "empty.npy")
-    (d / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
-    with pytest.raises(DataError, match="clip.mp4: mp4 clips need a video decoder"):
+    (d / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")  # a header and nothing else
+    with pytest.raises(DataError, match="clip.mp4: not a readable clip"):
         VideoIO.read(str(tmp_path / "v"), cfg, labelled=True)
+    np.save(d / "good.npy", np.zeros((2, 8, 8, 3), np.uint8))
+    raw = VideoIO.read(str(tmp_path / "v"), AdaptConfig(modality="video", target="label", skip_bad=True), labelled=True)
+    assert len(raw.items) == 1 and raw.info["bad_files_skipped"] == 1
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "av", None)  # PyAV not installed: the optional extra's hint
+        with pytest.raises(DataError, match=r"clip.mp4: mp4 clips need the video decoder: pip install 'mtx-dist\[video\]'"):
+            VideoIO.read(str(tmp_path / "v"), cfg, labelled=True)
+
+
+def test_mp4_clips_decode_to_their_frames(tmp_path):
+    from mtx_dist.adapt.video import decode_container
+
+    t, y, x = np.meshgrid(np.arange(6), np.arange(32), np.arange(48), indexing="ij")
+    clip = np.stack([128 + 60 * np.sin(x / 7 + t), 128 + 60 * np.cos(y / 5 - t), 100 + 10 * t + 0 * x], -1)
+    clip = clip.astype(np.uint8)  # smooth, so the codec's loss stays small
+    write_mp4(str(tmp_path / "c.mp4"), clip)
+    frames = decode_container(str(tmp_path / "c.mp4"))
+    assert frames.shape == clip.shape and frames.dtype == np.uint8
+    error = np.abs(frames.astype(float) - clip).mean()
+    assert error < 4, error  # mean absolute error in 0..255 levels (lossy MPEG-4, 4:2:0 chroma)
 
 
 def test_text_needs_its_text_column(encoder, tmp_path):

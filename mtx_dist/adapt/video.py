@@ -1,6 +1,7 @@
-"""Video clips: a folder of ``.npy`` arrays ``(T, H, W)`` or ``(T, H, W, 3)`` (uint8, or float in 0..1)
-or animated ``.gif`` files (decoded with PIL, a core dependency). ``.mp4`` and other containers are
-refused with a hint: decode them to ``.npy`` first (no video decoder is a dependency).
+"""Video clips: a folder of ``.npy`` arrays ``(T, H, W)`` or ``(T, H, W, 3)`` (uint8, or float in 0..1),
+animated ``.gif`` files (decoded with PIL, a core dependency), and ``.mp4``/``.avi``/``.mov``/``.mkv``/
+``.webm`` files decoded with PyAV (FFmpeg's bindings: the optional extra ``mtx-dist[video]``; without it
+those files are refused with the install hint).
 
 Each clip is sampled to ``--frames`` frames spread evenly over its length, resized (bicubic) to the
 encoder's image size and normalised with its preprocessing mean/std. The tokenizer embeds tubelets of
@@ -29,11 +30,10 @@ class VideoIO:
 
         def load(f: str) -> np.ndarray:
             low = f.lower()
-            if not low.endswith((".npy", ".gif")):
-                raise DataError(f"{f}: {low.rsplit('.', 1)[-1]} clips need a video decoder, which is not a dependency; "
-                                "decode them to .npy (T, H, W, 3) arrays first (e.g. with PyAV or imageio)")
             if low.endswith(".npy"):
                 a = read_npy(f)
+            elif not low.endswith(".gif"):
+                a = decode_container(f)
             else:
                 try:
                     with Image.open(f) as im:
@@ -70,6 +70,31 @@ class VideoIO:
             x = x.clamp(0, 1)  # resized or not: bicubic overshoot and out-of-range floats alike
             out.append(((x - mean) / std).transpose(0, 1))  # (3, F, S, S)
         return torch.stack(out)
+
+
+def decode_container(f: str) -> np.ndarray:
+    """Every frame of the first video stream of ``f`` as (T, H, W, 3) uint8, decoded by PyAV.
+
+    PyAV rather than torchvision.io / imageio: it is FFmpeg's own maintained binding, one wheel with
+    FFmpeg inside, and what both of those call underneath.
+    """
+    try:
+        import av
+    except ImportError:
+        raise DataError(f"{f}: {f.rsplit('.', 1)[-1]} clips need the video decoder: pip install 'mtx-dist[video]' "
+                        "(PyAV), or decode them to .npy (T, H, W, 3) arrays first") from None
+    try:
+        with av.open(f) as container:
+            if not container.streams.video:
+                raise DataError(f"{f}: a clip with no frames (no video stream)")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    except av.FFmpegError as e:
+        raise DataError(f"{f}: not a readable clip ({e})") from e
+    if not frames:
+        raise DataError(f"{f}: a clip with no frames")
+    return np.stack(frames)
 
 
 class VideoTokenizer(nn.Module):
