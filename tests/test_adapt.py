@@ -165,19 +165,41 @@ def image_dir(d: str, n: int, seed: int, size: int = 32) -> None:
 
 def gray_dir(d: str, n: int, seed: int, size: int = 32, bits: int = 16) -> None:
     """Single-channel images, 3 classes (horizontal stripes, vertical stripes, a disc, on noise):
-    ``bits``-bit PNGs (16: 'I;16', as x-ray detectors write them; 8: 'L') and float .npy, alternately."""
+    ``bits``-bit PNGs (16: 'I;16', as x-ray detectors write them; 8: 'L') and float .npy, alternately;
+    with 16 bits every fourth a 12-bit DICOM instead."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     for i in range(n):
         k, img = _pattern(rng, i, (size, size))
         os.makedirs(os.path.join(d, k), exist_ok=True)
-        if i % 2 and bits == 16:
+        if i % 4 == 3 and bits == 16:
+            write_dicom(os.path.join(d, k, f"{seed}-{i}.dcm"), (img * 4095).astype(np.uint16), 12)
+        elif i % 2 and bits == 16:
             Image.fromarray((img * 65535).astype(np.uint16)).save(os.path.join(d, k, f"{seed}-{i}.png"))
         elif i % 2:
             Image.fromarray((img * 255).astype(np.uint8), mode="L").save(os.path.join(d, k, f"{seed}-{i}.png"))
         else:
             np.save(os.path.join(d, k, f"{seed}-{i}.npy"), img.astype(np.float32))
+
+
+def write_dicom(path: str, pixels: np.ndarray, bits: int, photometric: str = "MONOCHROME2",
+                signed: bool = False) -> None:
+    """One greyscale image as an uncompressed DICOM file (Secondary Capture), ``bits`` stored of 16."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "DX", photometric, 1
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, int(signed)
+    ds.PixelData = pixels.astype(np.int16 if signed else np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
 
 
 def cube_dir(d: str, n: int, seed: int, size: int = 6, bands: int = 20) -> None:
@@ -659,6 +681,32 @@ def test_single_channel_modalities_read_bit_depths_and_refuse_colour(tmp_path):
     Image.fromarray(colour).save(d / "red.png")
     with pytest.raises(DataError, match="red.png: a colour image"):
         GrayImageIO.read(str(tmp_path / "x"), cfg, labelled=True)
+
+
+def test_dicom_images_read_by_bit_depth_and_photometric_interpretation(tmp_path, monkeypatch):
+    """12-bit stored values scale by 4095; MONOCHROME1 is inverted (bright = dense in every file); signed
+    values start at 0; a broken file and a missing pydicom are named."""
+    from mtx_dist.adapt.errors import DataError
+    from mtx_dist.adapt.files import GrayImageIO
+
+    d = tmp_path / "x" / "a"
+    os.makedirs(d)
+    ramp = np.arange(24, dtype=np.uint16).reshape(4, 6) * 150  # 0 .. 3450 of 4095
+    write_dicom(str(d / "m2.dcm"), ramp, 12)
+    write_dicom(str(d / "m1.dcm"), ramp, 12, photometric="MONOCHROME1")
+    write_dicom(str(d / "signed.dcm"), ramp.astype(np.int16) - 2048, 12, signed=True)
+    raw = GrayImageIO.read(str(tmp_path / "x"), AdaptConfig(modality="xray", target="label"), labelled=True)
+    got = {os.path.basename(i): a for i, a in zip(raw.ids, raw.items)}
+    expected = (ramp / 4095).astype(np.float32)
+    np.testing.assert_allclose(got["m2.dcm"], expected, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(got["m1.dcm"], 1 - expected, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(got["signed.dcm"], expected, rtol=0, atol=1e-7)
+    (d / "broken.dcm").write_bytes(b"DICM" * 10)
+    with pytest.raises(DataError, match="broken.dcm: not a readable DICOM image"):
+        GrayImageIO.read(str(tmp_path / "x"), AdaptConfig(modality="xray", target="label"), labelled=True)
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # the optional extra not installed
+    with pytest.raises(DataError, match=r"broken.dcm: DICOM files need pydicom: pip install 'mtx-dist\[dicom\]'"):
+        GrayImageIO.read(str(tmp_path / "x"), AdaptConfig(modality="xray", target="label"), labelled=True)
 
 
 def test_hyperspectral_band_count_is_recorded_and_checked(encoder, tmp_path):

@@ -250,14 +250,42 @@ class ImageIO:
         return torch.stack(out)
 
 
+def read_dicom(f: str) -> np.ndarray:
+    """A single-frame greyscale DICOM image as float32 in 0..1: stored values scaled by their bit
+    depth (``BitsStored``; signed ones shifted to start at 0), MONOCHROME1 inverted so that bright
+    means dense in every file. Read with pydicom (the optional extra ``mtx-dist[dicom]``)."""
+    try:
+        import pydicom
+    except ImportError:
+        raise DataError(f"{f}: DICOM files need pydicom: pip install 'mtx-dist[dicom]'") from None
+    try:
+        ds = pydicom.dcmread(f)
+        frames, samples = int(getattr(ds, "NumberOfFrames", 1) or 1), int(getattr(ds, "SamplesPerPixel", 1))
+        if frames != 1 or samples != 1:
+            raise DataError(f"{f}: DICOM with {frames} frames of {samples} samples per pixel; expected one "
+                            "single-channel image")
+        a = ds.pixel_array
+    except DataError:
+        raise
+    except Exception as e:  # pydicom raises many kinds (InvalidDicomError, missing pixel handlers, ...)
+        raise DataError(f"{f}: not a readable DICOM image ({type(e).__name__}: {e})") from e
+    bits = int(ds.BitsStored)
+    a = a.astype(np.float64)
+    if int(getattr(ds, "PixelRepresentation", 0)) == 1:  # two's complement
+        a += 2 ** (bits - 1)
+    a = np.clip(a / (2**bits - 1), 0.0, 1.0).astype(np.float32)
+    return 1.0 - a if ds.PhotometricInterpretation == "MONOCHROME1" else a
+
+
 class GrayImageIO:
     """Single-channel images (``xray``, ``infrared``): ``.png``/``.jpg``/``.tif`` in 8 or 16 bits, or
-    ``.npy`` (H, W) arrays (uint8, uint16, or float in 0..1). A colour image is refused, except one
+    ``.npy`` (H, W) arrays (uint8, uint16, or float in 0..1), or ``.dcm`` (DICOM, through the optional
+    extra ``mtx-dist[dicom]``: :func:`read_dicom`). A colour image is refused, except one
     whose three channels are equal (a grey picture saved as RGB). Intensities are scaled to 0..1 by
     their bit depth, resized (bicubic) to the tokenizer's size and standardised with the training
     pixels' mean and std (saved with the model): a one-channel patch embedding reads them."""
 
-    SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
+    SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".dcm")
 
     @staticmethod
     def read(path, cfg, labelled, pre=None) -> Raw:
@@ -268,6 +296,8 @@ class GrayImageIO:
         def load(f: str) -> np.ndarray:
             if f.lower().endswith(".npy"):
                 a = read_npy(f)
+            elif f.lower().endswith(".dcm"):
+                return read_dicom(f)
             else:
                 try:
                     with Image.open(f) as im:
