@@ -137,9 +137,10 @@ class DataConfig:
     val: str = _opt("", "held-out shards for retrieval; empty = generated demo shards")
     batch_size: int = _opt(64, "samples per step per data-parallel rank", min=1)
     workers: int = _opt(2, "loader worker processes per rank", min=0, max=256)
-    worker_nice: int = _opt(19, "niceness added to the loader workers (0-19): at 19 the training step keeps the cores "
-                            "and the workers run in its idle moments (about 7 % faster steps on a 2-core CPU); "
-                            "0 = the training process's own priority", min=0, max=19)
+    worker_nice: int = _opt(-1, "niceness added to the loader workers (0-19); -1 = auto: 19 when training on the "
+                            "CPU (the step keeps the cores, the workers run in its idle moments: about 7 % faster "
+                            "steps on a 2-core CPU), 0 on GPUs (there the workers are the host's main work)",
+                            min=-1, max=19)
     shuffle_buffer: int = _opt(1000, "samples in the shuffle buffer of each worker", min=0)
     max_pixels: int = _opt(89_478_485, "images with more pixels are skipped (decompression bombs)", min=1)
     train_weights: str = _opt("", "mixing weights of the '::'-separated sources of data.train, e.g. '0.7,0.3' "

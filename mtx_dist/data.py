@@ -48,6 +48,16 @@ def resolve_shards(cfg: Config, local_rank: int) -> tuple[str, str]:
     return specs["train"], specs["val"]
 
 
+def worker_niceness(configured: int, device: str) -> int:
+    """``data.worker_nice``, with -1 (auto) resolved: lowest priority on CPU runs, where the training step
+    needs every core and a descheduled OpenMP thread stalls the step; the training process's own on
+    GPU runs, where the step waits on the device and the workers are what the host's cores are for (at
+    19 they would also starve behind any other process on the node)."""
+    if configured >= 0:
+        return configured
+    return 19 if device == "cpu" else 0
+
+
 def build_loader(cfg: Config, shards: str, train: bool, rank: int, world_size: int, device: str = "cpu"):
     """The loader of one data-parallel rank: a :class:`Loader` (cpu backend) or a ``DaliLoader``."""
     spec = cfg.model.spec
@@ -59,7 +69,8 @@ def build_loader(cfg: Config, shards: str, train: bool, rank: int, world_size: i
         shuffle_buffer=cfg.data.shuffle_buffer, max_pixels=cfg.data.max_pixels, rank=rank,
         world_size=world_size, weights=cfg.data.train_weights if train else "", mode=cfg.data.mode,
         jpeg_draft=cfg.data.jpeg_draft, normalize=not train,  # training batches are normalized by DevicePrefetcher
-        text_pad_multiple=TEXT_PAD_MULTIPLE if cfg.data.text_trim else 0, worker_nice=cfg.data.worker_nice,
+        text_pad_multiple=TEXT_PAD_MULTIPLE if cfg.data.text_trim else 0,
+        worker_nice=worker_niceness(cfg.data.worker_nice, device),
     )
     try:
         if cfg.data.backend == "dali" and train:  # held-out evaluation stays on the small, exact cpu path

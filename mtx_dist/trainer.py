@@ -444,7 +444,8 @@ def _steps(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState
 
 def _evaluate(cfg: Config, runtime: Runtime, engine, shards: str, tracker: Tracker, step: int) -> dict[str, float]:
     groups = runtime.groups
-    loader = build_loader(cfg, shards, train=False, rank=groups.dp_rank, world_size=groups.dp_size)
+    loader = build_loader(cfg, shards, train=False, rank=groups.dp_rank, world_size=groups.dp_size,
+                          device=runtime.device.type)
     engine.eval()
     img, txt, captions = embed_split(engine, loader, runtime.device, runtime.dtype, groups.dp_group)
     engine.train()

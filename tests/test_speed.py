@@ -259,3 +259,18 @@ def test_one_small_all_reduce_per_step_beside_the_gradients(stage):
         assert r["signal"] == [0, 0, 10], r  # a signal shared by one rank at step 3 reached both
         assert r["checkpoint"] == [0, 1, 2], r  # so did one rank's checkpoint status (MAX)
 
+
+
+def test_loader_workers_yield_the_cores_on_cpu_runs_only(tmp_path):
+    """data.worker_nice=-1 (auto): niceness 19 when the step runs on the CPU, 0 on a GPU, where the
+    workers are the host's main work; an explicit value is kept either way."""
+    from mtx_data_pipelines.demo import DemoSpec, shard_spec, write_demo_split
+    from mtx_dist.data import build_loader, worker_niceness
+
+    assert (worker_niceness(-1, "cpu"), worker_niceness(-1, "cuda"), worker_niceness(5, "cuda")) == (19, 0, 5)
+    shards = shard_spec(write_demo_split(str(tmp_path), DemoSpec("train", 4, image_px=32)))
+    cfg = load_config(None, [])
+    assert cfg.data.worker_nice == -1
+    assert build_loader(cfg, shards, train=True, rank=0, world_size=1, device="cpu").cfg.worker_nice == 19
+    cfg = load_config(None, ["data.worker_nice=3"])
+    assert build_loader(cfg, shards, train=True, rank=0, world_size=1, device="cpu").cfg.worker_nice == 3
