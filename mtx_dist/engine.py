@@ -24,7 +24,7 @@ from mtx_dist.loss import logit_init
 from mtx_dist.models import ContrastiveModel
 from mtx_dist.optim import build_optimizer, build_scheduler
 from mtx_dist.parallel import (DeepSpeedMpu, ParallelGroups, ParallelLayoutError, gather_tensor_parallel, init_groups,
-                               parallelize)
+                               parallelize, shard_tensor)
 
 
 @dataclass(frozen=True)
@@ -102,17 +102,33 @@ def setup_runtime(cfg: Config) -> Runtime:
 def build_model(cfg: Config, runtime: Runtime) -> nn.Module:
     """The contrastive model on the runtime's device, tensor-parallel and checkpointed as configured.
 
-    Seeded identically on every rank: the full model is built the same everywhere and TP ranks
-    keep their slices, so any TP size starts from the same weights. With ``model.init_from`` every
-    rank loads the same OpenCLIP checkpoint instead (raises OpenClipImportError when it does not fit).
+    Seeded identically on every rank, so any TP size starts from the same weights. The model is
+    built on the meta device and its initialisation replayed one parameter at a time
+    (:mod:`mtx_dist.models.deferred`): bit for bit the weights of an eager seeded build, but a rank
+    holds only its TP slices and one full parameter at a time, never the whole fp32 model. With
+    ``model.init_from`` every rank loads the same OpenCLIP checkpoint into a whole model instead
+    (raises OpenClipImportError when it does not fit).
     """
+    from mtx_dist.models.deferred import materialize, place_into, record
+
     torch.manual_seed(cfg.run.seed)
     scale_init, bias_init = logit_init(cfg.loss.kind)
-    model = ContrastiveModel(cfg.model.spec, cfg.model.attention, scale_init, bias_init)
+
+    def build() -> ContrastiveModel:
+        return ContrastiveModel(cfg.model.spec, cfg.model.attention, scale_init, bias_init)
+
+    groups, device = runtime.groups, runtime.device
     if cfg.model.init_from:  # into the whole model, before TP slices it and DeepSpeed partitions it
         from mtx_dist.interop.openclip import load_into
+        model = build()
         load_into(model, cfg.model.init_from, cfg.model.spec, cfg.model.preset)
-    return parallelize(model.to(runtime.device), runtime.groups, cfg.parallel.activation_checkpointing)
+        return parallelize(model.to(device), groups, cfg.parallel.activation_checkpointing)
+    model, calls = record(build)
+    shapes = {n: (p.shape, p.dtype) for n, p in model.named_parameters()}  # before TP swaps layers
+    parallelize(model, groups, cfg.parallel.activation_checkpointing, device)
+    materialize(calls, shapes, place_into(model, device, lambda n, t: shard_tensor(n, t, groups.tp_rank,
+                                                                                   groups.tp_size)))
+    return model
 
 
 def optimizer_clips(cfg: Config) -> bool:

@@ -418,3 +418,41 @@ def comm_bytes_per_step(overrides: list[str]) -> dict:
         for n, f in originals.items():
             setattr(dist, n, f)
     return sent
+
+
+# -- deferred initialisation: a rank's weights without the whole model in its memory ---------------
+
+def tp_build_memory(preset: str, deferred: bool) -> dict:
+    """Peak host memory (ru_maxrss growth) of building ``preset`` at TP = world size, deferred (the
+    engine's build_model) or eager (the whole model, then each rank's slices); then whether the
+    rank's weights equal the eager whole model's slices, bit for bit."""
+    import gc
+    import resource
+
+    from mtx_dist.engine import build_model, setup_runtime
+    from mtx_dist.parallel import destroy_groups, parallelize, shard_tensor
+
+    cfg = load_config(None, [f"model.preset={preset}", f"parallel.tensor_parallel={dist.get_world_size()}",
+                             "run.seed=7"])
+    runtime = setup_runtime(cfg)
+    groups = runtime.groups
+    import megatron.core.tensor_parallel  # noqa: F401  (imported before the baseline, as both builds need it)
+
+    gc.collect()
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if deferred:
+        model = build_model(cfg, runtime)
+    else:
+        torch.manual_seed(cfg.run.seed)
+        model = parallelize(ContrastiveModel(cfg.model.spec), groups)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    kept = sum(p.numel() * p.element_size() for p in model.parameters())
+    torch.manual_seed(cfg.run.seed)
+    full = ContrastiveModel(cfg.model.spec).state_dict()
+    mine = model.state_dict()
+    equal = sorted(mine) == sorted(full) and all(
+        torch.equal(mine[n], shard_tensor(n, full[n], groups.tp_rank, groups.tp_size)) for n in full)
+    full_bytes = sum(t.numel() * t.element_size() for t in full.values())
+    destroy_groups(groups)
+    return {"peak": peak, "kept": kept, "full": full_bytes, "equal": equal,
+            "sharded": sum(1 for p in model.parameters() if getattr(p, "tensor_model_parallel", False))}

@@ -24,10 +24,13 @@ class ContrastiveModel(nn.Module):
         self.text = TextTower(spec.text, spec.embed_dim, attn_backend)
         # Shape (1,) rather than OpenCLIP's 0-dim: DeepSpeed broadcasts parameters as byte views,
         # which 0-dim tensors do not support. Exports reshape it.
-        self.logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT if logit_scale_init is None
-                                                   else logit_scale_init))
+        # Values set in place, not by torch.full: mtx_dist.models.deferred replays in-place initialisation.
+        self.logit_scale = nn.Parameter(torch.empty(1))
+        nn.init.constant_(self.logit_scale, LOGIT_SCALE_INIT if logit_scale_init is None else logit_scale_init)
         # A learnable logit bias exists only for losses that use one (SigLIP).
-        self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.full((1,), logit_bias_init))
+        self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.empty(1))
+        if self.logit_bias is not None:
+            nn.init.constant_(self.logit_bias, logit_bias_init)
 
     @classmethod
     def from_preset(cls, name: str, attn_backend: str = "auto") -> "ContrastiveModel":

@@ -93,11 +93,14 @@ def _no_init(_: torch.Tensor) -> None:
     """Weights are copied from the already-initialized full linear, never drawn again."""
 
 
-def apply_tensor_parallel(model: nn.Module, groups: ParallelGroups) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, groups: ParallelGroups, device: torch.device | str | None = None
+                          ) -> nn.Module:
     """Swap the linears of every Attention and Mlp in ``model`` for TP shards of the same weights.
 
     The full model must be built identically on every TP rank (same seed): each rank keeps its
-    slice, so a TP model starts from exactly the weights of the unsharded one.
+    slice, so a TP model starts from exactly the weights of the unsharded one. A model on the meta
+    device (:mod:`mtx_dist.models.deferred`) gets its shards allocated on ``device``, values to come
+    (the replayed initialisation copies each rank's slice in: :func:`shard_tensor`).
     """
     if not groups.tp:
         return model
@@ -116,9 +119,11 @@ def apply_tensor_parallel(model: nn.Module, groups: ParallelGroups) -> nn.Module
         for attr, column in pairs:
             old: nn.Linear = getattr(module, attr)
             full_name = f"{names[id(module)]}.{attr}"
+            deferred = old.weight.is_meta
+            target = torch.device(device) if deferred else old.weight.device
             config = ModelParallelConfig(
                 tensor_model_parallel_size=groups.tp_size, params_dtype=old.weight.dtype,
-                use_cpu_initialization=old.weight.device.type == "cpu", perform_initialization=False,
+                use_cpu_initialization=target.type == "cpu", perform_initialization=False,
             )
             kwargs = dict(config=config, init_method=_no_init, bias=old.bias is not None,
                           tp_group=groups.tp_group)
@@ -127,11 +132,12 @@ def apply_tensor_parallel(model: nn.Module, groups: ParallelGroups) -> nn.Module
             else:
                 new = row_cls(old.in_features, old.out_features, input_is_parallel=True, skip_bias_add=False,
                               **kwargs)
-            new = new.to(old.weight.device)
-            with torch.no_grad():
-                new.weight.copy_(shard_tensor(full_name + ".weight", old.weight, groups.tp_rank, groups.tp_size))
-                if old.bias is not None:
-                    new.bias.copy_(shard_tensor(full_name + ".bias", old.bias, groups.tp_rank, groups.tp_size))
+            new = new.to(target)
+            if not deferred:
+                with torch.no_grad():
+                    new.weight.copy_(shard_tensor(full_name + ".weight", old.weight, groups.tp_rank, groups.tp_size))
+                    if old.bias is not None:
+                        new.bias.copy_(shard_tensor(full_name + ".bias", old.bias, groups.tp_rank, groups.tp_size))
             # megatron-core sets these only when it initializes the weight itself; DeepSpeed's
             # gradient norm reads them to count each shard once across the TP group.
             set_tensor_model_parallel_attributes(new.weight, True, 0 if column else 1, 1)
