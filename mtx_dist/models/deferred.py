@@ -62,14 +62,18 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         # Tensor methods pass the tensor first; nn.init functions pass it as the keyword "tensor".
         target = args[0] if args else kwargs.get("tensor")
+        op = getattr(func, "__name__", str(func))
+        if isinstance(target, torch.Tensor) and target.is_meta and op.endswith("_") and not op.startswith("__"):
+            # An in-place call on a meta tensor computes nothing: recorded, not run (running it would
+            # also import torch._dynamo through the meta kernels of the random ops, ~1 s).
+            key = self.aliases.get(id(target), id(target))
+            self.calls.append((func, key, args[1:], {k: v for k, v in kwargs.items() if k != "tensor"}))
+            return target
         out = func(*args, **kwargs)
         if isinstance(target, torch.Tensor):
             key = self.aliases.get(id(target), id(target))
-            op = getattr(func, "__name__", str(func))
             attr = getattr(getattr(func, "__self__", None), "__name__", None)  # of a property's __get__
-            if op.endswith("_") and not op.startswith("__"):
-                self.calls.append((func, key, args[1:], {k: v for k, v in kwargs.items() if k != "tensor"}))
-            elif (op == "__get__" and attr == "data") or op == "detach":
+            if (op == "__get__" and attr == "data") or op == "detach":
                 self.aliases[id(out)] = key
                 self.keep.append(out)
             elif op not in METADATA:
