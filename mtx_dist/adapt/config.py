@@ -58,9 +58,11 @@ class AdaptConfig:
     text_column: str = option("text", "text: the column holding the text")
     context_length: int = option(32, "text: CLIP BPE tokens per text (SOT and EOT included; longer texts are cut)",
                                  min=3)
-    text_init: str = option("auto", "text: where the token embedding starts: text_tower = the pretrained text "
-                            "tower's (open_clip_model.safetensors in the encoder folder, required), random, or auto "
-                            "= text_tower when the folder carries it", ("auto", "text_tower", "random"))
+    tokenizer_init: str = option("auto", "text, image, xray, infrared, video: start the tokenizer from the "
+                                 "pretraining's own (the text tower's token embedding; the image tower's patch "
+                                 "embedding, class token, positions and ln_pre), read from open_clip_model."
+                                 "safetensors in the encoder folder: auto = when it is there and the patch size "
+                                 "matches, pretrained = required, random = never", ("auto", "pretrained", "random"))
     graph_eigvecs: int = option(8, "graph: Laplacian eigenvectors per node identifier (TokenGT)", min=1)
     cache_gib: float = option(2.0, "folders: decoded samples and model inputs kept in memory up to this many GiB; "
                               "beyond it, batches are decoded from the files each time (memory of a batch)", min=0)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from mtx_dist.adapt.audio import fit_clip, fixed_length, log_mel, mel_filterbank, read_wav
 from mtx_dist.adapt.data import DataError, FileItems, Moments, Raw, is_missing, nbytes, read_table
 from mtx_dist.adapt.pointcloud import normalize_cloud, resample_cloud
+from mtx_dist.adapt.pretrained import init_vision_stem, vision_stem_settings
 
 LABELS_FILE = "labels.csv"
 log = logging.getLogger(__name__)
@@ -233,7 +234,9 @@ class ImageIO:
     @staticmethod
     def fit(raw, train_idx, cfg, manifest) -> tuple[dict, dict]:
         pre, size, patch = image_geometry(cfg, manifest)
-        return pre, {"image_size": size, "patch": patch}
+        return pre, {"image_size": size, "patch": patch, **vision_stem_settings(cfg, patch)}
+
+    initialise = staticmethod(init_vision_stem)  # the pretrained image stem, when fit chose it
 
     @staticmethod
     def transform(raw, pre, settings) -> torch.Tensor:
@@ -324,7 +327,9 @@ class GrayImageIO:
         for i in train_idx:
             pixels.add(raw.items[i].ravel())
         pre = {"mean": float(pixels.mean[0]), "std": float(pixels.std()[0]) or 1.0}
-        return pre, {"image_size": size, "patch": patch, "channels": 1}
+        return pre, {"image_size": size, "patch": patch, "channels": 1, **vision_stem_settings(cfg, patch)}
+
+    initialise = staticmethod(init_vision_stem)  # the pretrained image stem, summed over its colours
 
     @staticmethod
     def transform(raw, pre, settings) -> torch.Tensor:

@@ -4,25 +4,20 @@ column (``--text-column``, default ``text``) and the ``--target`` column.
 Captions are CLIP BPE tokens (the training tokenizer, ``--context-length`` tokens with SOT/EOT,
 zero padded). The tokenizer is a learned token embedding over the CLIP vocabulary plus learned
 positions and a [CLS] token. The embedding starts from the pretrained text tower's token embedding
-when the encoder folder carries one (``open_clip_model.safetensors``, written beside the encoder by
-``mtx-dist train``'s export) and ``--text-init`` allows it; a text tower narrower or wider than the
-encoder gets a learned projection to the encoder's width. Otherwise it starts random.
+when the encoder folder carries one and ``--tokenizer-init`` allows it (:mod:`mtx_dist.adapt.pretrained`);
+a text tower narrower or wider than the encoder gets a learned projection to the encoder's width.
+Otherwise it starts random.
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import torch
 from torch import nn
 
 from mtx_dist.adapt.data import DataError, is_missing, read_rows
-from mtx_dist.adapt.errors import AdaptError
-from mtx_dist.export import OPENCLIP_FILE
+from mtx_dist.adapt.pretrained import init_text_tower, text_tower_settings
 from mtx_dist.models.presets import CLIP_VOCAB_SIZE as VOCAB
-
-TOKEN_EMBEDDING = "token_embedding.weight"  # OpenCLIP's name, as our open_clip export writes it
 
 
 class TextIO:
@@ -49,22 +44,10 @@ class TextIO:
         ids = ClipTokenizer(context_length=cfg.context_length)([raw.items[i] for i in train_idx])
         truncated = int((ids[:, -1] != 0).sum())  # rows that filled the context (their tail was cut)
         raw.info.update(texts_filling_the_context=truncated)
-        settings = {"context_length": cfg.context_length}
-        shape = pretrained_embedding_shape(cfg.encoder, cfg.text_init)
-        if shape is not None:
-            settings.update(vocab_size=shape[0], text_width=shape[1], init="text_tower")
+        settings = {"context_length": cfg.context_length, **text_tower_settings(cfg, VOCAB)}
         return {"column": raw.info["text_column"]}, settings
 
-    @staticmethod
-    def initialise(tokenizer: TextTokenizer, encoder_dir: str, settings: dict) -> None:
-        """Copy the pretrained text tower's token embedding in (``fit`` decided it is there)."""
-        if settings.get("init") == "text_tower":
-            from safetensors import safe_open
-
-            with safe_open(os.path.join(encoder_dir, OPENCLIP_FILE), framework="pt") as f:
-                weight = f.get_tensor(TOKEN_EMBEDDING)
-            with torch.no_grad():
-                tokenizer.embed.weight.copy_(weight.float())
+    initialise = staticmethod(init_text_tower)  # the pretrained token embedding, when fit chose it
 
     @staticmethod
     def transform(raw, pre, settings) -> torch.Tensor:
@@ -74,36 +57,13 @@ class TextIO:
         return torch.from_numpy(np.ascontiguousarray(ids))
 
 
-def pretrained_embedding_shape(encoder_dir: str, text_init: str) -> tuple[int, int] | None:
-    """(vocab, text width) of the text tower's token embedding in the encoder folder, if it is to be
-    used: ``auto`` uses it when present, ``text_tower`` requires it, ``random`` never uses it."""
-    if text_init == "random":
-        return None
-    path = os.path.join(encoder_dir, OPENCLIP_FILE)
-    if not os.path.exists(path):
-        if text_init == "text_tower":
-            raise AdaptError(f"{encoder_dir}: --text-init text_tower needs the text tower's weights ({OPENCLIP_FILE}, "
-                             "written by an export with the open_clip format); this folder has none")
-        return None
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        if TOKEN_EMBEDDING not in f.keys():
-            raise AdaptError(f"{path}: no {TOKEN_EMBEDDING} tensor (not an OpenCLIP model file)")
-        shape = f.get_slice(TOKEN_EMBEDDING).get_shape()
-    if len(shape) != 2 or shape[0] < VOCAB:
-        raise AdaptError(f"{path}: {TOKEN_EMBEDDING} has shape {tuple(shape)}, expected (>= {VOCAB} CLIP BPE "
-                         "tokens, width)")
-    return int(shape[0]), int(shape[1])
-
-
 class TextTokenizer(nn.Module):
     """(N, context) CLIP token ids -> [CLS] + context token embeddings with learned positions.
 
     ``text_width``: the token embedding's width when it differs from the encoder's (a pretrained text
     tower's); a learned linear projection then maps it to the encoder's width. ``init`` records where
     the embedding started (``random`` or ``text_tower``); the weights themselves are copied in by
-    :meth:`TextIO.initialise` when training starts, and come from the adapter file after that.
+    :func:`mtx_dist.adapt.pretrained.init_text_tower` when training starts, and come from the adapter file after that.
     """
 
     def __init__(self, width: int, context_length: int, vocab_size: int = VOCAB, text_width: int = 0,

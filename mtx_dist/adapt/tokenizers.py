@@ -98,8 +98,9 @@ class ImageTokenizer(nn.Module):
     """(B, C, S, S) normalised images -> [CLS] + (S/P)^2 patch tokens (a conv with stride = patch).
     C = 3 (``image``) or 1 (``xray``, ``infrared``: a one-channel patch embedding)."""
 
-    def __init__(self, width: int, image_size: int, patch: int, channels: int = 3) -> None:
+    def __init__(self, width: int, image_size: int, patch: int, channels: int = 3, init: str = "random") -> None:
         super().__init__()
+        self.init = init  # where the weights started (mtx_dist.adapt.pretrained); they come from the file after
         if image_size % patch:
             raise AdaptError(f"image: size {image_size} is not a multiple of patch {patch}")
         self.image_size, self.channels = image_size, channels

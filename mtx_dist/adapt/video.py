@@ -17,6 +17,7 @@ from torch import nn
 
 from mtx_dist.adapt.errors import AdaptError, DataError
 from mtx_dist.adapt.files import as_float_checked, image_geometry, list_samples, load_each, read_npy
+from mtx_dist.adapt.pretrained import init_vision_stem, vision_stem_settings
 
 SUFFIXES = (".npy", ".gif", ".mp4", ".avi", ".mov", ".mkv", ".webm")
 
@@ -53,8 +54,11 @@ class VideoIO:
     @staticmethod
     def fit(raw, train_idx, cfg, manifest) -> tuple[dict, dict]:
         pre, size, patch = image_geometry(cfg, manifest)
-        settings = {"frames": cfg.frames, "image_size": size, "patch": patch, "tubelet": cfg.tubelet}
+        settings = {"frames": cfg.frames, "image_size": size, "patch": patch, "tubelet": cfg.tubelet,
+                    **vision_stem_settings(cfg, patch)}
         return pre, settings
+
+    initialise = staticmethod(init_vision_stem)  # the pretrained image stem, inflated over the tubelet
 
     @staticmethod
     def transform(raw, pre, settings) -> torch.Tensor:
@@ -100,8 +104,10 @@ def decode_container(f: str) -> np.ndarray:
 class VideoTokenizer(nn.Module):
     """(N, 3, F, S, S) clips -> [CLS] + (F/t) (S/p)^2 tubelet tokens with space-time positions."""
 
-    def __init__(self, width: int, frames: int, image_size: int, patch: int, tubelet: int) -> None:
+    def __init__(self, width: int, frames: int, image_size: int, patch: int, tubelet: int, init: str = "random"
+                 ) -> None:
         super().__init__()
+        self.init = init  # where the weights started (mtx_dist.adapt.pretrained); they come from the file after
         if image_size % patch or frames % tubelet:
             raise AdaptError(f"video: size {image_size} / patch {patch} and frames {frames} / tubelet {tubelet} "
                              "must divide evenly")

@@ -10,6 +10,18 @@ from mtx_dist.models.blocks import Block, init_blocks, init_blocks_default
 from mtx_dist.models.presets import TextSpec, VisionSpec
 
 
+def resample_positions(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1 + g*g, width) position embeddings of a class token and a g x g patch grid -> the same for a
+    grid x grid layout: the patch part resampled bicubically (antialiased when shrinking), the class
+    token's position unchanged; ``pos`` itself when the grid is its own."""
+    g, w = round((pos.shape[0] - 1) ** 0.5), pos.shape[1]
+    if grid == g:
+        return pos
+    patches = pos[1:].reshape(1, g, g, w).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", antialias=grid < g, align_corners=False)
+    return torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(grid * grid, w)])
+
+
 class VisionTower(nn.Module):
     """Conv patch embedding, class token, learned positions, ln_pre, blocks, ln_post, projection."""
 
@@ -39,12 +51,7 @@ class VisionTower(nn.Module):
         else their patch part resampled bicubically (antialiased when shrinking; the class token's
         position unchanged). Low-resolution training (CLIPA) and evaluation at another size use it;
         the resampling is differentiable, so low-resolution steps train the full-size positions."""
-        if grid == self.spec.grid:
-            return self.pos_embed
-        g, w = self.spec.grid, self.spec.width
-        patches = self.pos_embed[1:].reshape(1, g, g, w).permute(0, 3, 1, 2)
-        patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", antialias=grid < g, align_corners=False)
-        return torch.cat([self.pos_embed[:1], patches.permute(0, 2, 3, 1).reshape(grid * grid, w)])
+        return resample_positions(self.pos_embed, grid)
 
     def tokens(self, image: torch.Tensor) -> torch.Tensor:
         """Patch tokens with class token and positions, before ln_pre: (B, 1 + grid^2, width). Any square
