@@ -265,7 +265,7 @@ def write_mp4(path: str, clip: np.ndarray, fps: int = 8) -> None:
     with av.open(path, "w") as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = clip.shape[2], clip.shape[1], "yuv420p"
-        stream.options = {"qscale": "2"}  # near-lossless: the test data's signal, not the codec, is learned
+        stream.bit_rate = 20_000_000  # near-lossless (what is left is 4:2:0 chroma): the data's signal is learned
         for frame in clip:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())  # flush
@@ -701,6 +701,10 @@ def test_dicom_images_read_by_bit_depth_and_photometric_interpretation(tmp_path,
     np.testing.assert_allclose(got["m2.dcm"], expected, rtol=0, atol=1e-7)
     np.testing.assert_allclose(got["m1.dcm"], 1 - expected, rtol=0, atol=1e-7)
     np.testing.assert_allclose(got["signed.dcm"], expected, rtol=0, atol=1e-7)
+    write_dicom(str(d / "palette.dcm"), ramp, 12, photometric="PALETTE COLOR")
+    with pytest.raises(DataError, match="palette.dcm: DICOM photometric interpretation PALETTE COLOR"):
+        GrayImageIO.read(str(tmp_path / "x"), AdaptConfig(modality="xray", target="label"), labelled=True)
+    os.remove(d / "palette.dcm")
     (d / "broken.dcm").write_bytes(b"DICM" * 10)
     with pytest.raises(DataError, match="broken.dcm: not a readable DICOM image"):
         GrayImageIO.read(str(tmp_path / "x"), AdaptConfig(modality="xray", target="label"), labelled=True)
@@ -766,7 +770,7 @@ def test_video_clips_without_frames_or_a_decoder_are_refused_naming_the_file(tmp
             VideoIO.read(str(tmp_path / "v"), cfg, labelled=True)
 
 
-def test_mp4_clips_decode_to_their_frames(tmp_path):
+def test_mp4_clips_decode_to_their_frames(tmp_path, monkeypatch):
     from mtx_dist.adapt.video import decode_container
 
     t, y, x = np.meshgrid(np.arange(6), np.arange(32), np.arange(48), indexing="ij")
@@ -777,6 +781,16 @@ def test_mp4_clips_decode_to_their_frames(tmp_path):
     assert frames.shape == clip.shape and frames.dtype == np.uint8
     error = np.abs(frames.astype(float) - clip).mean()
     assert error < 4, error  # mean absolute error in 0..255 levels (lossy MPEG-4, 4:2:0 chroma)
+
+    # a clip longer than MAX_DECODED_FRAMES keeps that many, evenly spaced: frame k shows brightness k
+    from mtx_dist.adapt import video
+
+    monkeypatch.setattr(video, "MAX_DECODED_FRAMES", 5)
+    long = np.repeat((np.arange(40, dtype=np.uint8) * 6)[:, None, None, None], 16, 1).repeat(16, 2).repeat(3, 3)
+    write_mp4(str(tmp_path / "long.mp4"), long)
+    kept = video.decode_container(str(tmp_path / "long.mp4"))
+    levels = kept.reshape(len(kept), -1).mean(1) / 6
+    np.testing.assert_allclose(levels, [0, 9.75, 19.5, 29.25, 39], atol=1.0)  # linspace(0, 39, 5), rounded
 
 
 def test_text_needs_its_text_column(encoder, tmp_path):

@@ -104,40 +104,46 @@ def test_text_tower_init_without_a_text_tower_is_refused_naming_the_folder(tmp_p
     assert "init" not in spec["tokenizer"]
 
 
-def _stem_tokenizer(export: str, modality: str, **kw):
-    """The tokenizer ``fit`` and ``initialise`` make for ``modality`` on ``export``, before training."""
+def _stem_tokenizer(export: str, modality: str, grey: np.ndarray | None = None, **kw):
+    """The tokenizer ``fit`` and ``initialise`` make for ``modality`` on ``export`` before training, and
+    the input normalisation ``fit`` chose (grey images: their own mean and std, from ``grey``)."""
     cfg = AdaptConfig(encoder=export, modality=modality, **kw)
     manifest = json.loads(open(f"{export}/manifest.json").read())
     io = IO[modality]
 
-    class NoData:  # fit reads only the geometry for these modalities (and the grey pixels' statistics)
-        items = [np.zeros((4, 4), np.float32)]
-    _, settings = io.fit(NoData, [0], cfg, manifest)
+    class Data:  # fit reads only the geometry here (and the grey pixels' statistics)
+        items = list(grey) if grey is not None else [np.zeros((4, 4), np.float32)]
+    pre, settings = io.fit(Data, range(len(Data.items)), cfg, manifest)
     tok = build_tokenizer(modality, 64, settings)
-    io.initialise(tok, export, settings)
-    return tok, settings
+    io.initialise(tok, export, settings, pre, manifest)
+    return tok, settings, pre
 
 
 @pytest.mark.parametrize("size", [32, 16], ids=["pretrained-size", "resampled-positions"])
 def test_image_like_tokenizers_start_as_the_pretrained_stem(tmp_path, size):
-    """image: the adapter's tokens equal the vision tower's ln_pre(tokens); xray/infrared: a grey image's
-    tokens equal those of the same image as three equal channels; video: a still clip's tokens equal
-    the image's, tubelet slot by slot."""
+    """image: the adapter's tokens equal the vision tower's ln_pre(tokens); xray/infrared: a grey image,
+    normalised with its own statistics, gives the tokens of the same image as three equal channels
+    under the pretraining's normalisation; video: a still clip's tokens equal the image's, slot by slot."""
     model = export_with_text_tower(str(tmp_path / "export"))
     vis = model.visual.eval()
+    clip_mean = torch.tensor(model_preprocessing(tmp_path)["mean"]).view(1, 3, 1, 1)
+    clip_std = torch.tensor(model_preprocessing(tmp_path)["std"]).view(1, 3, 1, 1)
     x = torch.randn(3, 3, size, size)
     with torch.no_grad():
         want = vis.ln_pre(vis.tokens(x))
-        tok, settings = _stem_tokenizer(str(tmp_path / "export"), "image", image_size=size)
+        tok, settings, _ = _stem_tokenizer(str(tmp_path / "export"), "image", image_size=size)
         assert settings["init"] == "vision_stem"
         torch.testing.assert_close(tok(x), want, rtol=0, atol=1e-5)
 
-        grey = x[:, :1]
-        tok, settings = _stem_tokenizer(str(tmp_path / "export"), "xray", image_size=size)
+        g = torch.rand(3, 1, size, size) ** 2  # raw grey pixels in 0..1, far from the pretraining's mean
+        tok, settings, pre = _stem_tokenizer(str(tmp_path / "export"), "xray", grey=g[:, 0].numpy(), image_size=size)
         assert settings["init"] == "vision_stem" and settings["channels"] == 1
-        torch.testing.assert_close(tok(grey), vis.ln_pre(vis.tokens(grey.expand(-1, 3, -1, -1))), rtol=0, atol=1e-5)
+        z = (g - pre["mean"]) / pre["std"]  # what the adapter's transform feeds it
+        as_rgb = (g.expand(-1, 3, -1, -1) - clip_mean) / clip_std  # what the pretraining fed the stem
+        got, ref = tok(z), vis.ln_pre(vis.tokens(as_rgb))
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
 
-        tok, settings = _stem_tokenizer(str(tmp_path / "export"), "video", image_size=size, frames=4, tubelet=2)
+        tok, settings, _ = _stem_tokenizer(str(tmp_path / "export"), "video", image_size=size, frames=4, tubelet=2)
         clip = x[:, :, None].expand(-1, -1, 4, -1, -1)  # (N, 3, frames, S, S), every frame the image
         got = tok(clip)
         grid = (size // 8) ** 2
@@ -147,13 +153,17 @@ def test_image_like_tokenizers_start_as_the_pretrained_stem(tmp_path, size):
             torch.testing.assert_close(got[:, 1 + slot * grid:1 + (slot + 1) * grid], want[:, 1:], rtol=0, atol=1e-5)
 
 
+def model_preprocessing(tmp_path) -> dict:
+    return json.loads((tmp_path / "export" / "manifest.json").read_text())["preprocessing"]
+
+
 def test_a_patch_size_unlike_the_pretrained_one_starts_random_or_is_refused(tmp_path):
     export_with_text_tower(str(tmp_path / "export"))
-    _, settings = _stem_tokenizer(str(tmp_path / "export"), "image", patch=4)
+    _, settings, _ = _stem_tokenizer(str(tmp_path / "export"), "image", patch=4)
     assert "init" not in settings
     with pytest.raises(AdaptError, match="--patch 4 differs from the pretrained patch embedding's 8"):
         _stem_tokenizer(str(tmp_path / "export"), "image", patch=4, tokenizer_init="pretrained")
-    _, settings = _stem_tokenizer(str(tmp_path / "export"), "image", tokenizer_init="random")
+    _, settings, _ = _stem_tokenizer(str(tmp_path / "export"), "image", tokenizer_init="random")
     assert "init" not in settings
 
 

@@ -30,7 +30,8 @@ def test_bench_adapt_runs_every_column(tmp_path, monkeypatch):
     for r in rows.values():
         for kind in ("pretrained", "pretrained_random_tokenizer", "random", "baseline"):
             assert 0.0 <= r[kind] <= 1.0, (kind, r)
-    assert rows["image"]["pretrained_tokenizer_init"] == "vision_stem"
-    assert rows["tabular"]["pretrained_random_tokenizer"] == rows["tabular"]["pretrained"]  # nothing to start from
+    assert rows["image"]["pretrained_tokenizer_init"] == "vision_stem"  # the stem column: a run of its own
+    assert rows["image"]["pretrained_random_tokenizer_tokenizer_init"] == "random"
+    assert "pretrained_random_tokenizer_tokenizer_init" not in rows["tabular"]  # no stem: not trained twice
     table = (tmp_path / "r.md").read_text()
     assert "| image | real: sklearn digits" in table and "| tabular | real: sklearn breast cancer" in table

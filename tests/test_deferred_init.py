@@ -51,6 +51,29 @@ class SliceWritten(nn.Module):
         self.table[0].data.normal_()
 
 
+class CopiedFromComputed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.empty(4, 2))
+        with torch.no_grad():
+            self.pos.copy_(torch.arange(8.0).view(4, 2).sin())  # computed on the meta device: no values
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+        self.b.weight = self.a.weight
+
+
+class Frozen(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.lin.weight.requires_grad_(False)
+
+
 class Rescaled(nn.Module):
     """An overwritten draw, then an in-place rescale of the kept one: both replayed."""
 
@@ -61,11 +84,17 @@ class Rescaled(nn.Module):
         self.lin.weight.data.mul_(0.1)
 
 
-def test_values_that_cannot_be_replayed_are_refused_naming_the_parameter():
+def test_what_cannot_be_replayed_is_refused_naming_the_parameter_and_flags_are_kept():
     with pytest.raises(DeferredInitError, match="parameter scale is never initialised in place"):
         record(FromFactory)
     with pytest.raises(DeferredInitError, match="parameter table: "):
         record(SliceWritten)
+    with pytest.raises(DeferredInitError, match="parameter pos: copy_ from another tensor computed"):
+        record(CopiedFromComputed)
+    with pytest.raises(DeferredInitError, match="parameters b.weight are tied"):
+        record(Tied)
+    frozen = deferred(Frozen, 0)
+    assert not frozen.lin.weight.requires_grad and frozen.lin.bias.requires_grad  # flags run, not recorded
     torch.manual_seed(2)
     eager = Rescaled().state_dict()
     got = deferred(Rescaled, 2).state_dict()

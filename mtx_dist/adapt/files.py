@@ -267,17 +267,21 @@ def read_dicom(f: str) -> np.ndarray:
         if frames != 1 or samples != 1:
             raise DataError(f"{f}: DICOM with {frames} frames of {samples} samples per pixel; expected one "
                             "single-channel image")
+        photometric = str(ds.PhotometricInterpretation)
+        if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            raise DataError(f"{f}: DICOM photometric interpretation {photometric}; expected a greyscale image "
+                            "(MONOCHROME1 or MONOCHROME2)")
+        bits, signed = int(ds.BitsStored), int(getattr(ds, "PixelRepresentation", 0)) == 1
         a = ds.pixel_array
     except DataError:
         raise
-    except Exception as e:  # pydicom raises many kinds (InvalidDicomError, missing pixel handlers, ...)
+    except Exception as e:  # pydicom raises many kinds (InvalidDicomError, missing pixel handlers, tags, ...)
         raise DataError(f"{f}: not a readable DICOM image ({type(e).__name__}: {e})") from e
-    bits = int(ds.BitsStored)
     a = a.astype(np.float64)
-    if int(getattr(ds, "PixelRepresentation", 0)) == 1:  # two's complement
+    if signed:  # two's complement
         a += 2 ** (bits - 1)
     a = np.clip(a / (2**bits - 1), 0.0, 1.0).astype(np.float32)
-    return 1.0 - a if ds.PhotometricInterpretation == "MONOCHROME1" else a
+    return 1.0 - a if photometric == "MONOCHROME1" else a
 
 
 class GrayImageIO:

@@ -8,8 +8,9 @@ model (``open_clip_model.safetensors``) beside the blocks, so the stems are ther
 
 - ``image``: the patch embedding, class token, positions (resampled to the adapter's grid, as the
   vision tower resamples them) and ``ln_pre`` as they are;
-- ``xray``, ``infrared``: the same, the patch embedding summed over its colour channels (a grey image
-  reads as three equal channels);
+- ``xray``, ``infrared``: the same for a grey image read as three equal channels: the patch
+  embedding summed over its colours, with the pretraining's per-channel normalisation and the
+  adapter's grey one folded into its weight and bias (the same tokens, to float rounding);
 - ``video``: the patch embedding inflated over the tubelet (I3D: divided by its length, so a still
   clip gives the image's tokens), the positions repeated for every tubelet slot;
 - ``text``: the token embedding (see :mod:`mtx_dist.adapt.text`).
@@ -78,22 +79,32 @@ def vision_stem_settings(cfg, patch: int, width: int | None = None) -> dict:
     return {"init": VISION_STEM}
 
 
-def init_vision_stem(tokenizer: nn.Module, encoder_dir: str, settings: dict) -> None:
+def init_vision_stem(tokenizer: nn.Module, encoder_dir: str, settings: dict, pre: dict, manifest: dict) -> None:
     """Copy the export's image stem into an image (2-D, 1 or 3 channels) or video (3-D) tokenizer with
-    ``patch_embed``/``embed``, ``cls_token``, ``pos_embed`` and ``norm``."""
+    ``patch_embed``/``embed``, ``cls_token``, ``pos_embed`` and ``norm``. ``pre``: the adapter's input
+    normalisation; ``manifest``: the export's (its pixel normalisation, the one the stem was trained on)."""
     if settings.get("init") != VISION_STEM:
         return
     conv, cls, pos, ln_w, ln_b = (load(encoder_dir, STEM)[n] for n in STEM)
     embed = tokenizer.patch_embed if hasattr(tokenizer, "patch_embed") else tokenizer.embed
     weight = embed.weight
-    if weight.shape[1] == 1:  # a grey image = three equal channels
-        conv = conv.sum(1, keepdim=True)
+    bias = torch.zeros(weight.shape[0])  # the pretrained patch embedding has none
+    if weight.shape[1] == 1:
+        # A grey pixel g is g in each of the three channels, which the pretraining normalised per channel
+        # ((g - m_c) / s_c); the adapter normalises it with the training pixels' (g - mu) / sigma = z. So
+        # the stem on z is sum_c W_c (sigma z + mu - m_c) / s_c: a weight and a bias, exactly.
+        trained = manifest.get("preprocessing", {})
+        m = torch.tensor(trained.get("mean", (0.5, 0.5, 0.5)), dtype=torch.float64).view(1, 3, 1, 1)
+        s = torch.tensor(trained.get("std", (0.5, 0.5, 0.5)), dtype=torch.float64).view(1, 3, 1, 1)
+        w64 = conv.double() / s
+        bias = (w64 * (float(pre["mean"]) - m)).sum((1, 2, 3)).float()
+        conv = (w64.sum(1, keepdim=True) * float(pre["std"])).float()
     if weight.dim() == 5:  # video: inflated over the tubelet
         conv = conv.unsqueeze(2).expand(-1, -1, weight.shape[2], -1, -1) / weight.shape[2]
     with torch.no_grad():
         weight.copy_(conv)
         if embed.bias is not None:
-            embed.bias.zero_()  # the pretrained patch embedding has none
+            embed.bias.copy_(bias)
         tokenizer.cls_token.copy_(cls)
         grid = round((tokenizer.pos_embed.shape[0] - 1) ** 0.5) if weight.dim() == 4 else None
         if grid is not None:
@@ -119,7 +130,7 @@ def text_tower_settings(cfg, vocab: int) -> dict:
     return {"vocab_size": shape[0], "text_width": shape[1], "init": TEXT_TOWER}
 
 
-def init_text_tower(tokenizer: nn.Module, encoder_dir: str, settings: dict) -> None:
+def init_text_tower(tokenizer: nn.Module, encoder_dir: str, settings: dict, pre: dict, manifest: dict) -> None:
     if settings.get("init") == TEXT_TOWER:
         with torch.no_grad():
             tokenizer.embed.weight.copy_(load(encoder_dir, (TOKEN_EMBEDDING,))[TOKEN_EMBEDDING])

@@ -90,8 +90,8 @@ def train_adapter(cfg: AdaptConfig, tracking: TrackingConfig | None = None, prog
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         model = build_model(spec, encoder)
-        if hasattr(io, "initialise"):  # tokenizers that start from pretrained weights (text)
-            io.initialise(model.tokenizer, encoder.export_dir, settings)
+        if hasattr(io, "initialise"):  # tokenizers that start from the pretraining's (mtx_dist.adapt.pretrained)
+            io.initialise(model.tokenizer, encoder.export_dir, settings, pre, encoder.manifest)
         model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -76,8 +76,14 @@ class VideoIO:
         return torch.stack(out)
 
 
+MAX_DECODED_FRAMES = 64  # of a container clip, evenly spaced: what --frames is sampled from
+
+
 def decode_container(f: str) -> np.ndarray:
-    """Every frame of the first video stream of ``f`` as (T, H, W, 3) uint8, decoded by PyAV.
+    """At most ``MAX_DECODED_FRAMES`` frames, evenly spaced, of the first video stream of ``f`` as
+    (T, H, W, 3) uint8, decoded by PyAV. A first pass counts the stream's packets without decoding, so
+    a long or large clip never sits in memory whole (a minute of 1080p is ~11 GB of RGB); the frames
+    that are not kept are decoded (the codec needs them) and dropped.
 
     PyAV rather than torchvision.io / imageio: it is FFmpeg's own maintained binding, one wheel with
     FFmpeg inside, and what both of those call underneath.
@@ -91,14 +97,22 @@ def decode_container(f: str) -> np.ndarray:
         with av.open(f) as container:
             if not container.streams.video:
                 raise DataError(f"{f}: a clip with no frames (no video stream)")
+            total = sum(1 for packet in container.demux(container.streams.video[0]) if packet.size)
+        keep = set(np.linspace(0, total - 1, min(total, MAX_DECODED_FRAMES)).round().astype(int).tolist())
+        frames = []
+        with av.open(f) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+            for i, frame in enumerate(container.decode(stream)):
+                if i in keep:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+        if not frames:
+            raise DataError(f"{f}: a clip with no frames")
+        return np.stack(frames)
     except av.FFmpegError as e:
         raise DataError(f"{f}: not a readable clip ({e})") from e
-    if not frames:
-        raise DataError(f"{f}: a clip with no frames")
-    return np.stack(frames)
+    except ValueError as e:  # np.stack: frames of different sizes
+        raise DataError(f"{f}: frames of different sizes ({e})") from e
 
 
 class VideoTokenizer(nn.Module):

@@ -15,7 +15,8 @@ Why our own: torch's meta device gives the construction, not the values; torchdi
 
 Rules the model code must follow (checked, :class:`DeferredInitError` names the parameter): every
 parameter is initialised in place, as a whole (``nn.Parameter(torch.empty(...))`` then an ``nn.init``
-call or a ``Tensor.*_`` method; no values from factory functions, no slices of a parameter written).
+call or a ``Tensor.*_`` method, from numbers and the random stream; no values from factory functions
+or other computed tensors, no slices of a parameter written, no tied parameters, no buffers).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from torch.overrides import TorchFunctionMode
 OVERWRITING = {"uniform_", "normal_", "fill_", "zero_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
                "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "trunc_normal_", "orthogonal_", "eye_",
                "dirac_", "sparse_", "copy_", "random_", "exponential_", "geometric_", "log_normal_", "cauchy_"}
+# In-place calls that change a flag, not the values: run as they are.
+FLAGS = {"requires_grad_", "share_memory_", "retain_grad_"}
 # Reads of a parameter's metadata that construction may do freely.
 METADATA = {"__get__", "dim", "size", "is_contiguous", "numel", "__len__", "stride", "is_floating_point",
             "is_complex", "ndimension", "nelement", "element_size", "__repr__", "__format__"}
@@ -56,18 +59,24 @@ class _Recorder(TorchFunctionMode):
         self.calls: list[tuple[Callable, int, tuple, dict]] = []  # (function, id of the tensor written, args)
         self.touched: list[tuple[str, int]] = []  # (op name, id of the tensor) of every other op
         self.aliases: dict[int, int] = {}  # id of p.data / p.detach() -> id of p (writes to them are p's)
-        self.keep: list[torch.Tensor] = []  # the aliases, alive so that their ids stay theirs
+        self.keep: list[torch.Tensor] = []  # tensors whose ids are recorded, alive so that the ids stay theirs
+        self.meta_inputs: list[tuple[str, int]] = []  # in-place calls that read other meta tensors
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         # Tensor methods pass the tensor first; nn.init functions pass it as the keyword "tensor".
         target = args[0] if args else kwargs.get("tensor")
         op = getattr(func, "__name__", str(func))
-        if isinstance(target, torch.Tensor) and target.is_meta and op.endswith("_") and not op.startswith("__"):
+        if (isinstance(target, torch.Tensor) and target.is_meta and op.endswith("_") and not op.startswith("__")
+                and op not in FLAGS):
             # An in-place call on a meta tensor computes nothing: recorded, not run (running it would
             # also import torch._dynamo through the meta kernels of the random ops, ~1 s).
             key = self.aliases.get(id(target), id(target))
-            self.calls.append((func, key, args[1:], {k: v for k, v in kwargs.items() if k != "tensor"}))
+            rest = {k: v for k, v in kwargs.items() if k != "tensor"}
+            if any(isinstance(a, torch.Tensor) and a.is_meta for a in (*args[1:], *rest.values())):
+                self.meta_inputs.append((op, key))  # values computed on the meta device: nothing to replay
+            self.calls.append((func, key, args[1:], rest))
+            self.keep.append(target)  # alive, so that no later tensor takes its id
             return target
         out = func(*args, **kwargs)
         if isinstance(target, torch.Tensor):
@@ -76,7 +85,7 @@ class _Recorder(TorchFunctionMode):
             if (op == "__get__" and attr == "data") or op == "detach":
                 self.aliases[id(out)] = key
                 self.keep.append(out)
-            elif op not in METADATA:
+            elif op not in METADATA and op not in FLAGS:
                 self.touched.append((op, key))
         return out
 
@@ -87,9 +96,16 @@ def record(build: Callable[[], nn.Module]) -> tuple[nn.Module, list[InitCall]]:
     recorder = _Recorder()
     with torch.device("meta"), recorder:
         model = build()
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    tied = [n for n, p in model.named_parameters(remove_duplicate=False) if names.get(id(p)) != n]
+    if tied:
+        raise DeferredInitError(f"parameters {', '.join(tied)} are tied to others; deferred init covers untied ones")
     if any(True for _ in model.buffers()):
         raise DeferredInitError(f"{type(model).__name__} has buffers; deferred init covers parameters only")
+    for op, key in recorder.meta_inputs:
+        if key in names:
+            raise DeferredInitError(f"parameter {names[key]}: {op} from another tensor computed during construction "
+                                    "(only initialisation from numbers and the random stream can be replayed)")
     for op, key in recorder.touched:
         if key in names:
             raise DeferredInitError(f"parameter {names[key]}: {op} during construction (only whole in-place "

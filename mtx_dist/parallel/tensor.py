@@ -120,6 +120,8 @@ def apply_tensor_parallel(model: nn.Module, groups: ParallelGroups, device: torc
             old: nn.Linear = getattr(module, attr)
             full_name = f"{names[id(module)]}.{attr}"
             deferred = old.weight.is_meta
+            if deferred and device is None:
+                raise ValueError("apply_tensor_parallel on a model on the meta device needs the device for its shards")
             target = torch.device(device) if deferred else old.weight.device
             config = ModelParallelConfig(
                 tensor_model_parallel_size=groups.tp_size, params_dtype=old.weight.dtype,
