@@ -423,11 +423,12 @@ def comm_bytes_per_step(overrides: list[str]) -> dict:
 # -- deferred initialisation: a rank's weights without the whole model in its memory ---------------
 
 def tp_build_memory(preset: str, deferred: bool) -> dict:
-    """Peak host memory (ru_maxrss growth) of building ``preset`` at TP = world size, deferred (the
+    """Peak host memory (VmHWM growth) of building ``preset`` at TP = world size, deferred (the
     engine's build_model) or eager (the whole model, then each rank's slices); then whether the
     rank's weights equal the eager whole model's slices, bit for bit."""
     import gc
-    import resource
+
+    from tests.helpers import peak_rss_bytes
 
     from mtx_dist.engine import build_model, setup_runtime
     from mtx_dist.parallel import destroy_groups, parallelize, shard_tensor
@@ -439,13 +440,13 @@ def tp_build_memory(preset: str, deferred: bool) -> dict:
     import megatron.core.tensor_parallel  # noqa: F401  (imported before the baseline, as both builds need it)
 
     gc.collect()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = peak_rss_bytes()
     if deferred:
         model = build_model(cfg, runtime)
     else:
         torch.manual_seed(cfg.run.seed)
         model = parallelize(ContrastiveModel(cfg.model.spec), groups)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = peak_rss_bytes() - base
     kept = sum(p.numel() * p.element_size() for p in model.parameters())
     torch.manual_seed(cfg.run.seed)
     full = ContrastiveModel(cfg.model.spec).state_dict()

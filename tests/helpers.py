@@ -19,3 +19,14 @@ def run_cli(args: list[str], cwd: str, timeout: float = 300, env: dict | None = 
     full_env = {**base, "PYTHONPATH": REPO, **(env or {})}
     return subprocess.run([sys.executable, "-m", "mtx_dist.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started its program (VmHWM). Not ru_maxrss: that
+    also counts the parent's memory at the fork before exec, so a child of a large test process
+    reports the parent's size (a pytest session grows past 1 GiB)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")

@@ -57,13 +57,16 @@ def test_batches_from_disk_train_the_same_model_as_batches_in_memory(modality, w
 
 
 def _peak_rss_mib(args: list[str], cwd: str) -> float:
-    """Peak resident memory of ``mtx-dist ARGS`` in a fresh process (its own ru_maxrss)."""
-    probe = ("import resource, runpy, sys; sys.argv = ['mtx-dist', *sys.argv[1:]]\n"
+    """Peak resident memory of ``mtx-dist ARGS`` in a fresh process (its own VmHWM: tests.helpers)."""
+    probe = ("import runpy, sys; sys.argv = ['mtx-dist', *sys.argv[1:]]\n"
+             "from tests.helpers import peak_rss_bytes\n"
              "try:\n    runpy.run_module('mtx_dist.cli', run_name='__main__')\n"
-             "finally:\n    print('PEAK_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+             "finally:\n    print('PEAK_KIB', peak_rss_bytes() // 1024, file=sys.stderr)\n")
     # glibc returns freed blocks above 64 KiB to the system, so the peak is what the process held, not
     # what the allocator kept around after freeing it
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # for `tests.helpers` in the probe
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     res = subprocess.run([sys.executable, "-c", probe, *args], cwd=cwd, env=env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
