@@ -59,6 +59,15 @@ class CopiedFromComputed(nn.Module):
             self.pos.copy_(torch.arange(8.0).view(4, 2).sin())  # computed on the meta device: no values
 
 
+class DrawsATemporary(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.empty(3))
+        noise = torch.empty(3).normal_()  # drawn in an eager build, not by a replay of parameters
+        nn.init.normal_(self.w)
+        del noise
+
+
 class Tied(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -91,6 +100,8 @@ def test_what_cannot_be_replayed_is_refused_naming_the_parameter_and_flags_are_k
         record(SliceWritten)
     with pytest.raises(DeferredInitError, match="parameter pos: copy_ from another tensor computed"):
         record(CopiedFromComputed)
+    with pytest.raises(DeferredInitError, match="normal_ on a tensor that is not a parameter"):
+        record(DrawsATemporary)
     with pytest.raises(DeferredInitError, match="parameters b.weight are tied"):
         record(Tied)
     frozen = deferred(Frozen, 0)

@@ -110,8 +110,12 @@ def record(build: Callable[[], nn.Module]) -> tuple[nn.Module, list[InitCall]]:
         if key in names:
             raise DeferredInitError(f"parameter {names[key]}: {op} during construction (only whole in-place "
                                     "initialisation can be replayed)")
+    stray = [getattr(func, "__name__", str(func)) for func, key, _, _ in recorder.calls if key not in names]
+    if stray:  # e.g. a temporary drawn from the random stream: the replay would not draw it
+        raise DeferredInitError(f"{stray[0]} on a tensor that is not a parameter during construction (only "
+                                "parameters' initialisation is replayed, so the random stream would diverge)")
     calls = [InitCall(func, names[key], args, kwargs, getattr(func, "__name__", "") in OVERWRITING)
-             for func, key, args, kwargs in recorder.calls if key in names]
+             for func, key, args, kwargs in recorder.calls]
     first = {}
     for c in calls:
         first.setdefault(c.name, c.overwrites)
