@@ -85,7 +85,8 @@ def init_vision_stem(tokenizer: nn.Module, encoder_dir: str, settings: dict, pre
     normalisation; ``manifest``: the export's (its pixel normalisation, the one the stem was trained on)."""
     if settings.get("init") != VISION_STEM:
         return
-    conv, cls, pos, ln_w, ln_b = (load(encoder_dir, STEM)[n] for n in STEM)
+    stem = load(encoder_dir, STEM)  # one read of the file
+    conv, cls, pos, ln_w, ln_b = (stem[n] for n in STEM)
     embed = tokenizer.patch_embed if hasattr(tokenizer, "patch_embed") else tokenizer.embed
     weight = embed.weight
     bias = torch.zeros(weight.shape[0])  # the pretrained patch embedding has none
