@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 
 BACKENDS = ("auto", "flash_attn", "triton", "sdpa", "math")
-_LAZY = {"AttentionBackendError": "dispatch", "attention": "dispatch", "resolve_backend": "dispatch"}
+_LAZY = {"AttentionBackendError": "dispatch", "attention": "dispatch", "query_attention": "dispatch",
+         "resolve_backend": "dispatch"}
 __all__ = ["BACKENDS", *_LAZY]
 
 

@@ -5,6 +5,10 @@ convention; norms, softmax, GELU and the loss's B x N logits are left out):
 
   per tower layer and token   2 * (4 w^2 + 2 w h)        qkv (3 w^2), proj (w^2), fc1 and fc2 (w h each)
   attention per layer         4 n^2 w                    QK^T and AV; halved for the causal text tower
+  last layer                  2 * 3 w^2 n + 2 * (w^2 + 2 w h) + 4 n w
+                                                         keys and values (and queries) of every token,
+                                                         then attention, proj and MLP of the pooled
+                                                         token alone (Block.forward's ``at``)
   vision patch embedding      2 * g^2 * (3 p^2) * w      g^2 patches of 3 p^2 values each
   output projections          2 * w * embed_dim          one pooled token per tower
 
@@ -24,11 +28,13 @@ PEAK_TFLOPS = {
 }
 
 
-def _tower_forward(width: int, layers: int, mlp_ratio: float, tokens: int, causal: bool) -> float:
+def _tower_forward(width: int, layers: int, mlp_ratio: float, tokens: float, causal: bool) -> float:
     hidden = int(width * mlp_ratio)
-    dense = 2 * (4 * width * width + 2 * width * hidden) * tokens
+    per_token = 2 * (width * width + 2 * width * hidden)  # proj, fc1, fc2
+    qkv = 2 * 3 * width * width * tokens
     attn = 4 * tokens * tokens * width * (0.5 if causal else 1.0)
-    return layers * (dense + attn)
+    last = qkv + per_token + 4 * tokens * width  # only the pooled token's query, proj and MLP
+    return (layers - 1) * (qkv + per_token * tokens + attn) + last
 
 
 def vision_forward_flops(v: VisionSpec, embed_dim: int, tokens: float | None = None,

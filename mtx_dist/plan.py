@@ -24,7 +24,8 @@ Memory per GPU (bytes):
 
 Step time = compute at ``mfu`` of the device's dense peak (model FLOPs of mtx_dist.flops; one
 more forward with activation checkpointing) + tensor-parallel all-reduces (two per layer forward,
-two backward, on the node's NVLink) + the loss's feature all-gather and its backward + the
+two backward, on the node's NVLink; the last layer's for one token, except the backward one at its
+qkv input) + the loss's feature all-gather and its backward + the
 data-parallel gradient (and ZeRO-1/2/3 parameter) traffic, of which as much as the backward lasts
 is hidden when ``parallel.overlap_comm`` is on. Collectives are rings: 2(n-1)/n of the bytes for an
 all-reduce, (n-1)/n for an all-gather or reduce-scatter, at the slowest link they cross. The volume
@@ -198,7 +199,9 @@ def comm_bytes(spec: ModelSpec, lay: Layout) -> dict[str, float]:
     ar = lambda n: 2 * (n - 1) / n if n > 1 else 0.0  # noqa: E731
     ag = lambda n: (n - 1) / n if n > 1 else 0.0  # noqa: E731
     per_layer = 4 + (2 if lay.activation_checkpointing else 0)  # forward 2, backward 2, recompute 2
-    tp = sum(per_layer * layers * ar(lay.tp) * s * b * h * e
+    # A tower's last block runs its output projection and MLP for the pooled token alone: of its
+    # all-reduces only the backward one at the qkv input carries every token.
+    tp = sum(((layers - 1) * per_layer * s + s + (per_layer - 1)) * ar(lay.tp) * b * h * e
              for s, h, layers in ((v.tokens, v.width, v.layers), (t.context_length, t.width, t.layers)))
     # both towers' features of every micro-step gathered, and their gradients reduce-scattered back
     back = ar(lay.dp) if lay.backend == "gloo" else ag(lay.dp)

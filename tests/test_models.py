@@ -77,3 +77,45 @@ def test_forward_shapes_scale_and_backward():
 def test_unknown_preset_error():
     with pytest.raises(KeyError, match="unknown model preset 'vit-h99'"):
         get_preset("vit-h99")
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rel: float) -> None:
+    """Equal within ``rel`` of the compared values' largest magnitude."""
+    torch.testing.assert_close(got, want, rtol=0, atol=rel * max(1e-30, float(want.abs().max())))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_output_at_one_position_equals_that_row_of_the_full_block(causal):
+    # The towers' last block runs only the pooled token (Block.forward's `at`): its output and every
+    # gradient (block parameters and input) equal the full block's read at that position.
+    torch.manual_seed(0)
+    blk = Block(32, 4, causal=causal)
+    x = torch.randn(5, 9, 32, requires_grad=True)
+    for at in (0, 4, torch.tensor([8, 0, 3, 5, 8])):
+        rows = torch.arange(5), (torch.full((5,), at) if isinstance(at, int) else at)
+        want, got = blk(x)[rows], blk(x, at=at)
+        assert got.shape == (5, 32)
+        _close(got, want, 1e-6)
+        weights = torch.randn(5, 32)
+        params = [x, *blk.parameters()]
+        for g, w in zip(torch.autograd.grad((got * weights).sum(), params),
+                        torch.autograd.grad((want * weights).sum(), params)):
+            _close(g, w, 1e-5)
+
+
+def test_towers_features_equal_running_every_block_on_every_token():
+    torch.manual_seed(0)
+    model = ContrastiveModel.from_preset("micro")
+    v, t = model.visual, model.text
+    image = torch.randn(3, 3, v.spec.image_size, v.spec.image_size)
+    text = torch.zeros(3, 7, dtype=torch.long)
+    text[:, 0], text[:, 1:4] = 49406, torch.randint(1, 49000, (3, 3))
+    text[0, 6], text[1, 4], text[2, 2] = 49407, 49407, 49407  # EOT at 6, 4 and 2; padding after it
+    x = v.ln_pre(v.tokens(image))
+    for blk in v.blocks:
+        x = blk(x)
+    _close(model.visual(image), v.ln_post(x[:, 0]) @ v.proj, 1e-6)
+    x = t.token_embedding(text) + t.pos_embed[:7]
+    for blk in t.blocks:
+        x = blk(x)
+    _close(model.text(text), t.ln_final(x[torch.arange(3), torch.tensor([6, 4, 2])]) @ t.proj, 1e-6)

@@ -12,6 +12,9 @@ from torch import nn
 
 import mtx_kernels
 
+# A token position per row: an int for every row, or a (B,) tensor of per-row positions; None: all.
+Position = int | torch.Tensor | None
+
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, attn_backend: str = "auto") -> None:
@@ -24,12 +27,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, at: Position = None) -> torch.Tensor:
+        """(B, N, dim) -> (B, N, dim); with ``at`` (see :meth:`Block.forward`) -> (B, dim), the output of
+        that one position, whose query attends to every key (up to itself when causal)."""
         b, n, _ = x.shape
         qkv = self.qkv(x)
         # Heads are derived from the (possibly tensor-parallel, hence narrower) qkv output, so the
         # same code runs on a full or a column-sharded projection.
         heads = qkv.shape[-1] // (3 * self.head_dim)
+        if at is not None:
+            qkv = qkv.view(b, n, 3, heads, self.head_dim)
+            q = qkv[:, at, 0] if isinstance(at, int) else qkv[torch.arange(b, device=x.device), at, 0]
+            k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+            out = mtx_kernels.query_attention(q.unsqueeze(2), k, v, limit=at if causal else None)
+            return self.proj(out.reshape(b, heads * self.head_dim))
         q, k, v = qkv.view(b, n, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         out = mtx_kernels.attention(q, k, v, causal=causal, backend=self.attn_backend)
         return self.proj(out.transpose(1, 2).reshape(b, n, heads * self.head_dim))
@@ -58,9 +69,19 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), causal=self.causal)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: torch.Tensor, at: Position = None) -> torch.Tensor:
+        """(B, N, dim) -> (B, N, dim). ``at``: only the output at one token position is wanted (an int for
+        every row, e.g. 0 for a class token; a (B,) tensor of positions per row, e.g. end-of-text) ->
+        (B, dim), equal to that row of the full output: keys and values still come from every token, but
+        the query, the attention output projection and the MLP run for that token alone. A tower's last
+        block uses it, since only the pooled token reaches the loss: for four layers 18 % fewer FLOPs per
+        step, ViT-B/16 6 % (the backward of the unread positions was all zeros anyway)."""
+        if at is None:
+            x = x + self.attn(self.norm1(x), causal=self.causal)
+            return x + self.mlp(self.norm2(x))
+        rows = x[:, at] if isinstance(at, int) else x[torch.arange(x.shape[0], device=x.device), at]
+        y = rows + self.attn(self.norm1(x), causal=self.causal, at=at)
+        return y + self.mlp(self.norm2(y))
 
 
 def init_blocks_default(blocks: nn.ModuleList) -> None:

@@ -74,9 +74,9 @@ class VisionTower(nn.Module):
             patches = x[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
             x = torch.cat([x[:, :1], patches], dim=1)
         x = self.ln_pre(x)
-        for blk in self.blocks:
+        for blk in self.blocks[:-1]:
             x = blk(x)
-        return self.ln_post(x[:, 0]) @ self.proj
+        return self.ln_post(self.blocks[-1](x, at=0)) @ self.proj  # the last block runs the class token alone
 
 
 def kept_patches(patches: int, drop: float) -> int:
@@ -123,9 +123,9 @@ class TextTower(nn.Module):
         if n > self.spec.context_length:
             raise ValueError(f"text has {n} tokens; the tower takes at most {self.spec.context_length}")
         x = self.token_embedding(text) + self.pos_embed[:n]
-        for blk in self.blocks:
+        for blk in self.blocks[:-1]:
             x = blk(x)
-        x = self.ln_final(x)
-        # The end-of-text token has the largest id in the CLIP vocabulary, so argmax finds it.
+        # The end-of-text token has the largest id in the CLIP vocabulary, so argmax finds it; the last
+        # block runs it alone (its causal query sees the tokens up to it, as in the full block).
         eot = text.argmax(dim=-1)
-        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.proj
+        return self.ln_final(self.blocks[-1](x, at=eot)) @ self.proj

@@ -28,8 +28,8 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
         if isinstance(module, Block):
             inner = module.forward
 
-            def forward(x, _inner=inner):
-                return torch.utils.checkpoint.checkpoint(_inner, x, use_reentrant=False)
+            def forward(x, at=None, _inner=inner):
+                return torch.utils.checkpoint.checkpoint(_inner, x, at, use_reentrant=False)
 
             module.forward = forward
     return model
