@@ -6,6 +6,7 @@ shards; this module only translates our config into DeepSpeed's and hides its CP
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import logging
@@ -58,13 +59,38 @@ def keep_freed_memory_in_process() -> bool:
     defaults, blocks above its (adaptive) mmap threshold go back to the kernel when freed and page-
     fault back in on next use: about 4 % of a tiny-preset step on a 2-core machine (bench/bench_race.py
     runs, 2026-12-02). Torch has no caching allocator on the CPU, hence this. No-op without glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _glibc()
+    if libc is None:
         return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)
-                and libc.mallopt(m_top_pad, 64 << 20))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, KEPT_BLOCK) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+                and libc.mallopt(M_TOP_PAD, 64 << 20))
+
+
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
+KEPT_BLOCK = 32 << 20  # CPU training keeps freed blocks up to this size in the process
+
+
+def _glibc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def freed_blocks_returned(device: torch.device):
+    """While a CPU run builds its model: blocks from 1 MiB up are mapped on their own, so each whole
+    parameter the replay frees goes back to the kernel at once. Under the training's 32 MiB threshold
+    they stay in the heap, which the slices and partitions kept between them fragment: a vit-b16 rank
+    under ZeRO-3 over 4 ranks peaked 233-442 MiB above its start instead of 256-262 MiB (143 kept)."""
+    libc = _glibc() if device.type == "cpu" and sys.platform == "linux" else None
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, KEPT_BLOCK)
 
 
 def setup_runtime(cfg: Config) -> Runtime:
@@ -126,9 +152,45 @@ def build_model(cfg: Config, runtime: Runtime) -> nn.Module:
     model, calls = record(build)
     shapes = {n: (p.shape, p.dtype) for n, p in model.named_parameters()}  # before TP swaps layers
     parallelize(model, groups, cfg.parallel.activation_checkpointing, device)
-    materialize(calls, shapes, place_into(model, device, lambda n, t: shard_tensor(n, t, groups.tp_rank,
-                                                                                   groups.tp_size)))
+    place = place_into(model, device, lambda n, t: shard_tensor(n, t, groups.tp_rank, groups.tp_size))
+    if cfg.parallel.zero_stage == 3:
+        place = partition_as_placed(place, model, cfg, runtime)
+    with freed_blocks_returned(device):
+        materialize(calls, shapes, place)
     return model
+
+
+def partition_as_placed(place, model: nn.Module, cfg: Config, runtime: Runtime):
+    """ZeRO-3: wrap ``place`` so that each parameter is partitioned over the data-parallel group as soon as
+    its values are in, so a rank never holds more than its partitions plus one whole parameter (ViT-bigG-14
+    at ZeRO-3 over 64 ranks: ~160 MB of its 10 GB of fp32 weights instead of all of them). The calls are
+    those DeepSpeed's engine makes itself when it is given a model that is not partitioned yet
+    (``zero.Init(module=...)`` for the first parameter, ``convert_to_zero_parameters`` for the others,
+    same config, group and mpu), one parameter at a time instead of all at once; the engine then finds
+    every parameter partitioned and leaves them as they are. Under bf16 the parameter is cast first, as
+    the engine would cast the whole module before partitioning it."""
+    deepspeed = _import_deepspeed(runtime.device)
+    modules = dict(model.named_modules())
+    dtype = torch.bfloat16 if cfg.parallel.precision == "bf16" else None
+    mpu = DeepSpeedMpu() if runtime.groups.tp else None
+    first: list[nn.Parameter] = []
+
+    def place_and_partition(name: str, full: torch.Tensor) -> None:
+        place(name, full)
+        owner, _, attr = name.rpartition(".")
+        param = getattr(modules[owner], attr)
+        if dtype is not None and param.is_floating_point():
+            param.data = param.data.to(dtype)
+        if first:
+            first[0].convert_to_zero_parameters(param_list=[param])
+            return
+        holder = nn.Module()  # zero.Init converts a module's parameters: one holding this one alone
+        holder.register_parameter("p", param)
+        deepspeed.zero.Init(module=holder, data_parallel_group=mpu.get_data_parallel_group() if mpu else None,
+                            dtype=param.dtype, config_dict_or_path=deepspeed_config(cfg), mpu=mpu)
+        first.append(param)
+
+    return place_and_partition
 
 
 def optimizer_clips(cfg: Config) -> bool:

@@ -16,7 +16,8 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     """Gains, biases, embeddings of tokens/positions/class and the temperature are not decayed
     (decaying them shrinks features and the logit scale rather than regularizing)."""
     leaf = name.rsplit(".", 1)[-1]
-    return param.ndim < 2 or leaf in ("cls_token", "pos_embed", "logit_scale") or "token_embedding" in name
+    ndim = len(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partitioned parameter's own shape
+    return ndim < 2 or leaf in ("cls_token", "pos_embed", "logit_scale") or "token_embedding" in name
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

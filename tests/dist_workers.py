@@ -457,3 +457,49 @@ def tp_build_memory(preset: str, deferred: bool) -> dict:
     destroy_groups(groups)
     return {"peak": peak, "kept": kept, "full": full_bytes, "equal": equal,
             "sharded": sum(1 for p in model.parameters() if getattr(p, "tensor_model_parallel", False))}
+
+
+def zero3_build_memory(preset: str, partition: bool, precision: str = "fp32") -> dict:
+    """Peak host memory (VmHWM growth) of building ``preset`` for ZeRO-3 over the world (TP = 1): the
+    engine's build_model, which partitions each parameter as it is placed, or (``partition`` False) the
+    same deferred build without that, which holds the whole model until DeepSpeed partitions it. Then
+    whether the gathered weights equal the eager seeded build's (cast to bf16 under bf16), bit for bit,
+    and whether DeepSpeed's engine accepts the partitioned model."""
+    import gc
+
+    from tests.helpers import peak_rss_bytes
+
+    from mtx_dist.engine import build_engine, build_model, setup_runtime
+    from mtx_dist.models.deferred import materialize, place_into, record
+    from mtx_dist.parallel import destroy_groups
+
+    cfg = load_config(None, [f"model.preset={preset}", "parallel.zero_stage=3", f"parallel.precision={precision}",
+                             "run.seed=7", "run.device=cpu"])
+    runtime = setup_runtime(cfg)
+    import deepspeed  # noqa: F401  (imported before the baseline, as both builds need it)
+
+    gc.collect()
+    base = peak_rss_bytes()
+    if partition:
+        model = build_model(cfg, runtime)
+    else:
+        torch.manual_seed(cfg.run.seed)
+        model, calls = record(lambda: ContrastiveModel(cfg.model.spec))
+        materialize(calls, {n: (p.shape, p.dtype) for n, p in model.named_parameters()}, place_into(model, "cpu"))
+    peak = peak_rss_bytes() - base
+    kept = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() if hasattr(p, "ds_tensor")
+               else p.numel() * p.element_size() for p in model.parameters())
+    torch.manual_seed(cfg.run.seed)
+    full = ContrastiveModel(cfg.model.spec).state_dict()
+    full_bytes = sum(t.numel() * t.element_size() for t in full.values())
+    equal, dtypes = None, None
+    if partition:
+        import deepspeed
+        engine = build_engine(cfg, model, runtime)  # refuses a partitioned model of another dtype
+        dtypes = sorted({str(p.dtype) for p in engine.module.parameters()})
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            mine = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        want = torch.bfloat16 if precision == "bf16" else torch.float32
+        equal = sorted(mine) == sorted(full) and all(torch.equal(mine[n], full[n].to(want)) for n in full)
+    destroy_groups(runtime.groups)
+    return {"peak": peak, "kept": kept, "full": full_bytes, "equal": equal, "dtypes": dtypes}
