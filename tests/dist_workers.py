@@ -459,12 +459,12 @@ def tp_build_memory(preset: str, deferred: bool) -> dict:
             "sharded": sum(1 for p in model.parameters() if getattr(p, "tensor_model_parallel", False))}
 
 
-def zero3_build_memory(preset: str, partition: bool, precision: str = "fp32") -> dict:
+def zero3_build_memory(preset: str, partition: bool, precision: str = "fp32", check: bool = False) -> dict:
     """Peak host memory (VmHWM growth) of building ``preset`` for ZeRO-3 over the world (TP = 1): the
     engine's build_model, which partitions each parameter as it is placed, or (``partition`` False) the
     same deferred build without that, which holds the whole model until DeepSpeed partitions it. Then
-    whether the gathered weights equal the eager seeded build's (cast to bf16 under bf16), bit for bit,
-    and whether DeepSpeed's engine accepts the partitioned model."""
+    (``check``) whether the gathered weights of DeepSpeed's engine built around the partitioned model
+    equal the eager seeded build's (cast to bf16 under bf16), bit for bit, and their dtypes."""
     import gc
 
     from tests.helpers import peak_rss_bytes
@@ -489,16 +489,17 @@ def zero3_build_memory(preset: str, partition: bool, precision: str = "fp32") ->
     peak = peak_rss_bytes() - base
     kept = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() if hasattr(p, "ds_tensor")
                else p.numel() * p.element_size() for p in model.parameters())
-    torch.manual_seed(cfg.run.seed)
-    full = ContrastiveModel(cfg.model.spec).state_dict()
-    full_bytes = sum(t.numel() * t.element_size() for t in full.values())
+    with torch.device("meta"):
+        full_bytes = sum(p.numel() * p.element_size() for p in ContrastiveModel(cfg.model.spec).parameters())
     equal, dtypes = None, None
-    if partition:
+    if check:
         import deepspeed
-        engine = build_engine(cfg, model, runtime)  # refuses a partitioned model of another dtype
-        dtypes = sorted({str(p.dtype) for p in engine.module.parameters()})
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-            mine = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        torch.manual_seed(cfg.run.seed)
+        full = ContrastiveModel(cfg.model.spec).state_dict()
+        model = build_engine(cfg, model, runtime).module  # refuses a partitioned model of another dtype
+        dtypes = sorted({str(p.dtype) for p in model.parameters()})
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            mine = {n: p.detach().clone() for n, p in model.named_parameters()}
         want = torch.bfloat16 if precision == "bf16" else torch.float32
         equal = sorted(mine) == sorted(full) and all(torch.equal(mine[n], full[n].to(want)) for n in full)
     destroy_groups(runtime.groups)
