@@ -134,18 +134,22 @@ def query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     keys after it are not attended; None: every key is. A transformer's last block uses it when only
     one token's output is read (the class token, the text's end-of-text token): that token's output
     equals the full block's, at 1/N of the attention and MLP work. One query gives no work to fuse,
-    so two small batched matmuls serve every device and dtype (softmax in float32, as
-    :func:`math_attention`); the backends stay for the full blocks."""
+    so two small batched matmuls serve every device and dtype (in float32, as :func:`math_attention`);
+    the backends stay for the full blocks."""
     if q.dim() != 4 or q.shape[2] != 1 or k.shape != v.shape or q.shape[:2] != k.shape[:2]:
         raise ValueError(f"query_attention expects q (B, H, 1, D) and k, v (B, H, N, D), got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    scores = torch.matmul(q, k.transpose(-2, -1)).float() * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, 1, N)
-    if limit is not None:
-        keys = torch.arange(k.shape[2], device=k.device)
-        # (B or 1, 1, 1, N), broadcast over heads; an int limit stays a scalar (no host-to-device copy)
-        allowed = keys <= (limit if isinstance(limit, int) else limit.reshape(-1, 1, 1, 1))
-        scores = scores.masked_fill(~allowed.reshape(-1, 1, 1, k.shape[2]), float("-inf"))
-    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+    # In float32 throughout (bf16 inputs too, and outside autocast), as fused kernels keep their scores:
+    # with one query the casts cost little; on float32 inputs .float() is no copy.
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, 1, N)
+        if limit is not None:
+            keys = torch.arange(k.shape[2], device=k.device)
+            # (B or 1, 1, 1, N), broadcast over heads; an int limit stays a scalar (no host-to-device copy)
+            allowed = keys <= (limit if isinstance(limit, int) else limit.reshape(-1, 1, 1, 1))
+            scores = scores.masked_fill(~allowed.reshape(-1, 1, 1, k.shape[2]), float("-inf"))
+        out = torch.matmul(scores.softmax(dim=-1), v.float())
+    return out.to(v.dtype)
 
 
 def attention(

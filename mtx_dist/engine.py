@@ -59,15 +59,18 @@ def keep_freed_memory_in_process() -> bool:
     defaults, blocks above its (adaptive) mmap threshold go back to the kernel when freed and page-
     fault back in on next use: about 4 % of a tiny-preset step on a 2-core machine (bench/bench_race.py
     runs, 2026-12-02). Torch has no caching allocator on the CPU, hence this. No-op without glibc."""
+    global _KEEPING_FREED
     libc = _glibc()
     if libc is None:
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, KEPT_BLOCK) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-                and libc.mallopt(M_TOP_PAD, 64 << 20))
+    _KEEPING_FREED = bool(libc.mallopt(M_MMAP_THRESHOLD, KEPT_BLOCK) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+                          and libc.mallopt(M_TOP_PAD, 64 << 20))
+    return _KEEPING_FREED
 
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
 KEPT_BLOCK = 32 << 20  # CPU training keeps freed blocks up to this size in the process
+_KEEPING_FREED = False  # whether keep_freed_memory_in_process set it in this process
 
 
 def _glibc():
@@ -83,7 +86,7 @@ def freed_blocks_returned(device: torch.device):
     parameter the replay frees goes back to the kernel at once. Under the training's 32 MiB threshold
     they stay in the heap, which the slices and partitions kept between them fragment: a vit-b16 rank
     under ZeRO-3 over 4 ranks peaked 233-442 MiB above its start instead of 256-262 MiB (143 kept)."""
-    libc = _glibc() if device.type == "cpu" and sys.platform == "linux" else None
+    libc = _glibc() if device.type == "cpu" and _KEEPING_FREED else None  # else glibc's own adaptive threshold
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
     try:
@@ -163,7 +166,8 @@ def build_model(cfg: Config, runtime: Runtime) -> nn.Module:
 def partition_as_placed(place, model: nn.Module, cfg: Config, runtime: Runtime):
     """ZeRO-3: wrap ``place`` so that each parameter is partitioned over the data-parallel group as soon as
     its values are in, so a rank never holds more than its partitions plus one whole parameter (ViT-bigG-14
-    at ZeRO-3 over 64 ranks: ~160 MB of its 10 GB of fp32 weights instead of all of them). The calls are
+    at ZeRO-3 over 64 ranks: ~160 MB of its 10 GB of fp32 weights instead of all of them; with TP > 1
+    the tensor-parallel layers hold their slices from the swap until each is filled and partitioned). The calls are
     those DeepSpeed's engine makes itself when it is given a model that is not partitioned yet
     (``zero.Init(module=...)`` for the first parameter, ``convert_to_zero_parameters`` for the others,
     same config, group and mpu), one parameter at a time instead of all at once; the engine then finds

@@ -496,7 +496,7 @@ def zero3_build_memory(preset: str, partition: bool, precision: str = "fp32", ch
         import deepspeed
         torch.manual_seed(cfg.run.seed)
         full = ContrastiveModel(cfg.model.spec).state_dict()
-        model = build_engine(cfg, model, runtime).module  # refuses a partitioned model of another dtype
+        model = build_engine(cfg, model, runtime).module
         dtypes = sorted({str(p.dtype) for p in model.parameters()})
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
             mine = {n: p.detach().clone() for n, p in model.named_parameters()}
