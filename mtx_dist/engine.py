@@ -52,6 +52,11 @@ def _import_deepspeed(device: torch.device):
     return deepspeed
 
 
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
+KEPT_BLOCK = 32 << 20  # CPU training keeps freed blocks up to this size in the process
+_KEEPING_FREED = False  # whether keep_freed_memory_in_process set it in this process
+
+
 def keep_freed_memory_in_process() -> bool:
     """CPU training: let glibc keep freed blocks of up to 32 MiB for reuse instead of unmapping them.
 
@@ -66,11 +71,6 @@ def keep_freed_memory_in_process() -> bool:
     _KEEPING_FREED = bool(libc.mallopt(M_MMAP_THRESHOLD, KEPT_BLOCK) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
                           and libc.mallopt(M_TOP_PAD, 64 << 20))
     return _KEEPING_FREED
-
-
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
-KEPT_BLOCK = 32 << 20  # CPU training keeps freed blocks up to this size in the process
-_KEEPING_FREED = False  # whether keep_freed_memory_in_process set it in this process
 
 
 def _glibc():

@@ -16,6 +16,11 @@ import mtx_kernels
 Position = int | torch.Tensor | None
 
 
+def rows_at(t: torch.Tensor, at: int | torch.Tensor) -> torch.Tensor:
+    """(B, N, ...) -> (B, ...): each row's entry at position ``at`` (an int, or a (B,) tensor per row)."""
+    return t[:, at] if isinstance(at, int) else t[torch.arange(t.shape[0], device=t.device), at]
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, attn_backend: str = "auto") -> None:
         super().__init__()
@@ -37,7 +42,7 @@ class Attention(nn.Module):
         heads = qkv.shape[-1] // (3 * self.head_dim)
         if at is not None:
             qkv = qkv.view(b, n, 3, heads, self.head_dim)
-            q = qkv[:, at, 0] if isinstance(at, int) else qkv[torch.arange(b, device=x.device), at, 0]
+            q = rows_at(qkv, at)[:, 0]
             k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
             out = mtx_kernels.query_attention(q.unsqueeze(2), k, v, limit=at if causal else None)
             return self.proj(out.reshape(b, heads * self.head_dim))
@@ -79,8 +84,7 @@ class Block(nn.Module):
         if at is None:
             x = x + self.attn(self.norm1(x), causal=self.causal)
             return x + self.mlp(self.norm2(x))
-        rows = x[:, at] if isinstance(at, int) else x[torch.arange(x.shape[0], device=x.device), at]
-        y = rows + self.attn(self.norm1(x), causal=self.causal, at=at)
+        y = rows_at(x, at) + self.attn(self.norm1(x), causal=self.causal, at=at)
         return y + self.mlp(self.norm2(y))
 
 
