@@ -27,18 +27,18 @@ sample from (seed, source, epoch, stream, index), so skipping needs no RNG repla
 
 from __future__ import annotations
 
-import atexit
 import bisect
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import itertools
 import json
 import logging
-import multiprocessing
 import os
 import random
 import signal
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -304,40 +304,54 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         }
 
 
-# Released loaders: their workers may now die on SIGTERM. Set for every live loader at interpreter
-# exit too: this atexit hook is registered after multiprocessing's (torch imported it above), so it
-# runs first, before multiprocessing SIGTERMs and joins the remaining workers.
-_unreleased: set = set()
-atexit.register(lambda: [e.set() for e in list(_unreleased)])
-
-
-def _worker_init(released, nice: int, worker_id: int) -> None:
+def _worker_init(nice: int, worker_id: int) -> None:
     if nice:
         # Loader workers and the training process's compute threads share the cores. An OpenMP thread
         # descheduled in the middle of a parallel region stalls every thread of it at the barrier, so a
         # worker that takes a core from the step costs more than its own CPU time; at a lower priority it
         # runs in the step's idle moments (bench/bench_race.py: ~7 % faster steps on 2 cores, 2026-12-03).
         os.nice(nice)
-    _worker_sigterm(released)
+    _worker_sigterm()
 
 
-def _worker_sigterm(released) -> None:
+_SIGTERM = {signal.SIGTERM}
+
+
+def _worker_sigterm() -> None:
     """Keep a loader worker alive through a job-wide SIGTERM while its trainer handles SIGTERM.
 
-    torch makes loader workers die on SIGTERM. A cluster that preempts a job sends SIGTERM to every
-    process of it; when the training process handles SIGTERM (to checkpoint first), a dead worker
-    would make it fail before it can save. So a worker ignores SIGTERM until its loader is released
-    (the loader is done, or the main process is exiting), after which SIGTERM stops it as before:
-    torch's shutdown of a stuck worker and multiprocessing's exit still work."""
+    A cluster that preempts a job sends SIGTERM to every process of it. torch's workers die of it, and
+    a dead worker would make a trainer that handles SIGTERM (to checkpoint first) fail before it saves.
+    So while the parent has a SIGTERM handler, a worker ends on its parent's SIGTERM alone (torch's
+    shutdown of a stuck worker, multiprocessing's exit: a quiet exit, as torch's own handler does for
+    its parent) and ignores anyone else's. The rule reads the sender, which a Python handler cannot
+    see, so SIGTERM stays blocked in every thread of the worker (the parent forks it blocked: no window
+    before this runs) and one thread takes it with ``sigwaitinfo``. A rule decided when the handler
+    runs rather than by whom was a race: a worker at niceness 19 could run the handler of the job's
+    SIGTERM only after the trainer had checkpointed and released it, and then die of it."""
     if not callable(signal.getsignal(signal.SIGTERM)):  # the parent's handler at fork: none, keep torch's
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
         return
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGTERM)
+    parent = os.getppid()
 
-    def on_sigterm(signum, frame) -> None:
-        if released.is_set():
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+    def take() -> None:
+        while signal.sigwaitinfo(_SIGTERM).si_pid != parent:
+            pass
+        os._exit(0)
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    threading.Thread(target=take, name="sigterm", daemon=True).start()
+
+
+@contextlib.contextmanager
+def _sigterm_blocked():
+    """SIGTERM blocked in this thread while it forks loader workers, which inherit the mask; one that
+    arrives meanwhile is delivered here when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGTERM)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class Loader:
@@ -359,15 +373,14 @@ class Loader:
     def __iter__(self) -> Iterator[dict]:
         dataset = ImageTextStream(self.cfg, list(self.positions), first_worker=self.batches % self.n_workers,
                                   sources=(self.sources, self.weights), plans=self.plans)
-        released = multiprocessing.Event()
-        _unreleased.add(released)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self.cfg.workers,
             persistent_workers=False, prefetch_factor=4 if self.cfg.workers else None, pin_memory=self.pin_memory,
             timeout=self.cfg.worker_timeout_s if self.cfg.workers else 0,
-            worker_init_fn=functools.partial(_worker_init, released, self.cfg.worker_nice),
+            worker_init_fn=functools.partial(_worker_init, self.cfg.worker_nice),
         )
-        batches = iter(loader)
+        with _sigterm_blocked():
+            batches = iter(loader)  # forks the workers
         try:
             for batch in batches:
                 self.positions[batch["worker"]] = batch["position"]
@@ -377,8 +390,6 @@ class Loader:
                 self.batches += 1
                 yield batch
         finally:
-            released.set()  # before torch shuts the workers down (a stuck one by SIGTERM)
-            _unreleased.discard(released)
             del batches
 
     def state_dict(self) -> dict:

@@ -218,3 +218,50 @@ def test_jpeg_draft_decodes_large_images_smaller_with_nearly_the_same_result():
     # libjpeg's DCT-domain 1/2 scaling replaces part of the bicubic low-pass filter: measured mean
     # 0.009, max 0.058 in normalized units (one 8-bit level ~ 0.015)
     assert diff.mean() < 0.02 and diff.max() < 0.15
+
+
+_JOB_WIDE_SIGTERM = r"""
+import multiprocessing, os, signal, subprocess, sys, threading
+from mtx_data_pipelines.loader import Loader, StreamConfig
+
+signal.signal(signal.SIGTERM, lambda *_: print("trainer: SIGTERM", flush=True))  # as a checkpointing trainer
+loader = Loader(StreamConfig(shards=sys.argv[1], batch_size=16, image_size=32, context_length=16, workers=1,
+                             shuffle_buffer=64))
+# 1. The job's SIGTERM reaches a worker that cannot run yet (a niced worker on busy cores); it runs only
+#    after the trainer has finished with the loader and is shutting its worker down.
+batches = iter(loader)
+next(batches)
+(worker,) = multiprocessing.active_children()
+os.kill(worker.pid, signal.SIGSTOP)
+subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # sent by another process, as a cluster does
+threading.Timer(1.0, os.kill, (worker.pid, signal.SIGCONT)).start()
+batches.close()
+print("shut down:", worker.exitcode, flush=True)
+# 2. The parent's own SIGTERM (torch's shutdown of a stuck worker) still ends a worker, quietly.
+batches = iter(loader)
+next(batches)
+(worker,) = multiprocessing.active_children()
+worker.terminate()
+worker.join(30)
+print("terminated:", worker.exitcode, flush=True)
+batches.close()
+# 3. Exiting with a live loader: multiprocessing's exit terminates and joins its worker.
+batches = iter(loader)
+next(batches)
+print("exiting", flush=True)
+"""
+
+
+def test_a_job_wide_sigterm_handled_late_does_not_kill_a_released_worker(demo_shards, tmp_path):
+    """Under a trainer that handles SIGTERM a worker ignores the job's SIGTERM even when it runs its
+    handling late, after the loader released it (the race that once printed "DataLoader worker ... is
+    killed by signal: Terminated" at a preemption), and still ends on its parent's SIGTERM."""
+    import subprocess
+    import sys
+    train, _, _ = demo_shards
+    script = tmp_path / "job.py"
+    script.write_text(_JOB_WIDE_SIGTERM)
+    run = subprocess.run([sys.executable, str(script), train], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split("\n")[:3] == ["shut down: 0", "terminated: 0", "exiting"], run.stdout + run.stderr[-3000:]
+    assert "DataLoader worker" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
