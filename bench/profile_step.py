@@ -41,7 +41,8 @@ def main() -> None:
     for k in DIST_VARS:
         os.environ.pop(k, None)
 
-    from mtx_data_pipelines.tokenizer import TEXT_PAD_MULTIPLE, ClipTokenizer
+    from mtx_data_pipelines.tokenizer import ClipTokenizer
+    from mtx_dist.data import text_pad_multiple
     from mtx_dist.config import load_config
     from mtx_dist.engine import build_engine, build_model, setup_runtime
     from mtx_dist.step import train_step
@@ -57,7 +58,7 @@ def main() -> None:
 
     def batches():
         for i in itertools.count():
-            text = tok(demo_captions(b, i), pad_multiple=TEXT_PAD_MULTIPLE if cfg.data.text_trim else 0)
+            text = tok(demo_captions(b, i), pad_multiple=text_pad_multiple(cfg))
             yield {"image": torch.randn(b, 3, size, size), "text": torch.from_numpy(text)}
 
     feed = batches()

@@ -152,8 +152,9 @@ class DataConfig:
                         "decode when training on cuda)", ("cpu", "dali"))
     jpeg_draft: bool = _opt(False, "cpu backend: decode large JPEGs at a reduced scale (libjpeg draft) that still "
                             "covers the output size; faster, slightly different low-pass filtering")
-    text_trim: bool = _opt(True, "pad each batch's text only to its longest caption (EOT included), rounded up to "
-                           "a multiple of 8; features equal full-length padding exactly")
+    text_trim: bool = _opt(True, "pad each batch's text only to its longest caption (EOT included; under run.compile "
+                           "rounded up to a multiple of 8, a few shapes to compile); features equal "
+                           "full-length padding exactly")
     prefetch: bool = _opt(True, "on cuda: copy the next batch to the device (pinned memory, side stream) while "
                           "the current step runs")
     dali_index_dir: str = _opt("", "dali: folder for index files of shards without one beside them ('' = "

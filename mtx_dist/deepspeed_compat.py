@@ -26,18 +26,24 @@ naming the one that no longer holds. Verified with DeepSpeed ``VERIFIED_WITH``.
    ``strict``, ``inject_missing_state``): turns a tag's partitioned ZeRO / bf16 optimizer states into
    DeepSpeed's universal checkpoint, which an engine configured with ``checkpoint.load_universal``
    loads on any data-parallel size.
+7. :func:`mlflow_hidden_from_autotuner` -- ``import deepspeed`` imports ``deepspeed.autotuning.autotuner``,
+   which imports mlflow when installed (0.8 s of every start-up) for its own experiment logging, which
+   mtx-dist never runs; that one import is refused, so the autotuner sees no mlflow. Everyone else's
+   ``import mlflow`` is untouched (our tracking imports it when it is on).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.abc
 import io
 import os
 import sys
 import tempfile
 
 VERIFIED_WITH = "0.19.8"
+AUTOTUNER = "deepspeed.autotuning"
 SHM_MODULE = "deepspeed.comm.torch"
 CHECKPOINT_GLOBALS = (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),  # ZeRO 1/2 optimizer files
                       ("deepspeed.runtime.zero.config", "ZeroStageEnum"),  # ZeRO 3 and bf16 optimizer files
@@ -48,6 +54,36 @@ def skip_shm_op_build() -> None:
     """(1) Never JIT-build DeepSpeed's CPU shared-memory all-reduce op (CPU runs use gloo)."""
     importlib.import_module(SHM_MODULE)
     sys.modules[SHM_MODULE].build_shm_op = lambda: None
+
+
+class _RefusedTo(importlib.abc.MetaPathFinder):
+    """Refuses the import of ``name`` to the modules under ``importer`` (the statement's own frame,
+    found past the import machinery's frames); every other import goes on to the next finder."""
+
+    def __init__(self, name: str, importer: str) -> None:
+        self.name, self.importer = name, importer
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
+            frame = frame.f_back
+        module = frame.f_globals.get("__name__", "") if frame is not None else ""
+        if module == self.importer or module.startswith(self.importer + "."):
+            raise ImportError(f"{fullname} is not imported for {module} (mtx-dist does not use it)")
+        return None
+
+
+@contextlib.contextmanager
+def mlflow_hidden_from_autotuner():
+    """(7) Inside the block, DeepSpeed's autotuner cannot import mlflow; nothing else changes."""
+    refuse = _RefusedTo("mlflow", AUTOTUNER)
+    sys.meta_path.insert(0, refuse)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(refuse)
 
 
 def skip_single_rank_allreduce(engine) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mtx_launchers import DistEnv, RendezvousError, discover
-from mtx_dist.deepspeed_compat import skip_shm_op_build, skip_single_rank_allreduce
+from mtx_dist.deepspeed_compat import mlflow_hidden_from_autotuner, skip_shm_op_build, skip_single_rank_allreduce
 from mtx_dist.devices import resolve_device
 from mtx_dist.config import Config, ConfigError
 from mtx_dist.loss import logit_init
@@ -43,7 +43,8 @@ class Runtime:
 def _import_deepspeed(device: torch.device):
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    with mlflow_hidden_from_autotuner():
+        import deepspeed
 
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel(logging.WARNING)

@@ -100,3 +100,23 @@ def test_universal_converter_takes_the_arguments_we_pass(deepspeed, monkeypatch)
     compat.to_universal("a", "b")
     assert seen.keys() == theirs.keys(), sorted(set(seen) ^ set(theirs))
     assert (seen["inject_missing_state"], seen["strict"]) == (True, True)
+
+
+_FRESH_IMPORT = """
+import sys, torch
+from mtx_dist.engine import _import_deepspeed
+_import_deepspeed(torch.device("cpu"))
+print("deepspeed.autotuning.autotuner" in sys.modules, "mlflow" in sys.modules,
+      sys.modules["deepspeed.autotuning.autotuner"].has_mlflow)
+import mlflow
+print(mlflow.__name__, any(type(f).__name__ == "_RefusedTo" for f in sys.meta_path))
+"""
+
+
+def test_deepspeed_imports_its_autotuner_which_then_sees_no_mlflow():
+    """(7) A fresh process: `import deepspeed` imports the autotuner, which gets no mlflow (its 0.8 s
+    import is saved); mlflow imports normally afterwards, and the refusal is gone."""
+    import subprocess
+    run = subprocess.run([sys.executable, "-c", _FRESH_IMPORT], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split("\n")[:2] == ["True False False", "mlflow False"], run.stdout + run.stderr[-2000:]

@@ -27,6 +27,17 @@ def test_tokenizer_pads_to_the_longest_caption_only():
     assert (trimmed == full[:, : trimmed.shape[1]]).all() and (full[:, trimmed.shape[1]:] == 0).all()
 
 
+def test_training_text_is_padded_to_its_longest_caption_or_to_multiples_of_8_when_compiled(demo_shards):
+    from mtx_dist.data import build_loader
+    train, _, _ = demo_shards
+    for compiled, width_of in ((False, lambda n: n), (True, lambda n: trimmed_length(n, 32, 8))):
+        cfg = load_config(None, ["model.preset=tiny", "data.batch_size=8", "data.workers=0", f"run.compile={str(compiled).lower()}"])
+        batches = iter(build_loader(cfg, train, train=True, rank=0, world_size=1))
+        for _ in range(3):
+            text = next(batches)["text"]
+            assert text.shape[1] == width_of(int((text != 0).sum(1).max()))
+
+
 def test_trimmed_text_features_equal_full_length_padding():
     torch.manual_seed(0)
     model = ContrastiveModel.from_preset("tiny").eval()
