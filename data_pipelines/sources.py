@@ -17,7 +17,9 @@ from collections.abc import Callable, Iterator
 
 import webdataset as wds
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
+
+from mtx_data_pipelines.tar_members import tar_members
 
 
 class ShardSpecError(ValueError):
@@ -113,9 +115,14 @@ def read_shard(url: str, on_error: Callable[[str, Exception], None]) -> Iterator
     except Exception as e:  # missing local file, unreachable host, failed command
         on_error(url, e)
         return
+    def files() -> Iterator[dict]:
+        try:
+            yield from tar_members(stream, url)
+        except Exception as e:  # truncated, garbage, a read error of the stream: what came before counts
+            errors.append(e)
+
     try:
-        files = tar_file_expander([{"url": url, "stream": stream}], handler=keep_going)
-        yield from group_by_keys(files, handler=keep_going)
+        yield from group_by_keys(files(), handler=keep_going)
     finally:
         try:
             stream.close()  # a pipe: that exited non-zero raises here
