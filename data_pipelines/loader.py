@@ -304,39 +304,41 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         }
 
 
-def _worker_init(nice: int, worker_id: int) -> None:
+def _worker_init(nice: int, outlive_sigterm: bool, worker_id: int) -> None:
     if nice:
         # Loader workers and the training process's compute threads share the cores. An OpenMP thread
         # descheduled in the middle of a parallel region stalls every thread of it at the barrier, so a
         # worker that takes a core from the step costs more than its own CPU time; at a lower priority it
         # runs in the step's idle moments (bench/bench_race.py: ~7 % faster steps on 2 cores, 2026-12-03).
         os.nice(nice)
-    _worker_sigterm()
+    _worker_sigterm(outlive_sigterm)
 
 
 _SIGTERM = {signal.SIGTERM}
 
 
-def _worker_sigterm() -> None:
+def _worker_sigterm(outlive: bool) -> None:
     """Keep a loader worker alive through a job-wide SIGTERM while its trainer handles SIGTERM.
 
     A cluster that preempts a job sends SIGTERM to every process of it. torch's workers die of it, and
     a dead worker would make a trainer that handles SIGTERM (to checkpoint first) fail before it saves.
-    So while the parent has a SIGTERM handler, a worker ends on its parent's SIGTERM alone (torch's
-    shutdown of a stuck worker, multiprocessing's exit: a quiet exit, as torch's own handler does for
-    its parent) and ignores anyone else's. The rule reads the sender, which a Python handler cannot
-    see, so SIGTERM stays blocked in every thread of the worker (the parent forks it blocked: no window
-    before this runs) and one thread takes it with ``sigwaitinfo``. A rule decided when the handler
-    runs rather than by whom was a race: a worker at niceness 19 could run the handler of the job's
-    SIGTERM only after the trainer had checkpointed and released it, and then die of it."""
-    if not callable(signal.getsignal(signal.SIGTERM)):  # the parent's handler at fork: none, keep torch's
+    So while the parent has a SIGTERM handler (``outlive``), a worker ends on its parent's SIGTERM
+    alone (torch's shutdown of a stuck worker, multiprocessing's exit: a quiet exit, as torch's own
+    handler does for its parent) or anyone's once that parent is gone, and ignores the rest. The rule
+    reads the sender, which a Python handler cannot see, so SIGTERM stays blocked in every thread of
+    the worker (the parent forks it blocked: no window before this runs; the commands of ``pipe:``
+    shards start unblocked, sources.py) and one thread takes it with ``sigwaitinfo``. A rule decided
+    when the handler runs rather than by whom was a race: a worker at niceness 19 could run the
+    handler of the job's SIGTERM only after the trainer had checkpointed and released it, and die."""
+    if not outlive:  # the parent has no SIGTERM handler of its own: keep torch's
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGTERM)
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGTERM)
     parent = os.getppid()
 
     def take() -> None:
-        while signal.sigwaitinfo(_SIGTERM).si_pid != parent:
+        # the parent's, or anyone's once the parent is gone (a killed trainer leaves nobody to wait for)
+        while signal.sigwaitinfo(_SIGTERM).si_pid != parent and os.getppid() == parent:
             pass
         os._exit(0)
 
@@ -377,7 +379,8 @@ class Loader:
             dataset, batch_size=None, num_workers=self.cfg.workers,
             persistent_workers=False, prefetch_factor=4 if self.cfg.workers else None, pin_memory=self.pin_memory,
             timeout=self.cfg.worker_timeout_s if self.cfg.workers else 0,
-            worker_init_fn=functools.partial(_worker_init, self.cfg.worker_nice),
+            worker_init_fn=functools.partial(_worker_init, self.cfg.worker_nice,
+                                             callable(signal.getsignal(signal.SIGTERM))),
         )
         with _sigterm_blocked():
             batches = iter(loader)  # forks the workers

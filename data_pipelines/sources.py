@@ -13,9 +13,9 @@ and no external binaries on the nodes.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 
-import webdataset as wds
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys
 
@@ -87,13 +87,25 @@ def split_sources(spec: str, weights: str = "") -> tuple[list[list[str]], list[f
     return [list_shards(p) for p in spec.split("::") if p.strip()], w
 
 
+def _unblock_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
 def open_shard(url: str):
     """A readable binary stream of one shard."""
     kind = scheme(url)
     if kind == "local":
         return open(local_path(url), "rb")
     if kind == "pipe":
-        return wds.gopen(url, "rb")
+        # webdataset's pipe (exit status checked, SIGPIPE's 141 accepted), its command started with no
+        # signal blocked: loader workers keep SIGTERM blocked (loader.py), which a child would inherit
+        from webdataset import utils
+        from webdataset.gopen import Pipe
+
+        if utils.enforce_security:  # WDS_SECURE=1, as webdataset's own gopen honours it
+            raise ValueError(f"{url}: pipe: shards are refused under WDS_SECURE=1")
+        return Pipe(url.removeprefix("pipe:"), mode="rb", shell=True, bufsize=8192, ignore_status=[141],
+                    preexec_fn=_unblock_signals)
     import fsspec  # remote object stores and HTTP; only needed for such URLs
 
     return fsspec.open(url, "rb").open()

@@ -266,9 +266,9 @@ def compile_engine(engine, cfg: Config) -> None:
     run can meet rather than letting torch fall back to eager silently."""
     import torch._dynamo
 
-    from mtx_data_pipelines.tokenizer import TEXT_PAD_MULTIPLE
-    spec = cfg.model.spec
-    text_shapes = -(-spec.text.context_length // TEXT_PAD_MULTIPLE) if cfg.data.text_trim else 1
+    from mtx_dist.data import text_pad_multiple
+    spec, multiple = cfg.model.spec, text_pad_multiple(cfg)
+    text_shapes = -(-spec.text.context_length // multiple) if multiple else 1
     image_shapes = (2 if cfg.model.patch_dropout else 1) * (2 if cfg.model.train_image_size else 1)
     shapes = text_shapes * image_shapes + 2  # + held-out eval, last partial batch
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)

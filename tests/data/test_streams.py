@@ -87,6 +87,21 @@ def test_every_url_form_reads_the_same_samples(tmp_path, http_root):
         assert sum(loader.skipped.values()) == 0
 
 
+def test_pipe_commands_start_with_no_signal_blocked():
+    """A loader worker keeps SIGTERM blocked (its own thread takes it); the command of a pipe: shard
+    must not inherit that, or a job-wide SIGTERM would not stop it."""
+    import signal
+
+    from mtx_data_pipelines.sources import open_shard
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        with open_shard("pipe:grep SigBlk /proc/self/status") as stream:
+            line = stream.read().decode()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    assert int(line.split()[1], 16) == 0, line
+
+
 def test_remote_shards_are_not_checked_at_startup_and_failures_count(tmp_path, http_root):
     spec, keys = write_shards(tmp_path, "r", [4])
     with pytest.raises(FileNotFoundError, match="1 of 1 shards"):
