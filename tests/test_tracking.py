@@ -240,8 +240,13 @@ def test_job_killed_before_its_first_checkpoint_continues_its_run(tmp_path):
     c = client(uri)
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["resumed_at_step"] == "0"
-    # steps 1-2 from the killed job (step 3 died before its log), then 1-5 from the requeued one
-    assert sorted(m.step for m in c.get_metric_history(run_id, "train/loss")) == [1, 1, 2, 2, 3, 4, 5]
+    # 1-5 from the requeued job, after what the killed one had delivered of its steps 1-2: metrics go
+    # out on a background thread, so a SIGKILL loses those still queued (how many is timing, not tested)
+    steps = sorted(m.step for m in c.get_metric_history(run_id, "train/loss"))
+    killed = list(steps)
+    for s in range(1, 6):
+        killed.remove(s)
+    assert set(killed) <= {1, 2} and len(killed) == len(set(killed)), steps
     assert len(c.search_runs([run.info.experiment_id])) == 1
     # the requeued invocation rewrote the run's description: it finished all 5 steps
     assert "Step 5 of 5." in run.data.tags["mlflow.note.content"]
