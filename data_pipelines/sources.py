@@ -127,6 +127,7 @@ def read_shard(url: str, on_error: Callable[[str, Exception], None]) -> Iterator
     except Exception as e:  # missing local file, unreachable host, failed command
         on_error(url, e)
         return
+
     def files() -> Iterator[dict]:
         try:
             yield from tar_members(stream, url)
