@@ -10,6 +10,7 @@ from torch import nn
 
 from mtx_dist.config import OptimConfig
 from mtx_dist.errors import TrainingDiverged  # noqa: F401  (raised by the trainer; re-exported)
+from mtx_dist.torch_compat import adam_step
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -100,10 +101,10 @@ class GuardedAdamW(torch.optim.AdamW):
                 skipped, self._decided = self._decided, None
                 if skipped:
                     return None
-                return super().step(closure)
+                return adam_step(self, closure)
         if self._decided:
             return None
-        return super().step(closure)
+        return adam_step(self, closure)
 
     def _decide(self, groups: list[dict]) -> bool:
         """Skip this step? Agreed by every rank through the step's one collective."""
