@@ -68,7 +68,8 @@ class AsyncCheckpointer:
 
     # -- the training thread ---------------------------------------------------------------------
 
-    def save(self, engine, state: ckpt.TrainState, config_toml: str | None = None) -> str:
+    def save(self, engine, state: ckpt.TrainState, config_toml: str | None = None,
+             model_config: str | None = None) -> str:
         """Snapshot this step's state and start writing it; returns the folder it will have once
         committed. Waits for the save in flight first."""
         self.drain()
@@ -90,7 +91,8 @@ class AsyncCheckpointer:
             raise
         except (OSError, RuntimeError) as e:
             raise ckpt.save_error(e, p) from e
-        self._flight = _InFlight(p, self._pool.submit(self._write, p, files, state_json, config_toml))
+        self._flight = _InFlight(p, self._pool.submit(self._write, p, files, state_json, config_toml,
+                                                             model_config))
         return p.final
 
     def status(self) -> int:
@@ -170,13 +172,15 @@ class AsyncCheckpointer:
 
     # -- the background thread ---------------------------------------------------------------------
 
-    def _write(self, p: ckpt.SavePaths, files: list, state_json: str, config_toml: str | None) -> None:
+    def _write(self, p: ckpt.SavePaths, files: list, state_json: str, config_toml: str | None,
+               model_config: str | None) -> None:
         try:
             for n, (write, copied, path) in enumerate(files):
                 write(copied, path)
                 if n == 0:
                     faults.hit("save-write", p.step, self.rank)
-            ckpt.write_rank_files(p, self.rank, state_json, config_toml, [path for _, _, path in files])
+            written = [path for _, _, path in files]
+            ckpt.write_rank_files(p, self.rank, state_json, config_toml, written, model_config)
             faults.hit("save-state", p.step, self.rank)
         except ckpt.CheckpointError:
             raise

@@ -58,6 +58,7 @@ from mtx_dist.errors import UserError
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 CONFIG_FILE = "config.toml"
+MODEL_CONFIG_FILE = "model_config.json"  # a copy of the model config file model.preset names, if any
 MANIFEST = "checkpoint.json"
 MANIFEST_FORMAT = "mtx-dist-checkpoint"
 TMP_SUFFIX = ".tmp"  # a save in progress, or one that was killed
@@ -161,12 +162,14 @@ def read_latest(root: str) -> str | None:
 # -- save -------------------------------------------------------------------------------------------
 
 def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3, config_toml: str | None = None,
-         full_hashes: bool = False) -> str:
+         full_hashes: bool = False, model_config: str | None = None) -> str:
     """Write a checkpoint of the current step atomically, on every rank; returns its directory.
 
     ``keep``: complete checkpoints kept (this one included); rank 0 deletes older ones once
     ``latest`` names the new one. ``config_toml``: the run's config, written by rank 0 as
-    ``config.toml`` (listed in the manifest) so that the checkpoint says what model it holds. A write
+    ``config.toml`` (listed in the manifest) so that the checkpoint says what model it holds;
+    ``model_config``: the model config file ``model.preset`` names, copied in as ``model_config.json`` so
+    that an export or evaluation of the checkpoint does not depend on that file staying put. A write
     that fails (e.g. the disk is full) removes the unfinished directory and raises
     :class:`CheckpointError`; the previous checkpoint and ``latest`` are untouched. ``full_hashes``:
     the manifest records the sha256 of every file, not only of the small ones.
@@ -180,7 +183,7 @@ def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3, conf
             engine.save_checkpoint(p.root, tag=os.path.basename(p.tmp), save_latest=False)
         faults.hit("save-model", p.step, rank)
         state.capture_rng()
-        write_rank_files(p, rank, json.dumps(asdict(state)), config_toml, written)
+        write_rank_files(p, rank, json.dumps(asdict(state)), config_toml, written, model_config)
         faults.hit("save-state", p.step, rank)
         _barrier()  # every rank's files are on disk
         if rank == 0:
@@ -219,12 +222,15 @@ def begin_save(p: SavePaths, rank: int) -> None:
 
 
 def write_rank_files(p: SavePaths, rank: int, state_json: str, config_toml: str | None,
-                     written: list[str] | None) -> None:
-    """This rank's train state (and rank 0's config), then an fsync of everything this rank wrote
-    (``written``: DeepSpeed's files; None = every file of the folder)."""
+                     written: list[str] | None, model_config: str | None = None) -> None:
+    """This rank's train state (and rank 0's config and the copy of its model config file), then an
+    fsync of everything this rank wrote (``written``: DeepSpeed's files; None = every file of the folder)."""
     _write_text(_state_file(p.tmp, rank), state_json)
-    if rank == 0 and config_toml is not None:
-        _write_text(os.path.join(p.tmp, CONFIG_FILE), config_toml)  # before the manifest lists the files
+    if rank == 0 and config_toml is not None:  # before the manifest lists the files
+        _write_text(os.path.join(p.tmp, CONFIG_FILE), config_toml)
+    if rank == 0 and model_config is not None:
+        with open(model_config) as f:
+            _write_text(os.path.join(p.tmp, MODEL_CONFIG_FILE), f.read())
     for path in (written if written is not None else [os.path.join(p.tmp, f) for f in _files(p.tmp)]):
         fsync_path(path)
 

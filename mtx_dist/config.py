@@ -20,7 +20,7 @@ from mtx_kernels import BACKENDS as ATTENTION_BACKENDS
 from mtx_launchers.signals import parse_signals
 from mtx_dist.errors import UserError
 from mtx_dist.devices import DEVICES
-from mtx_dist.models.presets import GeometryError, ModelSpec, check_geometry, get_preset
+from mtx_dist.models.presets import GeometryError, ModelSpec, check_geometry, get_preset, is_config_path
 
 
 class ConfigError(UserError, ValueError):
@@ -124,6 +124,11 @@ class ModelConfig:
             tower, name = key.split(".")
             towers[tower] = dataclasses.replace(towers[tower], **{name: value})
         return ModelSpec(custom.get("embed_dim", spec.embed_dim), towers["vision"], towers["text"])
+
+    @property
+    def config_file(self) -> str | None:
+        """The model config file the preset names (absolute once the config is loaded), or None."""
+        return self.preset if is_config_path(self.preset) else None
 
     @property
     def geometry_name(self) -> str:
@@ -381,7 +386,7 @@ def validate(cfg: Config) -> Config:
         if getattr(cfg.model, key) > cfg.run.steps:
             raise ConfigError(f"config key 'model.{key}' = {getattr(cfg.model, key)}: must be <= run.steps "
                               f"({cfg.run.steps})")
-    if cfg.model.preset.endswith(".json"):  # recorded absolute: a resume or an export finds it from anywhere
+    if cfg.model.config_file:  # recorded absolute: a resume or an export finds it from anywhere
         cfg.model.preset = os.path.abspath(cfg.model.preset)
     try:
         spec = get_preset(cfg.model.preset)

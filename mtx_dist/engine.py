@@ -169,7 +169,7 @@ def partition_as_placed(place, model: nn.Module, cfg: Config, runtime: Runtime):
     """ZeRO-3: wrap ``place`` so that each parameter is partitioned over the data-parallel group as soon as
     its values are in, so a rank never holds more than its partitions plus one whole parameter (ViT-bigG-14
     at ZeRO-3 over 64 ranks: ~160 MB of its 10 GB of fp32 weights instead of all of them; with TP > 1
-    the tensor-parallel layers hold their slices from the swap until each is filled and partitioned). The calls are
+    each tensor-parallel slice is allocated only when its values are in, then partitioned). The calls are
     those DeepSpeed's engine makes itself when it is given a model that is not partitioned yet
     (``zero.Init(module=...)`` for the first parameter, ``convert_to_zero_parameters`` for the others,
     same config, group and mpu), one parameter at a time instead of all at once; the engine then finds

@@ -14,8 +14,9 @@ Memory per GPU (bytes):
   output and the MLP's two hidden tensors, (8 + 2r) s b h e (Korthikanti et al. 2022 count the same
   tensors, plus dropout masks we do not have); the pieces inside tensor-parallel regions
   ((4 + 2r) s b h e) divide by the TP size. Attention is fused (flash/SDPA: only a log-sum-exp per
-  row and head). With activation checkpointing, each layer keeps its input and one layer at a time
-  is rebuilt. The text tower is counted at its full context (trimmed batches only use less).
+  row and head). The last layer runs its attention output, projection and MLP for the pooled token
+  alone: (3 s + 1 + 2r) b h e inside, (2 s + 2) b h e outside. With activation checkpointing, each
+  layer keeps its input and one layer at a time is rebuilt. The text tower is counted at its full context (trimmed batches only use less).
 - **Contrastive logits**: B x N fp32 logits, their softmax and gradient per direction (local loss,
   N the global batch), or a B x tile block when the loss is tiled.
 - **Buffers**: DeepSpeed's gradient reduce bucket (doubled with overlap_comm) and parameter
@@ -138,11 +139,18 @@ def model_state_bytes(params: int, stage: int, dp: int, precision: str) -> dict[
 
 def _tower_activations(s: int, h: int, heads: int, layers: int, r: float, b: int, e: int, tp: int,
                        checkpointing: bool) -> float:
-    inside, outside = (4 + 2 * r) * s * b * h * e / tp, 4 * s * b * h * e
-    per_layer = inside + outside + 4 * heads * s * b / tp  # + the fused attention's fp32 log-sum-exp
+    def layer(q: int) -> float:
+        """One layer whose attention output, projection and MLP run for ``q`` tokens (s; the last
+        layer only for the pooled one): q, k, v of every token, the attention output and the MLP's two
+        hidden tensors inside the TP region; the block input, the first LayerNorm's output, the
+        residual and the second LayerNorm's output outside it; the fused attention's fp32 log-sum-exp."""
+        inside = (3 * s + q + 2 * r * q) * b * h * e / tp
+        outside = (2 * s + 2 * q) * b * h * e
+        return inside + outside + 4 * heads * q * b / tp
+
     if checkpointing:
-        return layers * s * b * h * e + per_layer
-    return layers * per_layer
+        return layers * s * b * h * e + layer(s if layers > 1 else 1)
+    return (layers - 1) * layer(s) + layer(1)
 
 
 def activation_bytes(spec: ModelSpec, lay: Layout) -> float:

@@ -426,9 +426,10 @@ def _steps(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState
             watchdog.beat(state.step, "checkpoint")
             if saver is None:
                 last_ckpt = ckpt.save(engine, cfg.run.dir, state, runtime.env.rank, keep=cfg.checkpoint.keep,
-                                      config_toml=cfg.to_toml(), full_hashes=cfg.checkpoint.verify == "full")
+                                      config_toml=cfg.to_toml(), full_hashes=cfg.checkpoint.verify == "full",
+                                      model_config=cfg.model.config_file)
             else:
-                saver.save(engine, state, cfg.to_toml())
+                saver.save(engine, state, cfg.to_toml(), cfg.model.config_file)
                 if stop or state.step == cfg.run.steps:  # leaving: wait for the save in flight
                     last_ckpt = saver.drain()
             watchdog.beat(state.step)

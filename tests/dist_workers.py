@@ -504,3 +504,57 @@ def zero3_build_memory(preset: str, partition: bool, precision: str = "fp32", ch
         equal = sorted(mine) == sorted(full) and all(torch.equal(mine[n], full[n].to(want)) for n in full)
     destroy_groups(runtime.groups)
     return {"peak": peak, "kept": kept, "full": full_bytes, "equal": equal, "dtypes": dtypes}
+
+
+def tp_zero3_build(preset: str, check: bool = False) -> dict:
+    """Build ``preset`` at TP = 2 under ZeRO-3 over the world (data-parallel size world / 2): the most bytes of
+    parameter storage the rank holds at any point of build_model (on entry to the replay and after each
+    parameter is placed: partitions of those done, nothing of those to come), and at the end; then
+    (``check``) whether DeepSpeed's engine around it gathers to this rank's slices of the eager build."""
+    import mtx_dist.models.deferred as deferred
+    from mtx_dist.engine import build_engine, build_model, setup_runtime
+    from mtx_dist.parallel import destroy_groups, shard_tensor
+
+    cfg = load_config(None, [f"model.preset={preset}", "parallel.zero_stage=3", "parallel.tensor_parallel=2",
+                             "run.seed=7", "run.device=cpu"])
+    runtime = setup_runtime(cfg)
+    built, most = [], [0]
+
+    def held() -> int:
+        return sum(p.ds_tensor.numel() * p.ds_tensor.element_size() if hasattr(p, "ds_tensor")
+                   else 0 if p.is_meta else p.numel() * p.element_size() for p in built[0].parameters())
+
+    def record(build):
+        model, calls = real_record(build)
+        built.append(model)
+        return model, calls
+
+    def materialize(calls, shapes, place):
+        def measured(name, full):
+            place(name, full)
+            most[0] = max(most[0], held())
+        most[0] = held()
+        real_materialize(calls, shapes, measured)
+
+    real_record, real_materialize = deferred.record, deferred.materialize
+    deferred.record, deferred.materialize = record, materialize
+    try:
+        model = build_model(cfg, runtime)
+    finally:
+        deferred.record, deferred.materialize = real_record, real_materialize
+    kept = held()
+    equal = None
+    if check:
+        import deepspeed
+        groups = runtime.groups
+        torch.manual_seed(cfg.run.seed)
+        full = ContrastiveModel(cfg.model.spec).state_dict()
+        model = build_engine(cfg, model, runtime).module
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            mine = {n: p.detach().clone() for n, p in model.named_parameters()}
+        equal = sorted(mine) == sorted(full) and all(
+            torch.equal(mine[n], shard_tensor(n, full[n], groups.tp_rank, groups.tp_size)) for n in full)
+    with torch.device("meta"):
+        full_bytes = sum(p.numel() * p.element_size() for p in ContrastiveModel(cfg.model.spec).parameters())
+    destroy_groups(runtime.groups)
+    return {"most": most[0], "kept": kept, "full": full_bytes, "equal": equal}

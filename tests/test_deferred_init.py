@@ -141,6 +141,18 @@ def test_zero3_ranks_partition_each_parameter_as_it_is_built():
         assert p["peak"] < 0.75 * e["peak"], (p, e)
 
 
+def test_tensor_parallel_slices_under_zero3_exist_only_as_partitions():
+    """TP = 2 x ZeRO-3 over 4 gloo ranks (vit-b16): a tensor-parallel slice is allocated only when its
+    values are replayed and is partitioned at once, so at no point of the build does a rank hold more
+    parameter bytes than its partitions at the end (before, every slice was allocated at the swap:
+    about twice the final partitions on entry to the replay)."""
+    for r in run_ranks(4, w.tp_zero3_build, "vit-b16", timeout=400):
+        assert r["kept"] < 0.35 * r["full"], r  # a quarter of the TP layers, half of the replicated rest
+        assert r["most"] <= r["kept"], r
+    for r in run_ranks(4, w.tp_zero3_build, "micro", True, timeout=300):
+        assert r["equal"], r
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_zero3_partitioned_build_gives_the_eager_weights_and_the_engine_takes_it(precision):
     """The partitions gathered from DeepSpeed's engine are the eager seeded build's weights bit for bit

@@ -76,6 +76,13 @@ def test_a_custom_geometry_trains_exports_and_its_export_config_is_the_same_pres
                 if f == "open_clip_config.json"]
     assert exported, "the end-of-run export wrote no open_clip_config.json"
     assert get_preset(exported[0]) == get_preset(str(tmp_path / "geometry.json"))
+    # the checkpoint carries a copy of its model config: it still exports after the file has moved
+    (tmp_path / "geometry.json").rename(tmp_path / "moved.json")
+    res = run_cli(["export", "run", "--format", "open_clip", "--out", "again"], cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert get_preset(str(tmp_path / "again" / "open_clip_config.json")) == get_preset(str(tmp_path / "moved.json"))
+    manifest = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert manifest["preset"] == str(tmp_path / "geometry.json")  # the name the run was given
 
 
 def test_custom_geometry_keys_train_export_and_evaluate(tmp_path):

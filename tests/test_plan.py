@@ -14,7 +14,7 @@ import torch
 from mtx_dist.config import load_config
 from mtx_dist.models import ContrastiveModel
 from mtx_dist.models.presets import get_preset
-from mtx_dist.plan import GIB, Layout, memory, param_counts
+from mtx_dist.plan import GIB, Layout, activation_bytes, memory, param_counts
 from mtx_launchers.local import run_ranks
 from tests.helpers import REPO, run_cli
 
@@ -54,6 +54,42 @@ def test_memory_model_within_15_percent_of_measured_zero_ranks(preset, precision
                  activation_checkpointing=False, reduce_bucket=BUCKET, allgather_bucket=BUCKET, prefetch_bucket=BUCKET)
     m = memory(get_preset(preset), lay, on_gpu=False)
     predicted = m["parameters"] + m["gradients"] + m["optimizer"] + m["buffers"]
+    assert abs(predicted - measured) <= 0.15 * measured, (predicted / 2 ** 20, measured / 2 ** 20)
+
+
+def _saved_for_backward_bytes(model: ContrastiveModel, images: torch.Tensor, text: torch.Tensor) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward in one forward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        image_features, text_features, _, _ = model(images, text)
+    del image_features, text_features
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("preset", ["micro", "tiny"])
+def test_activation_memory_within_15_percent_of_the_tensors_saved_for_backward(preset):
+    """The planner's activation bytes (fp32, one rank, no checkpointing) against what the real model keeps
+    for its backward in a forward of full-length captions (the planner counts the text at its full context;
+    the last block of each tower keeps its attention output and MLP for the pooled token only)."""
+    torch.manual_seed(0)
+    spec = get_preset(preset)
+    model = ContrastiveModel(spec, "sdpa")
+    b = 16
+    images = torch.randn(b, 3, spec.vision.image_size, spec.vision.image_size)
+    text = torch.randint(1, 1000, (b, spec.text.context_length))
+    text[:, -1] = spec.text.vocab_size - 1  # end of text last: no padding
+    measured = _saved_for_backward_bytes(model, images, text)
+    lay = Layout(gpus=1, tp=1, zero_stage=0, micro_batch=b, grad_accum=1, precision="fp32",
+                 activation_checkpointing=False, reduce_bucket=BUCKET, allgather_bucket=BUCKET, prefetch_bucket=BUCKET)
+    predicted = activation_bytes(spec, lay)
     assert abs(predicted - measured) <= 0.15 * measured, (predicted / 2 ** 20, measured / 2 ** 20)
 
 

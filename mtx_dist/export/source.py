@@ -3,13 +3,15 @@
 
 A checkpoint is validated (every file listed, every ``.pt`` loading as data only) before DeepSpeed's
 merger unpickles it, then consolidated from any ZeRO stage and TP size into the names of the plain
-model. Its geometry comes from the ``config.toml`` the trainer saves into every checkpoint.
+model. Its geometry comes from the ``config.toml`` the trainer saves into every checkpoint (and from
+the copy of the model config file, when ``model.preset`` named one that has moved since).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tomllib
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +27,7 @@ from mtx_dist.export.common import (
     verify_export,
 )
 from mtx_dist.models import ContrastiveModel
-from mtx_dist.models.presets import GeometryError, ModelSpec, get_preset, spec_from_openclip
+from mtx_dist.models.presets import GeometryError, ModelSpec, get_preset, is_config_path, spec_from_openclip
 
 CONFIG_FILE = "config.toml"
 
@@ -99,14 +101,11 @@ def load_checkpoint(path: str, preset: str | None = None) -> Source:
     cfg = None
     config_path = os.path.join(tag_dir, CONFIG_FILE)
     if os.path.isfile(config_path):
-        try:
-            cfg = load_config(config_path)
-        except ConfigError as e:
-            raise SourceError(f"{config_path}: the checkpoint's config does not load: {e}") from e
-        if preset is not None and preset != cfg.model.preset:
+        cfg, recorded = _checkpoint_config(tag_dir, config_path)
+        if preset is not None and preset != recorded:
             raise SourceError(f"--preset {preset} contradicts the checkpoint's config (model.preset = "
-                              f"{cfg.model.preset!r})")
-        preset, spec = cfg.model.geometry_name, cfg.model.spec
+                              f"{recorded!r})")
+        preset, spec = cfg.model.geometry_name.replace(cfg.model.preset, recorded, 1), cfg.model.spec
     elif preset is None:
         raise SourceError(f"{tag_dir} has no {CONFIG_FILE} (written before runs saved their config): "
                           f"name its geometry with --preset")
@@ -123,6 +122,19 @@ def load_checkpoint(path: str, preset: str | None = None) -> Source:
         info.update(data=cfg.data.train or "demo shards", zero_stage=cfg.parallel.zero_stage, tensor_parallel=cfg.parallel.tensor_parallel,
                     precision=cfg.parallel.precision, loss=cfg.loss.kind)
     return Source(preset, spec, state, info, cfg)
+
+
+def _checkpoint_config(tag_dir: str, config_path: str) -> tuple[Config, str]:
+    """The checkpoint's config and the ``model.preset`` it records. A model config file that is no longer
+    where the run found it is read from the checkpoint's own copy (``model_config.json``)."""
+    with open(config_path, "rb") as f:
+        recorded = tomllib.load(f).get("model", {}).get("preset", Config().model.preset)
+    copy = os.path.join(tag_dir, ckpt.MODEL_CONFIG_FILE)
+    moved = is_config_path(recorded) and not os.path.isfile(recorded) and os.path.isfile(copy)
+    try:
+        return load_config(config_path, [f"model.preset={copy}"] if moved else []), recorded
+    except ConfigError as e:
+        raise SourceError(f"{config_path}: the checkpoint's config does not load: {e}") from e
 
 
 def _named_spec(preset: str, where: str) -> ModelSpec:

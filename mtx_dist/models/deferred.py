@@ -160,8 +160,9 @@ def materialize(calls: list[InitCall], shapes: dict[str, tuple[torch.Size, torch
 def place_into(model: nn.Module, device: torch.device | str, shard: Callable[[str, torch.Tensor], torch.Tensor]
                = lambda name, t: t) -> Callable[[str, torch.Tensor], None]:
     """A ``place`` for :func:`materialize`: a parameter still on the meta device becomes a real one on
-    ``device`` holding ``full``; one that is already real (e.g. a tensor-parallel layer built for this
-    rank's slice) receives ``shard(name, full)``."""
+    ``device`` holding ``shard(name, full)`` (this rank's slice of a tensor-parallel layer, else
+    ``full``), with the attributes set on the meta one (megatron-core's TP flags); one that is already
+    real receives ``shard(name, full)``."""
     modules = dict(model.named_modules())
 
     def place(name: str, full: torch.Tensor) -> None:
@@ -169,7 +170,9 @@ def place_into(model: nn.Module, device: torch.device | str, shard: Callable[[st
         module = modules[owner]
         old = getattr(module, attr)
         if old.is_meta:
-            setattr(module, attr, nn.Parameter(full.to(device), requires_grad=old.requires_grad))
+            new = nn.Parameter(shard(name, full).to(device), requires_grad=old.requires_grad)
+            new.__dict__.update(old.__dict__)
+            setattr(module, attr, new)
         else:
             old.data.copy_(shard(name, full))
 

@@ -106,12 +106,17 @@ def preset_named(spec: ModelSpec) -> str | None:
     return next((name for name in (*PRESETS, *openclip_names()) if get_preset(name) == spec), None)
 
 
+def is_config_path(name: str) -> bool:
+    """Is this preset the path of a model config file (rather than a name)?"""
+    return name.endswith(".json") or os.sep in name
+
+
 @functools.lru_cache(maxsize=None)
 def get_preset(name: str) -> ModelSpec:
     """The geometry ``name`` stands for (see the module docstring); :class:`GeometryError` otherwise."""
     if name in PRESETS:
         return PRESETS[name]
-    if name.endswith(".json") or os.sep in name:
+    if is_config_path(name):
         path = name
         if not os.path.isfile(path):
             raise GeometryError(f"model config {path!r} does not exist")

@@ -19,6 +19,7 @@ CUDA-only paths (gather_output, sequence parallelism, its RNG tracker) are never
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -99,8 +100,9 @@ def apply_tensor_parallel(model: nn.Module, groups: ParallelGroups, device: torc
 
     The full model must be built identically on every TP rank (same seed): each rank keeps its
     slice, so a TP model starts from exactly the weights of the unsharded one. A model on the meta
-    device (:mod:`mtx_dist.models.deferred`) gets its shards allocated on ``device``, values to come
-    (the replayed initialisation copies each rank's slice in: :func:`shard_tensor`).
+    device (:mod:`mtx_dist.models.deferred`) gets its shards on the meta device too: the replayed
+    initialisation allocates each one on ``device`` only when its values are in (:func:`shard_tensor`
+    of the full parameter), so with ZeRO-3 no rank ever holds all of its slices at once.
     """
     if not groups.tp:
         return model
@@ -123,19 +125,20 @@ def apply_tensor_parallel(model: nn.Module, groups: ParallelGroups, device: torc
             if deferred and device is None:
                 raise ValueError("apply_tensor_parallel on a model on the meta device needs the device for its shards")
             target = torch.device(device) if deferred else old.weight.device
-            config = ModelParallelConfig(
+            config = ModelParallelConfig(  # CPU initialisation: allocated where torch.empty puts it
                 tensor_model_parallel_size=groups.tp_size, params_dtype=old.weight.dtype,
-                use_cpu_initialization=target.type == "cpu", perform_initialization=False,
+                use_cpu_initialization=deferred or target.type == "cpu", perform_initialization=False,
             )
             kwargs = dict(config=config, init_method=_no_init, bias=old.bias is not None,
                           tp_group=groups.tp_group)
-            if column:
-                new = column_cls(old.in_features, old.out_features, gather_output=False, **kwargs)
-            else:
-                new = row_cls(old.in_features, old.out_features, input_is_parallel=True, skip_bias_add=False,
-                              **kwargs)
-            new = new.to(target)
+            with torch.device("meta") if deferred else contextlib.nullcontext():
+                if column:
+                    new = column_cls(old.in_features, old.out_features, gather_output=False, **kwargs)
+                else:
+                    new = row_cls(old.in_features, old.out_features, input_is_parallel=True, skip_bias_add=False,
+                                  **kwargs)
             if not deferred:
+                new = new.to(target)
                 with torch.no_grad():
                     new.weight.copy_(shard_tensor(full_name + ".weight", old.weight, groups.tp_rank, groups.tp_size))
                     if old.bias is not None:
