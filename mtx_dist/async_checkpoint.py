@@ -91,8 +91,8 @@ class AsyncCheckpointer:
             raise
         except (OSError, RuntimeError) as e:
             raise ckpt.save_error(e, p) from e
-        self._flight = _InFlight(p, self._pool.submit(self._write, p, files, state_json, config_toml,
-                                                             model_config))
+        write = self._pool.submit(self._write, p, files, state_json, config_toml, model_config)
+        self._flight = _InFlight(p, write)
         return p.final
 
     def status(self) -> int:

@@ -98,6 +98,15 @@ class TrainState:
             torch.set_rng_state(torch.frombuffer(raw, dtype=torch.uint8).clone())
 
 
+def read_model_config(path: str | None) -> str | None:
+    """The text of the model config file ``model.preset`` names (None for a named preset), read once as a
+    run starts, for every checkpoint of the run to hold."""
+    if path is None:
+        return None
+    with open(path) as f:
+        return f.read()
+
+
 def checkpoint_root(run_dir: str) -> str:
     return os.path.join(run_dir, CHECKPOINT_DIR)
 
@@ -168,8 +177,9 @@ def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3, conf
     ``keep``: complete checkpoints kept (this one included); rank 0 deletes older ones once
     ``latest`` names the new one. ``config_toml``: the run's config, written by rank 0 as
     ``config.toml`` (listed in the manifest) so that the checkpoint says what model it holds;
-    ``model_config``: the model config file ``model.preset`` names, copied in as ``model_config.json`` so
-    that an export or evaluation of the checkpoint does not depend on that file staying put. A write
+    ``model_config``: the text of the model config file ``model.preset`` names (:func:`read_model_config`),
+    written as ``model_config.json``: exports and evaluations of the checkpoint read the geometry from
+    it, not from that file, which may have moved or changed since. A write
     that fails (e.g. the disk is full) removes the unfinished directory and raises
     :class:`CheckpointError`; the previous checkpoint and ``latest`` are untouched. ``full_hashes``:
     the manifest records the sha256 of every file, not only of the small ones.
@@ -229,8 +239,7 @@ def write_rank_files(p: SavePaths, rank: int, state_json: str, config_toml: str 
     if rank == 0 and config_toml is not None:  # before the manifest lists the files
         _write_text(os.path.join(p.tmp, CONFIG_FILE), config_toml)
     if rank == 0 and model_config is not None:
-        with open(model_config) as f:
-            _write_text(os.path.join(p.tmp, MODEL_CONFIG_FILE), f.read())
+        _write_text(os.path.join(p.tmp, MODEL_CONFIG_FILE), model_config)
     for path in (written if written is not None else [os.path.join(p.tmp, f) for f in _files(p.tmp)]):
         fsync_path(path)
 

@@ -24,9 +24,9 @@ from mtx_dist.config import Config, ConfigError
 from mtx_dist.loss import logit_init
 from mtx_dist.models import ContrastiveModel
 from mtx_dist.optim import build_optimizer, build_scheduler
-from mtx_dist.torch_compat import optimizer_without_dynamo
 from mtx_dist.parallel import (DeepSpeedMpu, ParallelGroups, ParallelLayoutError, gather_tensor_parallel, init_groups,
                                parallelize, shard_tensor)
+from mtx_dist.torch_compat import optimizer_without_dynamo
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def build_model(cfg: Config, runtime: Runtime) -> nn.Module:
         return parallelize(model.to(device), groups, cfg.parallel.activation_checkpointing)
     model, calls = record(build)
     shapes = {n: (p.shape, p.dtype) for n, p in model.named_parameters()}  # before TP swaps layers
-    parallelize(model, groups, cfg.parallel.activation_checkpointing, device)
+    parallelize(model, groups, cfg.parallel.activation_checkpointing)
     place = place_into(model, device, lambda n, t: shard_tensor(n, t, groups.tp_rank, groups.tp_size))
     if cfg.parallel.zero_stage == 3:
         place = partition_as_placed(place, model, cfg, runtime)

@@ -16,7 +16,8 @@ Memory per GPU (bytes):
   ((4 + 2r) s b h e) divide by the TP size. Attention is fused (flash/SDPA: only a log-sum-exp per
   row and head). The last layer runs its attention output, projection and MLP for the pooled token
   alone: (3 s + 1 + 2r) b h e inside, (2 s + 2) b h e outside. With activation checkpointing, each
-  layer keeps its input and one layer at a time is rebuilt. The text tower is counted at its full context (trimmed batches only use less).
+  layer keeps its input and one layer at a time is rebuilt. The text tower is counted at its full
+  context (trimmed batches only use less).
 - **Contrastive logits**: B x N fp32 logits, their softmax and gradient per direction (local loss,
   N the global batch), or a B x tile block when the loss is tiled.
 - **Buffers**: DeepSpeed's gradient reduce bucket (doubled with overlap_comm) and parameter

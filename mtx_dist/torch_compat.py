@@ -9,16 +9,17 @@ Verified with torch ``VERIFIED_WITH``.
    ``torch._disable_dynamo``, whose wrapper imports ``torch._dynamo`` at the first call (0.85 s of every
    start-up: sympy, the symbolic shapes) to mark them untraceable, and caches the marked function as
    ``__dynamo_disable`` on the undecorated one (``__wrapped__``); ``Adam.step``'s wrapper
-   (``_use_grad_for_differentiable``, also ``__wrapped__``) imports it to put graph breaks around the step
-   and sets grad mode to the optimizer's ``differentiable`` flag. An eager run traces nothing, so none of
-   that has an effect: the cache is filled with the undecorated function, and our AdamW steps through
-   ``Adam.step.__wrapped__`` under ``no_grad`` (``differentiable`` is never set). Compiled runs
-   (``run.compile``) compile the model only, never the optimizer, and keep torch's wrappers whenever
-   ``torch._dynamo`` is already imported.
+   (``_use_grad_for_differentiable``) imports it to put graph breaks around the step and sets grad mode
+   to the optimizer's ``differentiable`` flag. While ``torch._dynamo`` is not imported nothing can trace
+   them, so none of that has an effect: the cache holds a function that runs the undecorated one until
+   ``torch._dynamo`` is imported (by anyone: a later ``torch.compile`` in the same process) and from
+   then on marks it as torch would; our AdamW steps through the undecorated ``Adam.step`` under
+   ``no_grad`` on the same condition (and never when ``differentiable`` is set).
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import torch
@@ -29,26 +30,38 @@ DISABLED_OPTIMIZER_METHODS = ("add_param_group", "zero_grad", "state_dict", "loa
 _CACHE = "__dynamo_disable"  # the attribute torch._compile._disable_dynamo caches its result in
 
 
+def _disabled_once_dynamo_is_there(fn):
+    """What torch's wrapper finds in its cache: ``fn`` itself until ``torch._dynamo`` is imported, then
+    (for good) ``fn`` marked untraceable, as the wrapper would have made it."""
+    def run(*args, **kwargs):
+        dynamo = sys.modules.get(DYNAMO)
+        if dynamo is None:
+            return fn(*args, **kwargs)
+        disabled = dynamo.disable(fn, recursive=True, wrapping=False)
+        setattr(fn, _CACHE, disabled)
+        return disabled(*args, **kwargs)
+    return run
+
+
 def optimizer_without_dynamo() -> bool:
-    """(1) Let torch's optimizer methods run without importing ``torch._dynamo``, in a process that has
-    not imported it (nothing is being compiled); True if done. Call it only when nothing will trace an
-    optimizer method: the methods then run unmarked."""
+    """(1) Let torch's optimizer methods run without importing ``torch._dynamo`` while nothing has
+    imported it; True if done (False: it is imported already, torch's wrappers stay as they are)."""
     if DYNAMO in sys.modules:
         return False
     for name in DISABLED_OPTIMIZER_METHODS:
         fn = getattr(getattr(torch.optim.Optimizer, name), "__wrapped__", None)
         if fn is not None and getattr(fn, _CACHE, None) is None:
-            setattr(fn, _CACHE, fn)
+            setattr(fn, _CACHE, _disabled_once_dynamo_is_there(fn))
     return True
 
 
-_ADAM_STEP = getattr(torch.optim.Adam.step, "__wrapped__", None)
+_ADAM_STEP = inspect.unwrap(torch.optim.Adam.step)  # below torch's step-hook and grad-mode wrappers
 
 
 def adam_step(optimizer: torch.optim.Adam, closure=None):
-    """(1) ``Adam.step`` (AdamW's too) without its wrapper's graph breaks, hence without importing
-    ``torch._dynamo``; the caller holds ``torch.no_grad``. Falls back to the wrapped step when torch
-    no longer exposes the undecorated one."""
-    if _ADAM_STEP is None:
+    """(1) ``Adam.step`` (AdamW's too) without its wrappers' graph breaks, hence without importing
+    ``torch._dynamo``, while it is not imported and ``differentiable`` is off; the caller holds
+    ``torch.no_grad``. Otherwise torch's own step."""
+    if DYNAMO in sys.modules or optimizer.defaults.get("differentiable") or _ADAM_STEP is torch.optim.Adam.step:
         return torch.optim.Adam.step(optimizer, closure)
     return _ADAM_STEP(optimizer, closure)

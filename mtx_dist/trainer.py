@@ -325,6 +325,7 @@ def _steps(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState
            preemption: Preemption | None, watchdog: HangWatchdog, saver: AsyncCheckpointer | None) -> TrainResult:
     groups, world = runtime.groups, runtime.env.world_size
     setup = step_setup(cfg, runtime, engine)
+    model_config = ckpt.read_model_config(cfg.model.config_file)  # once: every checkpoint holds what was built
     accum = cfg.optim.grad_accum
     samples_per_step = cfg.data.batch_size * accum * groups.dp_size
     spec, peak = cfg.model.spec, _peak(cfg, runtime)
@@ -427,9 +428,9 @@ def _steps(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState
             if saver is None:
                 last_ckpt = ckpt.save(engine, cfg.run.dir, state, runtime.env.rank, keep=cfg.checkpoint.keep,
                                       config_toml=cfg.to_toml(), full_hashes=cfg.checkpoint.verify == "full",
-                                      model_config=cfg.model.config_file)
+                                      model_config=model_config)
             else:
-                saver.save(engine, state, cfg.to_toml(), cfg.model.config_file)
+                saver.save(engine, state, cfg.to_toml(), model_config)
                 if stop or state.step == cfg.run.steps:  # leaving: wait for the save in flight
                     last_ckpt = saver.drain()
             watchdog.beat(state.step)

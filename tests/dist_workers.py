@@ -455,7 +455,10 @@ def tp_build_memory(preset: str, deferred: bool) -> dict:
         torch.equal(mine[n], shard_tensor(n, full[n], groups.tp_rank, groups.tp_size)) for n in full)
     full_bytes = sum(t.numel() * t.element_size() for t in full.values())
     destroy_groups(groups)
-    return {"peak": peak, "kept": kept, "full": full_bytes, "equal": equal,
+    # a slice is its own contiguous storage, not a view keeping the whole parameter alive
+    own = all(p.is_contiguous() and p.untyped_storage().nbytes() == p.numel() * p.element_size()
+              for p in model.parameters())
+    return {"peak": peak, "kept": kept, "full": full_bytes, "equal": equal, "own_storage": own,
             "sharded": sum(1 for p in model.parameters() if getattr(p, "tensor_model_parallel", False))}
 
 

@@ -12,11 +12,16 @@ from mtx_dist.interop.torchvision_shim import torchvision_shim  # noqa: F401 (li
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def fresh_env(**extra: str) -> dict[str, str]:
+    """This environment for a fresh interpreter running this checkout: without the launcher variables an
+    in-process test left in it, with ``PYTHONPATH`` at the repository."""
+    return {**{k: v for k, v in os.environ.items() if k not in DIST_VARS}, "PYTHONPATH": REPO, **extra}
+
+
 def run_cli(args: list[str], cwd: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``mtx-dist`` as a user would (a fresh interpreter), with a hard timeout. Launcher variables
     that an in-process test left in this interpreter's environment are not passed on."""
-    base = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    full_env = {**base, "PYTHONPATH": REPO, **(env or {})}
+    full_env = fresh_env(**(env or {}))
     return subprocess.run([sys.executable, "-m", "mtx_dist.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -5,11 +5,12 @@ import inspect
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from mtx_dist import torch_compat as compat
 from mtx_dist.optim import GuardedAdamW
-from tests.helpers import REPO
+from tests.helpers import fresh_env
 
 
 def test_optimizer_methods_are_lazily_dynamo_disabled_with_a_cache_on_the_undecorated_function():
@@ -20,8 +21,11 @@ def test_optimizer_methods_are_lazily_dynamo_disabled_with_a_cache_on_the_undeco
         method = getattr(torch.optim.Optimizer, name)
         assert callable(getattr(method, "__wrapped__", None)), f"Optimizer.{name} has no __wrapped__"
         assert method.__wrapped__.__name__ == name
-    assert torch.optim.AdamW.step is torch.optim.Adam.step, "AdamW now has a step of its own"
-    assert compat._ADAM_STEP is not None and compat._ADAM_STEP.__qualname__ == "Adam.step"
+    # (torch wraps a class's step in its hook wrapper once an instance is built: unwrap both)
+    assert inspect.unwrap(torch.optim.AdamW.step) is inspect.unwrap(torch.optim.Adam.step), \
+        "AdamW now has a step of its own"
+    step = compat._ADAM_STEP
+    assert not hasattr(step, "__wrapped__") and step.__qualname__ == "Adam.step" and step.__code__.co_name == "step"
 
 
 def test_our_adamw_step_equals_torchs_bit_for_bit():
@@ -44,6 +48,29 @@ def test_our_adamw_step_equals_torchs_bit_for_bit():
         assert all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
 
 
+_FRESH_SWITCH = """
+import sys, torch
+from mtx_dist import torch_compat as compat
+assert compat.optimizer_without_dynamo()
+fn = torch.optim.Optimizer.zero_grad.__wrapped__
+opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+opt.zero_grad()
+before = "torch._dynamo" in sys.modules
+import torch._dynamo
+opt.zero_grad()
+print(before, getattr(getattr(fn, compat._CACHE), "_torchdynamo_disable", False))
+"""
+
+
+def test_optimizer_methods_are_marked_as_torch_would_once_dynamo_is_imported():
+    """(1) Unmarked while torch._dynamo is absent; once anything imports it (a later torch.compile in the
+    same process), the next call marks the method untraceable, as torch's own wrapper does."""
+    run = subprocess.run([sys.executable, "-c", _FRESH_SWITCH], capture_output=True, text=True, timeout=120,
+                         env=fresh_env())
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["False", "True"], run.stdout
+
+
 _FRESH_TRAIN = """
 import sys
 from mtx_dist.cli import main
@@ -56,17 +83,13 @@ print("dynamo imported:", "torch._dynamo" in sys.modules)
 """
 
 
+@pytest.mark.slow
 def test_an_eager_training_run_and_its_resume_never_import_dynamo(tmp_path):
     """(1) A fresh process trains, checkpoints, resumes (optimizer state_dict and load_state_dict) and
     trains on without importing torch._dynamo (0.85 s of every start-up)."""
     run = subprocess.run([sys.executable, "-c", _FRESH_TRAIN], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300, env={**_clean_env(), "PYTHONPATH": REPO})
+                         timeout=300, env=fresh_env())
     assert run.returncode == 0, run.stderr[-3000:]
     assert "trained to step 4 of 4" in run.stdout, run.stdout
     assert run.stdout.strip().endswith("dynamo imported: False"), run.stdout + run.stderr[-2000:]
 
-
-def _clean_env() -> dict:
-    import os
-    from tests.helpers import DIST_VARS
-    return {k: v for k, v in os.environ.items() if k not in DIST_VARS}

@@ -125,14 +125,15 @@ def load_checkpoint(path: str, preset: str | None = None) -> Source:
 
 
 def _checkpoint_config(tag_dir: str, config_path: str) -> tuple[Config, str]:
-    """The checkpoint's config and the ``model.preset`` it records. A model config file that is no longer
-    where the run found it is read from the checkpoint's own copy (``model_config.json``)."""
+    """The checkpoint's config and the ``model.preset`` it records. When that is a model config file, its
+    geometry is read from the checkpoint's own copy (``model_config.json``): the file may have moved or
+    changed since the run started (checkpoints written before runs kept a copy read the file itself)."""
     with open(config_path, "rb") as f:
         recorded = tomllib.load(f).get("model", {}).get("preset", Config().model.preset)
     copy = os.path.join(tag_dir, ckpt.MODEL_CONFIG_FILE)
-    moved = is_config_path(recorded) and not os.path.isfile(recorded) and os.path.isfile(copy)
+    own = is_config_path(recorded) and os.path.isfile(copy)
     try:
-        return load_config(config_path, [f"model.preset={copy}"] if moved else []), recorded
+        return load_config(config_path, [f"model.preset={copy}"] if own else []), recorded
     except ConfigError as e:
         raise SourceError(f"{config_path}: the checkpoint's config does not load: {e}") from e
 

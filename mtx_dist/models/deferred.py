@@ -170,7 +170,10 @@ def place_into(model: nn.Module, device: torch.device | str, shard: Callable[[st
         module = modules[owner]
         old = getattr(module, attr)
         if old.is_meta:
-            new = nn.Parameter(shard(name, full).to(device), requires_grad=old.requires_grad)
+            part = shard(name, full)
+            if part is not full:  # a slice is a view of the whole: its own storage, or the whole stays alive
+                part = part.clone(memory_format=torch.contiguous_format)
+            new = nn.Parameter(part.to(device), requires_grad=old.requires_grad)
             new.__dict__.update(old.__dict__)
             setattr(module, attr, new)
         else:

@@ -35,11 +35,10 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
-def parallelize(model: nn.Module, groups: ParallelGroups, activation_checkpointing: bool = False,
-                device: torch.device | str | None = None) -> nn.Module:
-    """Tensor parallelism (when groups.tp_size > 1), then activation checkpointing (when asked).
-    ``device``: where the TP shards of a model on the meta device go (see apply_tensor_parallel)."""
-    apply_tensor_parallel(model, groups, device)
+def parallelize(model: nn.Module, groups: ParallelGroups, activation_checkpointing: bool = False) -> nn.Module:
+    """Tensor parallelism (when groups.tp_size > 1), then activation checkpointing (when asked). A model on
+    the meta device gets its TP shards on the meta device too (see apply_tensor_parallel)."""
+    apply_tensor_parallel(model, groups)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     return model

@@ -94,15 +94,15 @@ def _no_init(_: torch.Tensor) -> None:
     """Weights are copied from the already-initialized full linear, never drawn again."""
 
 
-def apply_tensor_parallel(model: nn.Module, groups: ParallelGroups, device: torch.device | str | None = None
-                          ) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, groups: ParallelGroups) -> nn.Module:
     """Swap the linears of every Attention and Mlp in ``model`` for TP shards of the same weights.
 
     The full model must be built identically on every TP rank (same seed): each rank keeps its
     slice, so a TP model starts from exactly the weights of the unsharded one. A model on the meta
     device (:mod:`mtx_dist.models.deferred`) gets its shards on the meta device too: the replayed
-    initialisation allocates each one on ``device`` only when its values are in (:func:`shard_tensor`
-    of the full parameter), so with ZeRO-3 no rank ever holds all of its slices at once.
+    initialisation allocates each one on the run's device only when its values are in
+    (:func:`shard_tensor` of the full parameter), so with ZeRO-3 no rank ever holds all of its slices
+    at once.
     """
     if not groups.tp:
         return model
@@ -122,12 +122,9 @@ def apply_tensor_parallel(model: nn.Module, groups: ParallelGroups, device: torc
             old: nn.Linear = getattr(module, attr)
             full_name = f"{names[id(module)]}.{attr}"
             deferred = old.weight.is_meta
-            if deferred and device is None:
-                raise ValueError("apply_tensor_parallel on a model on the meta device needs the device for its shards")
-            target = torch.device(device) if deferred else old.weight.device
             config = ModelParallelConfig(  # CPU initialisation: allocated where torch.empty puts it
                 tensor_model_parallel_size=groups.tp_size, params_dtype=old.weight.dtype,
-                use_cpu_initialization=deferred or target.type == "cpu", perform_initialization=False,
+                use_cpu_initialization=deferred or old.weight.device.type == "cpu", perform_initialization=False,
             )
             kwargs = dict(config=config, init_method=_no_init, bias=old.bias is not None,
                           tp_group=groups.tp_group)
@@ -138,7 +135,7 @@ def apply_tensor_parallel(model: nn.Module, groups: ParallelGroups, device: torc
                     new = row_cls(old.in_features, old.out_features, input_is_parallel=True, skip_bias_add=False,
                                   **kwargs)
             if not deferred:
-                new = new.to(target)
+                new = new.to(old.weight.device)
                 with torch.no_grad():
                     new.weight.copy_(shard_tensor(full_name + ".weight", old.weight, groups.tp_rank, groups.tp_size))
                     if old.bias is not None:
