@@ -3,8 +3,8 @@
 
 A checkpoint is validated (every file listed, every ``.pt`` loading as data only) before DeepSpeed's
 merger unpickles it, then consolidated from any ZeRO stage and TP size into the names of the plain
-model. Its geometry comes from the ``config.toml`` the trainer saves into every checkpoint (and from
-the copy of the model config file, when ``model.preset`` named one that has moved since).
+model. Its geometry comes from the ``config.toml`` the trainer saves into every checkpoint (and, when
+``model.preset`` names a model config file, from the checkpoint's copy of that file).
 """
 
 from __future__ import annotations
