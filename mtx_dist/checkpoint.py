@@ -98,15 +98,6 @@ class TrainState:
             torch.set_rng_state(torch.frombuffer(raw, dtype=torch.uint8).clone())
 
 
-def read_model_config(path: str | None) -> str | None:
-    """The text of the model config file ``model.preset`` names (None for a named preset), read once as a
-    run starts, for every checkpoint of the run to hold."""
-    if path is None:
-        return None
-    with open(path) as f:
-        return f.read()
-
-
 def checkpoint_root(run_dir: str) -> str:
     return os.path.join(run_dir, CHECKPOINT_DIR)
 
@@ -177,7 +168,7 @@ def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3, conf
     ``keep``: complete checkpoints kept (this one included); rank 0 deletes older ones once
     ``latest`` names the new one. ``config_toml``: the run's config, written by rank 0 as
     ``config.toml`` (listed in the manifest) so that the checkpoint says what model it holds;
-    ``model_config``: the text of the model config file ``model.preset`` names (:func:`read_model_config`),
+    ``model_config``: the text of the model config file ``model.preset`` names (read once per run),
     written as ``model_config.json``: exports and evaluations of the checkpoint read the geometry from
     it, not from that file, which may have moved or changed since. A write
     that fails (e.g. the disk is full) removes the unfinished directory and raises

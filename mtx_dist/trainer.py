@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import pathlib
 import signal
 import sys
 import time
@@ -325,7 +326,8 @@ def _steps(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState
            preemption: Preemption | None, watchdog: HangWatchdog, saver: AsyncCheckpointer | None) -> TrainResult:
     groups, world = runtime.groups, runtime.env.world_size
     setup = step_setup(cfg, runtime, engine)
-    model_config = ckpt.read_model_config(cfg.model.config_file)  # once: every checkpoint holds what was built
+    # read once: every checkpoint holds the model config the run was built from
+    model_config = pathlib.Path(cfg.model.config_file).read_text() if cfg.model.config_file else None
     accum = cfg.optim.grad_accum
     samples_per_step = cfg.data.batch_size * accum * groups.dp_size
     spec, peak = cfg.model.spec, _peak(cfg, runtime)
