@@ -57,9 +57,10 @@ class AsyncCheckpointer:
     agreed status after it, :meth:`save` where a synchronous run would call ``checkpoint.save``, and
     :meth:`drain` before it stops; every rank makes the same calls at the same steps."""
 
-    def __init__(self, run_dir: str, rank: int, device: torch.device, keep: int = 3, full_hashes: bool = False):
+    def __init__(self, run_dir: str, rank: int, device: torch.device, keep: int = 3, full_hashes: bool = False,
+                 direct: bool = False):
         self.run_dir, self.rank, self.device = run_dir, rank, device
-        self.keep, self.full_hashes = keep, full_hashes
+        self.keep, self.full_hashes, self.direct = keep, full_hashes, direct
         self.last: str | None = None  # the newest checkpoint this run committed
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}  # (file, tensor index) -> host copy
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mtx-checkpoint",
@@ -79,7 +80,7 @@ class AsyncCheckpointer:
             ckpt.begin_save(p, self.rank)
             state.capture_rng()
             state_json = json.dumps(asdict(state))
-            with deferred_checkpoint_writes(engine, self._snapshot) as files:
+            with deferred_checkpoint_writes(engine, self._snapshot, self.direct) as files:
                 engine.save_checkpoint(p.root, tag=os.path.basename(p.tmp), save_latest=False)
             if files is None:
                 raise ckpt.CheckpointError("checkpoint.async: this DeepSpeed engine has no checkpoint engine whose "

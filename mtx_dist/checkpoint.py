@@ -162,7 +162,7 @@ def read_latest(root: str) -> str | None:
 # -- save -------------------------------------------------------------------------------------------
 
 def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3, config_toml: str | None = None,
-         full_hashes: bool = False, model_config: str | None = None) -> str:
+         full_hashes: bool = False, model_config: str | None = None, direct: bool = False) -> str:
     """Write a checkpoint of the current step atomically, on every rank; returns its directory.
 
     ``keep``: complete checkpoints kept (this one included); rank 0 deletes older ones once
@@ -170,7 +170,8 @@ def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3, conf
     ``config.toml`` (listed in the manifest) so that the checkpoint says what model it holds;
     ``model_config``: the text of the model config file ``model.preset`` names (read once per run),
     written as ``model_config.json``: exports and evaluations of the checkpoint read the geometry from
-    it, not from that file, which may have moved or changed since. A write
+    it, not from that file, which may have moved or changed since. ``direct``: DeepSpeed's files are
+    written past the page cache (``mtx_data_pipelines.files.DirectFile``). A write
     that fails (e.g. the disk is full) removes the unfinished directory and raises
     :class:`CheckpointError`; the previous checkpoint and ``latest`` are untouched. ``full_hashes``:
     the manifest records the sha256 of every file, not only of the small ones.
@@ -180,7 +181,7 @@ def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3, conf
     faults.hit("save-begin", p.step, rank)
     try:
         begin_save(p, rank)
-        with recording_checkpoint_writes(engine) as written:
+        with recording_checkpoint_writes(engine, direct) as written:
             engine.save_checkpoint(p.root, tag=os.path.basename(p.tmp), save_latest=False)
         faults.hit("save-model", p.step, rank)
         state.capture_rng()

@@ -15,7 +15,10 @@ naming the one that no longer holds. Verified with DeepSpeed ``VERIFIED_WITH``.
    ``engine.checkpoint_engine.save(state_dict, path)`` (every file DeepSpeed writes goes through it, and
    it is the last to see the state dict): shadowed on the instance for the duration of a save, to learn
    this rank's files (which we then fsync), or to take a copy of each state dict and write it later
-   (asynchronous checkpoints).
+   (asynchronous checkpoints). With ``direct``, a ``TorchCheckpointEngine``'s write (``torch.save(state_dict,
+   path, _use_new_zipfile_serialization=engine.zipfile_serialization)``) goes through
+   ``mtx_data_pipelines.files.DirectFile`` instead of a buffered file; other checkpoint engines write
+   their own way.
 4. :func:`checkpoint_safe_globals` -- the non-tensor classes DeepSpeed pickles into checkpoints,
    allowed when a checkpoint is validated with ``torch.load(weights_only=True)``.
 5. :func:`zero_fp32_state_dict` -- ``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint
@@ -91,15 +94,34 @@ def skip_single_rank_allreduce(engine) -> None:
     engine.enable_backward_allreduce = False
 
 
+def _direct_writer(ce, original):
+    """DeepSpeed's torch.save of a checkpoint file, past the page cache (``DirectFile``)."""
+    if type(ce).__name__ != "TorchCheckpointEngine" or not hasattr(ce, "zipfile_serialization"):
+        return original
+
+    def write(state_dict, path):
+        import torch
+
+        from mtx_data_pipelines.files import DirectFile
+
+        with DirectFile(path) as f:
+            torch.save(state_dict, f, _use_new_zipfile_serialization=ce.zipfile_serialization)
+
+    return write
+
+
 @contextlib.contextmanager
-def _shadowed_checkpoint_save(engine, save):
+def _shadowed_checkpoint_save(engine, save, direct: bool = False):
     """``engine.checkpoint_engine.save(state_dict, path)`` becomes ``save(original, state_dict, path)``
-    inside the block; yields False (and shadows nothing) when the engine has no such hook."""
+    inside the block (``original`` writes with ``DirectFile`` when ``direct``); yields False (and
+    shadows nothing) when the engine has no such hook."""
     ce = getattr(engine, "checkpoint_engine", None)
     original = getattr(ce, "save", None)
     if original is None:
         yield False
         return
+    if direct:
+        original = _direct_writer(ce, original)
 
     def shadow(*args, **kwargs):
         state_dict = kwargs.get("state_dict", args[0] if args else None)
@@ -118,9 +140,10 @@ def _shadowed_checkpoint_save(engine, save):
 
 
 @contextlib.contextmanager
-def recording_checkpoint_writes(engine):
-    """(3) The paths DeepSpeed writes through its checkpoint engine inside the block: this rank's files.
-    Yields None when the engine has no such hook (then every file of the directory is fsynced)."""
+def recording_checkpoint_writes(engine, direct: bool = False):
+    """(3) The paths DeepSpeed writes through its checkpoint engine inside the block: this rank's files
+    (``direct``: written past the page cache). Yields None when the engine has no such hook (then every
+    file of the directory is fsynced)."""
     written: list[str] = []
 
     def save(original, state_dict, path):
@@ -128,22 +151,22 @@ def recording_checkpoint_writes(engine):
         written.append(path)
         return result
 
-    with _shadowed_checkpoint_save(engine, save) as hooked:
+    with _shadowed_checkpoint_save(engine, save, direct) as hooked:
         yield written if hooked else None
 
 
 @contextlib.contextmanager
-def deferred_checkpoint_writes(engine, snapshot):
+def deferred_checkpoint_writes(engine, snapshot, direct: bool = False):
     """(3) Nothing is written inside the block: each file DeepSpeed would write is recorded as
-    ``(write, snapshot(state_dict, path), path)``, and ``write(copy, path)`` (DeepSpeed's own writer)
-    writes it later, e.g. on another thread. Yields that list, or None when the engine has no such hook
+    ``(write, snapshot(state_dict, path), path)``, and ``write(copy, path)`` (DeepSpeed's own writer;
+    ``direct``: past the page cache) writes it later, e.g. on another thread. Yields that list, or None when the engine has no such hook
     (then saves cannot be deferred)."""
     deferred: list = []
 
     def save(original, state_dict, path):
         deferred.append((original, snapshot(state_dict, path), path))
 
-    with _shadowed_checkpoint_save(engine, save) as hooked:
+    with _shadowed_checkpoint_save(engine, save, direct) as hooked:
         yield deferred if hooked else None
 
 

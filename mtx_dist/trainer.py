@@ -314,7 +314,7 @@ def step_setup(cfg: Config, runtime: Runtime, engine) -> StepSetup:
 def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState, tracker: Tracker,
           preemption: Preemption | None, watchdog: HangWatchdog) -> TrainResult:
     saver = AsyncCheckpointer(cfg.run.dir, runtime.env.rank, runtime.device, cfg.checkpoint.keep,
-                              cfg.checkpoint.verify == "full") if cfg.checkpoint.async_ else None
+                              cfg.checkpoint.verify == "full", cfg.checkpoint.direct_io) if cfg.checkpoint.async_ else None
     try:
         return _steps(cfg, runtime, engine, loader, state, tracker, preemption, watchdog, saver)
     finally:
@@ -430,7 +430,7 @@ def _steps(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState
             if saver is None:
                 last_ckpt = ckpt.save(engine, cfg.run.dir, state, runtime.env.rank, keep=cfg.checkpoint.keep,
                                       config_toml=cfg.to_toml(), full_hashes=cfg.checkpoint.verify == "full",
-                                      model_config=model_config)
+                                      model_config=model_config, direct=cfg.checkpoint.direct_io)
             else:
                 saver.save(engine, state, cfg.to_toml(), model_config)
                 if stop or state.step == cfg.run.steps:  # leaving: wait for the save in flight

@@ -69,6 +69,27 @@ def test_checkpoint_engine_save_takes_state_dict_and_path(deepspeed):
     assert calls == ["/x/a.pt"] and "save" not in vars(engine.checkpoint_engine)
 
 
+def test_torch_checkpoint_engine_writes_what_the_direct_writer_writes(deepspeed, tmp_path):
+    """The direct writer stands in for TorchCheckpointEngine.save: that must still be one torch.save with
+    the engine's serialization flag, and the file written in its place must load equal."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    src = inspect.getsource(TorchCheckpointEngine.save)
+    code = [line.strip() for line in src.splitlines()[1:] if line.strip() and not line.strip().startswith("#")]
+    assert code == ["torch.save(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)"], src
+
+    class Engine:
+        checkpoint_engine = TorchCheckpointEngine()
+
+    engine, state = Engine(), {"w": torch.randn(1000, 300), "step": 3}
+    with compat.recording_checkpoint_writes(engine, direct=True) as written:
+        engine.checkpoint_engine.save(state, str(tmp_path / "a.pt"))
+    engine.checkpoint_engine.save(state, str(tmp_path / "b.pt"))  # DeepSpeed's own write
+    assert written == [str(tmp_path / "a.pt")]
+    a, b = (torch.load(tmp_path / n, weights_only=True) for n in ("a.pt", "b.pt"))
+    assert torch.equal(a["w"], state["w"]) and torch.equal(b["w"], state["w"]) and a["step"] == b["step"] == 3
+
+
 def test_checkpoint_globals_exist(deepspeed):
     found = compat.checkpoint_safe_globals()
     assert [f"{c.__module__}.{c.__name__}" for c in found] == [f"{m}.{n}" for m, n in compat.CHECKPOINT_GLOBALS]
