@@ -56,7 +56,10 @@ Numbers on a shared machine move with its load; the sides run one after the othe
 of one invocation only. One seed decides little here: the final metric of one side moves by about
 0.02 from seed to seed (OpenCLIP's hard set: 0.179 and 0.203 in two runs of seed 0, its loader
 being unseeded), as much as the differences raced for. ``--seeds N`` runs every side N times (seed
-k for both trainers) and scores the mean curve; the table lists each seed's final metric.
+k for both trainers) and scores the mean curve; the table lists each seed's final metric, the
+wall-clock ratio at equal steps (OpenCLIP's mean wall-clock / the side's) and the side's final metric
+minus OpenCLIP's, paired by seed (same initial weights), as a mean with its standard error: a
+difference within about two standard errors is the seeds' noise, not the trainer's.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """The race's records and its scoring: checkpoints with their held-out metric, one side per trainer
 and variant, seeds merged into a mean curve, the time each side needs to reach OpenCLIP's final
-metric, and the markdown table (bench/bench_race.py)."""
+metric, the wall-clock ratio at equal steps, the final metric's difference to OpenCLIP paired by
+seed, and the markdown table (bench/bench_race.py)."""
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass, field
 
 
@@ -32,6 +35,9 @@ class Side:
     seed: int = 0
     init: str = ""  # the open_clip folder of the initial weights both sides start from ("" = its own)
     seed_finals: list[float] = field(default_factory=list)  # per seed, when several seeds were merged
+    equal_steps_ratio: float | None = None  # OpenCLIP's wall-clock / this side's, both over the same steps
+    paired_delta: float | None = None  # mean over seeds of (this side's final - OpenCLIP's, same seed)
+    paired_se: float | None = None  # its standard error (>= 2 seeds)
 
     @property
     def final(self) -> float | None:
@@ -75,11 +81,25 @@ def merge_seeds(runs: list[Side]) -> list[Side]:
     return list(merged.values())
 
 
+def paired_difference(finals: list[float], reference: list[float]) -> tuple[float, float | None]:
+    """Mean of the per-seed differences and its standard error (None with one seed). Seed k of both
+    sides starts from the same initial weights, so pairing removes the spread the initialisation causes."""
+    diffs = [a - b for a, b in zip(finals, reference, strict=True)]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    return statistics.fmean(diffs), se
+
+
 def score_race(sides: list[Side]) -> None:
     ref = next((s for s in sides if s.name == "openclip" and s.final is not None), None)
     if ref is None:
         return
     target = ref.final
+    for s in sides:
+        if s is not ref and s.wall_s and ref.wall_s and s.points and len(s.points) == len(ref.points):
+            s.equal_steps_ratio = ref.wall_s / s.wall_s
+        finals, reference = s.seed_finals or [s.final], ref.seed_finals or [ref.final]
+        if s is not ref and s.final is not None and len(finals) == len(reference):
+            s.paired_delta, s.paired_se = paired_difference(finals, reference)
     for s in sides:
         if s.points and s.final is not None:
             s.time_to_target_s, s.target_bound = time_to(s.points, target)
@@ -93,11 +113,12 @@ def table(sides: list[Side]) -> str:
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    rows = ["| data | side | wall s | samples/s | final metric (i2t/t2i R@1) | time to OpenCLIP final s | speed-up |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| data | side | wall s | samples/s | final metric (i2t/t2i R@1) | time to OpenCLIP final s | speed-up | "
+            "wall-clock ratio at equal steps | final - OpenCLIP's, paired by seed |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for s in sides:
         if s.error:
-            rows.append(f"| {s.dataset} | {s.name} | failed: {s.error.splitlines()[0]} | | | | |")
+            rows.append(f"| {s.dataset} | {s.name} | failed: {s.error.splitlines()[0]} | | | | | | |")
             continue
         last = s.points[-1] if s.points else None
         final = "-" if last is None or last.metric is None else f"{last.metric:.3f} ({last.i2t_r1:.3f}/{last.t2i_r1:.3f})"
@@ -105,6 +126,8 @@ def table(sides: list[Side]) -> str:
             final += " seeds " + "/".join(f"{x:.3f}" for x in s.seed_finals)
         ttt = "-" if s.time_to_target_s is None else f"{s.target_bound}{s.time_to_target_s:.1f}"
         speedup = "-" if s.speedup is None else f"{'>=' if s.target_bound else ''}{s.speedup:.2f}"
+        delta = "-" if s.paired_delta is None else f"{s.paired_delta:+.3f}" + (
+            "" if s.paired_se is None else f" +- {s.paired_se:.3f} (s.e.)")
         rows.append(f"| {s.dataset} | {s.name} | {s.wall_s:.1f} | {f(s.samples_per_s, '.1f')} | {final} | {ttt} | "
-                    f"{speedup} |")
+                    f"{speedup} | {f(s.equal_steps_ratio, '.2f')} | {delta} |")
     return "\n".join(rows)

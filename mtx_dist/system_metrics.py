@@ -11,7 +11,7 @@ System metrics tab. We use it as it is, with two things it lacks for long jobs:
 - Construction, sampling and every request happen on that thread: a step never waits for it.
 
 In a job over several nodes each node's monitor names its node (MLflow's ``node_id``, see
-``mtx_dist.trainer.monitor_node_id``), so the metrics read ``system/<host>/cpu_utilization_percentage``;
+``mtx_dist.run_monitor.monitor_node_id``), so the metrics read ``system/<host>/cpu_utilization_percentage``;
 a one-node job keeps MLflow's plain names.
 """
 

@@ -363,7 +363,7 @@ def test_datasets_and_note_reach_the_run(tmp_path, store):
 
 
 def test_system_metrics_monitor_names_its_node_only_when_there_are_several():
-    from mtx_dist.trainer import monitor_node_id
+    from mtx_dist.run_monitor import monitor_node_id
     assert monitor_node_id("gpu7", 0, 1, 1) is None  # one node: MLflow's plain system/ names
     assert monitor_node_id("gpu7", 3, 4, 4) == "gpu7"  # a node per host: the host names it
     # two nodes of one job on one host (a test cluster) must not write the same metric names
