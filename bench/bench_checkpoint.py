@@ -1,10 +1,11 @@
-"""The training stall per checkpoint save, synchronous vs ``checkpoint.async`` (measured side by side).
+"""The training stall per checkpoint save, synchronous vs ``checkpoint.async``, and synchronous saves
+written past the page cache (``checkpoint.direct_io``, the default) vs through it (measured side by side).
 
 One job of 2 gloo ranks on CPU runs the production pieces: the engine of ``mtx-dist train``
 (``--preset``, bf16, ZeRO-1 by default), :func:`mtx_dist.step.train_step` on a synthetic batch, and
-the two savers of the trainer: ``checkpoint.save`` (synchronous) and
-:class:`mtx_dist.async_checkpoint.AsyncCheckpointer`. Each rank alternates: a save, then training
-steps. The stall of a save is the wall-clock the training thread spends inside the save call (the
+the two savers of the trainer: ``checkpoint.save`` (synchronous; its direct and buffered writes
+alternate) and :class:`mtx_dist.async_checkpoint.AsyncCheckpointer`. Each rank alternates: a save,
+then training steps. The stall of a save is the wall-clock the training thread spends inside the save call (the
 slower rank's, as the next collective waits for it); for async saves the steps after it run while the
 files are written, so the step time with a write in flight is reported too, and the save's end is
 agreed through the steps' own collective, as in the trainer. The first async save allocates its host
@@ -65,8 +66,8 @@ def ranks_job(preset: str, stage: int, precision: str, saves: int, steps_between
             yield batch
 
     feed, state = batches(), ckpt.TrainState()
-    out: dict = {"sync_stall_s": [], "async_stall_s": [], "step_s_idle": [], "step_s_writing": [],
-                 "async_steps_to_commit": []}
+    out: dict = {"sync_stall_s": [], "sync_buffered_stall_s": [], "async_stall_s": [], "step_s_idle": [],
+                 "step_s_writing": [], "async_steps_to_commit": []}
 
     def step(saver=None) -> float:
         t0 = time.perf_counter()
@@ -79,15 +80,16 @@ def ranks_job(preset: str, stage: int, precision: str, saves: int, steps_between
     for _ in range(2):  # warm-up: optimizer state allocated, first-step costs paid
         step()
     for _ in range(saves):
-        dist.barrier()
-        t0 = time.perf_counter()
-        ckpt.save(engine, run_dir, state, rank, keep=1)
-        out["sync_stall_s"].append(time.perf_counter() - t0)
-        for _ in range(steps_between):
-            out["step_s_idle"].append(step())
+        for direct, key in ((True, "sync_stall_s"), (False, "sync_buffered_stall_s")):
+            dist.barrier()
+            t0 = time.perf_counter()
+            ckpt.save(engine, run_dir, state, rank, keep=1, direct=direct)
+            out[key].append(time.perf_counter() - t0)
+            for _ in range(steps_between):
+                out["step_s_idle"].append(step())
     out["bytes_per_save"] = _folder_bytes(os.path.join(ckpt.checkpoint_root(run_dir), ckpt.tag_for(state.step -
                                                                                                    steps_between)))
-    saver = AsyncCheckpointer(run_dir, rank, runtime.device, keep=1)
+    saver = AsyncCheckpointer(run_dir, rank, runtime.device, keep=1)  # direct I/O, as the trainer's default
     for _ in range(saves):
         dist.barrier()
         t0 = time.perf_counter()
@@ -127,13 +129,14 @@ def main() -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
     # a save stalls training for as long as its slower rank
     sync = [max(r["sync_stall_s"][i] for r in ranks) for i in range(args.saves)]
+    buffered = [max(r["sync_buffered_stall_s"][i] for r in ranks) for i in range(args.saves)]
     asyn = [max(r["async_stall_s"][i] for r in ranks) for i in range(args.saves)]
     idle = statistics.median(s for r in ranks for s in r["step_s_idle"])
     writing = [s for r in ranks for s in r["step_s_writing"]]
     later = asyn[1:] or asyn
     res = {"preset": args.preset, "precision": args.precision, "zero_stage": args.stage, "world": WORLD,
            "params": ranks[0]["params"], "bytes_per_save": ranks[0]["bytes_per_save"],
-           "sync_stall_s": sync, "async_stall_s": asyn, "step_s_idle_median": idle,
+           "sync_stall_s": sync, "sync_buffered_stall_s": buffered, "async_stall_s": asyn, "step_s_idle_median": idle,
            "step_s_writing_median": statistics.median(writing) if writing else None,
            "async_steps_to_commit": ranks[0]["async_steps_to_commit"],
            "stall_ratio": statistics.median(sync) / statistics.median(later)}
@@ -141,7 +144,9 @@ def main() -> None:
     print(f"preset={args.preset} ({res['params'] / 1e6:.0f} M parameters), {args.precision}, ZeRO-{args.stage}, "
           f"{WORLD} gloo ranks (CPU), checkpoint {gib:.2f} GiB per save, folder {args.dir or tempfile.gettempdir()}")
     print(f"{'saver':<6} {'stall per save (s), each':<32} {'median':>7}")
-    print(f"{'sync':<6} {' '.join(f'{x:.3f}' for x in sync):<32} {statistics.median(sync):>7.3f}")
+    print(f"{'sync':<6} {' '.join(f'{x:.3f}' for x in sync):<32} {statistics.median(sync):>7.3f}  (direct I/O)")
+    print(f"{'sync':<6} {' '.join(f'{x:.3f}' for x in buffered):<32} {statistics.median(buffered):>7.3f}  "
+          f"(through the page cache: checkpoint.direct_io=false)")
     print(f"{'async':<6} {' '.join(f'{x:.3f}' for x in asyn):<32} {statistics.median(later):>7.3f}  "
           f"(median of saves 2..{args.saves}: the first allocates the host buffers)")
     print(f"stall ratio sync/async: {res['stall_ratio']:.1f}x; training step {idle:.3f} s with no write in flight, "

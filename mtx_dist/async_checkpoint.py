@@ -58,7 +58,7 @@ class AsyncCheckpointer:
     :meth:`drain` before it stops; every rank makes the same calls at the same steps."""
 
     def __init__(self, run_dir: str, rank: int, device: torch.device, keep: int = 3, full_hashes: bool = False,
-                 direct: bool = False):
+                 direct: bool = True):
         self.run_dir, self.rank, self.device = run_dir, rank, device
         self.keep, self.full_hashes, self.direct = keep, full_hashes, direct
         self.last: str | None = None  # the newest checkpoint this run committed

@@ -162,7 +162,7 @@ def read_latest(root: str) -> str | None:
 # -- save -------------------------------------------------------------------------------------------
 
 def save(engine, run_dir: str, state: TrainState, rank: int, keep: int = 3, config_toml: str | None = None,
-         full_hashes: bool = False, model_config: str | None = None, direct: bool = False) -> str:
+         full_hashes: bool = False, model_config: str | None = None, direct: bool = True) -> str:
     """Write a checkpoint of the current step atomically, on every rank; returns its directory.
 
     ``keep``: complete checkpoints kept (this one included); rank 0 deletes older ones once
