@@ -4,8 +4,8 @@ written past the page cache (``checkpoint.direct_io``, the default) vs through i
 One job of 2 gloo ranks on CPU runs the production pieces: the engine of ``mtx-dist train``
 (``--preset``, bf16, ZeRO-1 by default), :func:`mtx_dist.step.train_step` on a synthetic batch, and
 the two savers of the trainer: ``checkpoint.save`` (synchronous; its direct and buffered writes
-alternate) and :class:`mtx_dist.async_checkpoint.AsyncCheckpointer`. Each rank alternates: a save,
-then training steps. The stall of a save is the wall-clock the training thread spends inside the save call (the
+alternate, ABBA) and :class:`mtx_dist.async_checkpoint.AsyncCheckpointer`. Each rank alternates: a
+save, then training steps. The stall of a save is the wall-clock the training thread spends inside the save call (the
 slower rank's, as the next collective waits for it); for async saves the steps after it run while the
 files are written, so the step time with a write in flight is reported too, and the save's end is
 agreed through the steps' own collective, as in the trainer. The first async save allocates its host
@@ -79,8 +79,9 @@ def ranks_job(preset: str, stage: int, precision: str, saves: int, steps_between
 
     for _ in range(2):  # warm-up: optimizer state allocated, first-step costs paid
         step()
-    for _ in range(saves):
-        for direct, key in ((True, "sync_stall_s"), (False, "sync_buffered_stall_s")):
+    kinds = [(True, "sync_stall_s"), (False, "sync_buffered_stall_s")]
+    for i in range(saves):
+        for direct, key in kinds if i % 2 == 0 else kinds[::-1]:  # ABBA: neither always goes first
             dist.barrier()
             t0 = time.perf_counter()
             ckpt.save(engine, run_dir, state, rank, keep=1, direct=direct)

@@ -35,6 +35,7 @@ class Side:
     seed: int = 0
     init: str = ""  # the open_clip folder of the initial weights both sides start from ("" = its own)
     seed_finals: list[float] = field(default_factory=list)  # per seed, when several seeds were merged
+    seeds: list[int] = field(default_factory=list)  # the seeds of seed_finals, in the same order
     equal_steps_ratio: float | None = None  # OpenCLIP's wall-clock / this side's, both over the same steps
     paired_delta: float | None = None  # mean over seeds of (this side's final - OpenCLIP's, same seed)
     paired_se: float | None = None  # its standard error (>= 2 seeds)
@@ -77,7 +78,8 @@ def merge_seeds(runs: list[Side]) -> list[Side]:
         out.wall_s = mean([r.wall_s for r in ok])
         rates = [r.samples_per_s for r in ok if r.samples_per_s]
         out.samples_per_s = mean(rates) if rates else None
-        out.seed_finals = [r.final for r in ok]
+        ok.sort(key=lambda r: r.seed)
+        out.seed_finals, out.seeds = [r.final for r in ok], [r.seed for r in ok]
     return list(merged.values())
 
 
@@ -95,11 +97,15 @@ def score_race(sides: list[Side]) -> None:
         return
     target = ref.final
     for s in sides:
-        if s is not ref and s.wall_s and ref.wall_s and s.points and len(s.points) == len(ref.points):
+        if s is ref:
+            continue
+        if s.wall_s and ref.wall_s and s.points and [p.step for p in s.points] == [p.step for p in ref.points]:
             s.equal_steps_ratio = ref.wall_s / s.wall_s
-        finals, reference = s.seed_finals or [s.final], ref.seed_finals or [ref.final]
-        if s is not ref and s.final is not None and len(finals) == len(reference):
-            s.paired_delta, s.paired_se = paired_difference(finals, reference)
+        finals = dict(zip(s.seeds, s.seed_finals)) if s.seeds else {s.seed: s.final}
+        reference = dict(zip(ref.seeds, ref.seed_finals)) if ref.seeds else {ref.seed: ref.final}
+        if s.final is not None and finals.keys() == reference.keys():
+            seeds = sorted(finals)
+            s.paired_delta, s.paired_se = paired_difference([finals[k] for k in seeds], [reference[k] for k in seeds])
     for s in sides:
         if s.points and s.final is not None:
             s.time_to_target_s, s.target_bound = time_to(s.points, target)

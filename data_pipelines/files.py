@@ -91,11 +91,11 @@ _STAGE_BYTES = 8 << 20  # bytes per direct write
 _stages = threading.local()  # each writing thread reuses its own staging buffer from file to file
 
 
-def _take_stage() -> mmap.mmap:
+def _take_buffer() -> mmap.mmap:
     """This thread's staging buffer (page-aligned, touched once, kept), or a new one while it is in use."""
-    stage = getattr(_stages, "free", None) or mmap.mmap(-1, _STAGE_BYTES)
+    buffer = getattr(_stages, "free", None) or mmap.mmap(-1, _STAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     _stages.free = None
-    return stage
+    return buffer
 
 
 def _set_direct(fd: int, on: bool) -> bool:
@@ -116,16 +116,22 @@ class DirectFile:
     device without passing through the page cache (``torch.save(obj, DirectFile(path))``).
 
     For files written once and not read back soon (checkpoints): no copy into page-cache pages, and the
-    cached data set is not evicted by them. The last partial block is written buffered. Where the
-    filesystem refuses O_DIRECT (some network and in-memory filesystems) the file is written normally
-    and ``direct`` is False. Like any write, the data is durable only after an fsync (``fsync_path``).
+    cached data set is not evicted by them. The last partial block is written buffered. ``direct``: the
+    whole blocks went out with O_DIRECT; False where the filesystem refuses it (some network and
+    in-memory filesystems), and the file is then written normally. Like any write, the data is durable
+    only after an fsync (``fsync_path``). Leaving the ``with`` block on an exception closes the file
+    without writing what is still staged.
     """
 
     def __init__(self, path: str, direct: bool = True) -> None:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        self.direct = direct and _set_direct(self._fd, True)
-        self._buffer = _take_stage()
+        try:
+            self.direct = direct and _set_direct(self._fd, True)
+            self._buffer = _take_buffer()
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._stage = memoryview(self._buffer)
         self._fill = 0
         self._size = 0
@@ -159,16 +165,18 @@ class DirectFile:
                     raise
                 self.direct = _set_direct(self._fd, False)  # accepted at open, refused at write
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Write what is staged and close; ``abort``: only close (the file stays incomplete)."""
         if self._fd < 0:
             return
         try:
             aligned = self._fill - self._fill % _BLOCK
-            self._drain(0, aligned)
-            if self._fill > aligned:  # the last partial block: buffered
-                if self.direct:
-                    _set_direct(self._fd, False)
-                self._drain(aligned, self._fill)
+            if not abort:
+                self._drain(0, aligned)
+                if self._fill > aligned:  # the last partial block: buffered
+                    if self.direct:
+                        _set_direct(self._fd, False)
+                    self._drain(aligned, self._fill)
         finally:
             os.close(self._fd)
             self._fd = -1
@@ -178,5 +186,5 @@ class DirectFile:
     def __enter__(self) -> DirectFile:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(abort=exc_type is not None)

@@ -236,8 +236,8 @@ class CheckpointConfig:
                         "later step). At most one save in flight; a preemption or the end of the run waits for it",
                         key="async")
     direct_io: bool = _opt(True, "write checkpoint files with O_DIRECT, past the page cache (no copy into it, and "
-                           "the cached data set is not evicted by checkpoints); where the filesystem refuses "
-                           "O_DIRECT, files are written normally")
+                           "the cached data set is not evicted by checkpoints, unless checkpoint.verify = full reads "
+                           "them back); where the filesystem refuses O_DIRECT, files are written normally")
 
 
 @dataclass

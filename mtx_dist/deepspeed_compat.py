@@ -18,7 +18,8 @@ naming the one that no longer holds. Verified with DeepSpeed ``VERIFIED_WITH``.
    (asynchronous checkpoints). With ``direct``, a ``TorchCheckpointEngine``'s write (``torch.save(state_dict,
    path, _use_new_zipfile_serialization=engine.zipfile_serialization)``) goes through
    ``mtx_data_pipelines.files.DirectFile`` instead of a buffered file; other checkpoint engines write
-   their own way.
+   their own way. ``direct`` is off unless asked for here; ``checkpoint.save`` and the asynchronous
+   saver ask for it by default (``checkpoint.direct_io``).
 4. :func:`checkpoint_safe_globals` -- the non-tensor classes DeepSpeed pickles into checkpoints,
    allowed when a checkpoint is validated with ``torch.load(weights_only=True)``.
 5. :func:`zero_fp32_state_dict` -- ``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint

@@ -35,8 +35,8 @@ def test_scoring_pairs_seeds_and_times_equal_steps():
         return Side("demo", name, seed=seed, wall_s=wall,
                     points=[Point(40 * (i + 1), wall * (i + 1) / len(metrics), "", m, m, m) for i, m in enumerate(metrics)])
 
-    runs = [run("openclip", 0, 70.0, [0.05, 0.10]), run("ours:x", 0, 35.0, [0.06, 0.11]),
-            run("openclip", 1, 72.0, [0.05, 0.12]), run("ours:x", 1, 37.0, [0.07, 0.11])]
+    runs = [run("openclip", 0, 70.0, [0.05, 0.10]), run("ours:x", 1, 37.0, [0.07, 0.11]),  # ours' seeds listed
+            run("openclip", 1, 72.0, [0.05, 0.12]), run("ours:x", 0, 35.0, [0.06, 0.11])]  # in the other order
     ref, ours = merge_seeds(runs)
     score_race([ref, ours])
     assert ours.equal_steps_ratio == pytest.approx(71.0 / 36.0, rel=1e-12)
@@ -50,3 +50,6 @@ def test_scoring_pairs_seeds_and_times_equal_steps():
     score_race(one)
     assert one[1].paired_delta == pytest.approx(-0.01, rel=1e-9) and one[1].paired_se is None
     assert one[1].time_to_target_s is None and table(one).splitlines()[-1].endswith("| 2.00 | -0.010 |")
+    other = [run("openclip", 0, 70.0, [0.05, 0.10]), run("ours:x", 1, 35.0, [0.06, 0.09])]
+    score_race(other)
+    assert other[1].paired_delta is None  # different seeds (initial weights): nothing to pair

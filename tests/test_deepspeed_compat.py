@@ -82,10 +82,14 @@ def test_torch_checkpoint_engine_writes_what_the_direct_writer_writes(deepspeed,
         checkpoint_engine = TorchCheckpointEngine()
 
     engine, state = Engine(), {"w": torch.randn(1000, 300), "step": 3}
+    engine.checkpoint_engine.zipfile_serialization = True  # as DeepSpeed's config sets it by default
     with compat.recording_checkpoint_writes(engine, direct=True) as written:
         engine.checkpoint_engine.save(state, str(tmp_path / "a.pt"))
     engine.checkpoint_engine.save(state, str(tmp_path / "b.pt"))  # DeepSpeed's own write
     assert written == [str(tmp_path / "a.pt")]
+    import zipfile  # torch.save names the zip's folder after a path it writes to, "archive" for a file object
+    assert zipfile.ZipFile(tmp_path / "a.pt").namelist()[0].startswith("archive/")  # went through DirectFile
+    assert zipfile.ZipFile(tmp_path / "b.pt").namelist()[0].startswith("b/")
     a, b = (torch.load(tmp_path / n, weights_only=True) for n in ("a.pt", "b.pt"))
     assert torch.equal(a["w"], state["w"]) and torch.equal(b["w"], state["w"]) and a["step"] == b["step"] == 3
 
