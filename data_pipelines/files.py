@@ -93,7 +93,9 @@ _stages = threading.local()  # each writing thread reuses its own staging buffer
 
 def _take_buffer() -> mmap.mmap:
     """This thread's staging buffer (page-aligned, touched once, kept), or a new one while it is in use."""
-    buffer = getattr(_stages, "free", None) or mmap.mmap(-1, _STAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer = getattr(_stages, "free", None)
+    if buffer is None:
+        buffer = mmap.mmap(-1, _STAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     _stages.free = None
     return buffer
 

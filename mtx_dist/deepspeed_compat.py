@@ -160,8 +160,8 @@ def recording_checkpoint_writes(engine, direct: bool = False):
 def deferred_checkpoint_writes(engine, snapshot, direct: bool = False):
     """(3) Nothing is written inside the block: each file DeepSpeed would write is recorded as
     ``(write, snapshot(state_dict, path), path)``, and ``write(copy, path)`` (DeepSpeed's own writer;
-    ``direct``: past the page cache) writes it later, e.g. on another thread. Yields that list, or None when the engine has no such hook
-    (then saves cannot be deferred)."""
+    ``direct``: past the page cache) writes it later, e.g. on another thread. Yields that list, or None
+    when the engine has no such hook (then saves cannot be deferred)."""
     deferred: list = []
 
     def save(original, state_dict, path):

@@ -238,8 +238,9 @@ def step_setup(cfg: Config, runtime: Runtime, engine) -> StepSetup:
 
 def _loop(cfg: Config, runtime: Runtime, engine, loader, state: ckpt.TrainState, tracker: Tracker,
           preemption: Preemption | None, watchdog: HangWatchdog) -> TrainResult:
-    saver = AsyncCheckpointer(cfg.run.dir, runtime.env.rank, runtime.device, cfg.checkpoint.keep,
-                              cfg.checkpoint.verify == "full", cfg.checkpoint.direct_io) if cfg.checkpoint.async_ else None
+    c = cfg.checkpoint
+    saver = AsyncCheckpointer(cfg.run.dir, runtime.env.rank, runtime.device, c.keep, c.verify == "full",
+                              c.direct_io) if c.async_ else None
     try:
         return _steps(cfg, runtime, engine, loader, state, tracker, preemption, watchdog, saver)
     finally:
