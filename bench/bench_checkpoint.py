@@ -5,8 +5,8 @@ One job of 2 gloo ranks on CPU runs the production pieces: the engine of ``mtx-d
 (``--preset``, bf16, ZeRO-1 by default), :func:`mtx_dist.step.train_step` on a synthetic batch, and
 the two savers of the trainer: ``checkpoint.save`` (synchronous; its direct and buffered writes
 alternate, ABBA) and :class:`mtx_dist.async_checkpoint.AsyncCheckpointer`. Each rank alternates: a
-save, then training steps. The stall of a save is the wall-clock the training thread spends inside the save call (the
-slower rank's, as the next collective waits for it); for async saves the steps after it run while the
+save, then training steps. The stall of a save is the wall-clock the training thread spends inside
+the save call (the slower rank's, as the next collective waits for it); for async saves the steps after it run while the
 files are written, so the step time with a write in flight is reported too, and the save's end is
 agreed through the steps' own collective, as in the trainer. The first async save allocates its host
 buffers (later ones reuse them), so it is reported on its own.

@@ -34,8 +34,7 @@ class Side:
     error: str = ""
     seed: int = 0
     init: str = ""  # the open_clip folder of the initial weights both sides start from ("" = its own)
-    seed_finals: list[float] = field(default_factory=list)  # per seed, when several seeds were merged
-    seeds: list[int] = field(default_factory=list)  # the seeds of seed_finals, in the same order
+    seed_finals: dict[int, float] = field(default_factory=dict)  # seed -> final, when several seeds were merged
     equal_steps_ratio: float | None = None  # OpenCLIP's wall-clock / this side's, both over the same steps
     paired_delta: float | None = None  # mean over seeds of (this side's final - OpenCLIP's, same seed)
     paired_se: float | None = None  # its standard error (>= 2 seeds)
@@ -78,8 +77,7 @@ def merge_seeds(runs: list[Side]) -> list[Side]:
         out.wall_s = mean([r.wall_s for r in ok])
         rates = [r.samples_per_s for r in ok if r.samples_per_s]
         out.samples_per_s = mean(rates) if rates else None
-        ok.sort(key=lambda r: r.seed)
-        out.seed_finals, out.seeds = [r.final for r in ok], [r.seed for r in ok]
+        out.seed_finals = {r.seed: r.final for r in sorted(ok, key=lambda r: r.seed)}
     return list(merged.values())
 
 
@@ -101,8 +99,7 @@ def score_race(sides: list[Side]) -> None:
             continue
         if s.wall_s and ref.wall_s and s.points and [p.step for p in s.points] == [p.step for p in ref.points]:
             s.equal_steps_ratio = ref.wall_s / s.wall_s
-        finals = dict(zip(s.seeds, s.seed_finals)) if s.seeds else {s.seed: s.final}
-        reference = dict(zip(ref.seeds, ref.seed_finals)) if ref.seeds else {ref.seed: ref.final}
+        finals, reference = s.seed_finals or {s.seed: s.final}, ref.seed_finals or {ref.seed: ref.final}
         if s.final is not None and finals.keys() == reference.keys():
             seeds = sorted(finals)
             s.paired_delta, s.paired_se = paired_difference([finals[k] for k in seeds], [reference[k] for k in seeds])
@@ -129,7 +126,7 @@ def table(sides: list[Side]) -> str:
         last = s.points[-1] if s.points else None
         final = "-" if last is None or last.metric is None else f"{last.metric:.3f} ({last.i2t_r1:.3f}/{last.t2i_r1:.3f})"
         if len(s.seed_finals) > 1:
-            final += " seeds " + "/".join(f"{x:.3f}" for x in s.seed_finals)
+            final += " seeds " + "/".join(f"{x:.3f}" for x in s.seed_finals.values())
         ttt = "-" if s.time_to_target_s is None else f"{s.target_bound}{s.time_to_target_s:.1f}"
         speedup = "-" if s.speedup is None else f"{'>=' if s.target_bound else ''}{s.speedup:.2f}"
         delta = "-" if s.paired_delta is None else f"{s.paired_delta:+.3f}" + (

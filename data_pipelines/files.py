@@ -126,7 +126,6 @@ class DirectFile:
     """
 
     def __init__(self, path: str, direct: bool = True) -> None:
-        self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
             self.direct = direct and _set_direct(self._fd, True)
