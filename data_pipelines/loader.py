@@ -268,7 +268,8 @@ class ImageTextStream(torch.utils.data.IterableDataset):
                 active.remove(s)
                 continue
             positions[s] = [epoch, index]
-            rng = np.random.default_rng([self.cfg.seed, s, epoch, g, index]) if self.cfg.train else None
+            # = np.random.default_rng(seed list), without its argument dispatch (3 of its 13 us per sample)
+            rng = np.random.Generator(np.random.PCG64([self.cfg.seed, s, epoch, g, index])) if self.cfg.train else None
             try:
                 image, text = self._prepare(sample, rng)
             except Unusable as e:

@@ -58,7 +58,11 @@ def _byte_alphabet() -> dict[int, str]:
 
 
 def _clean(text: str) -> str:
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    # ftfy and HTML unescaping leave printable ASCII without "&" as it is (no mojibake, control
+    # characters, line breaks, terminal escapes or entities to fix; tested against ftfy): most captions
+    # skip ftfy's passes (half of encoding a short caption)
+    if not (text.isascii() and text.isprintable() and "&" not in text):
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
 
 

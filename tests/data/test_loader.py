@@ -11,7 +11,7 @@ from PIL import Image
 
 from mtx_data_pipelines.demo import COMBINATIONS, DemoSpec, write_demo_split
 from mtx_data_pipelines.loader import Loader, LoaderStateError, StreamConfig
-from mtx_data_pipelines.transforms import (CLIP_MEAN, CLIP_STD, DecodeError, decode_rgb, eval_transform,
+from mtx_data_pipelines.transforms import (CLIP_MEAN, CLIP_STD, DecodeError, decode_rgb, eval_transform, jpeg_frame,
                                        random_resized_crop_box)
 
 
@@ -205,6 +205,53 @@ def test_truncated_shard_is_counted_and_the_stream_goes_on(tmp_path):
     assert [k for k in keys if k.startswith("b")] == [f"b{i:02d}" for i in range(10)]
     assert 5 <= len(a_keys) < 20 and a_keys == [f"a{i:02d}" for i in range(len(a_keys))]
     assert loader.skipped["tar_error"] == 1
+
+
+def _encoded(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_jpeg_fast_path_gives_the_pixels_of_image_open():
+    """decode_rgb hands three-component JPEGs to libjpeg without Image.open: the same pixels for every
+    layout a shard writer may produce, and the same result as Image.open(...).convert("RGB") for
+    everything it leaves to Image.open."""
+    rng = np.random.default_rng(0)
+    rgb = lambda w, h: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+    fast = {
+        "4:2:0": _encoded(rgb(80, 80), quality=90),
+        "4:4:4 odd size": _encoded(rgb(17, 9), quality=95, subsampling=0),
+        "4:2:2": _encoded(rgb(33, 64), subsampling=1),
+        "1x1": _encoded(rgb(1, 1)),
+        "progressive optimized": _encoded(rgb(120, 70), progressive=True, optimize=True),
+        "exif and comment": _encoded(rgb(40, 30), exif=b"Exif\x00\x00" + b"\x00" * 20, comment=b"a caption"),
+        "restart markers": _encoded(rgb(64, 48), restart_marker_blocks=1),
+    }
+    plain = _encoded(rgb(24, 24))
+    fast["fill bytes before a marker"] = plain[:2] + b"\xff\xff\xff" + plain[2:]
+    slow = {
+        "grayscale": _encoded(Image.fromarray(rng.integers(0, 256, (20, 30), dtype=np.uint8), "L")),
+        "cmyk": _encoded(Image.fromarray(rng.integers(0, 256, (12, 10, 4), dtype=np.uint8), "CMYK")),
+        "png": _encoded(rgb(16, 16), "PNG"),
+    }
+    for name, data in {**fast, **slow}.items():
+        want = Image.open(io.BytesIO(data)).convert("RGB")
+        got = decode_rgb(data)
+        assert got.mode == "RGB" and got.size == want.size, name
+        assert np.array_equal(np.asarray(got), np.asarray(want)), name
+        frame = jpeg_frame(data)
+        if name in fast:
+            assert frame == (*want.size, 3), name
+        else:
+            assert frame is None or frame[2] != 3, name
+    assert jpeg_frame(b"\xff\xd8") is None and jpeg_frame(b"\x89PNG") is None
+    with pytest.raises(DecodeError) as e:  # cut inside the entropy-coded data
+        decode_rgb(fast["4:2:0"][: len(fast["4:2:0"]) // 2])
+    assert e.value.reason == "corrupt_image"
+    with pytest.raises(DecodeError) as e:  # refused from the frame header, before any decoding
+        decode_rgb(fast["4:2:0"], max_pixels=80 * 80 - 1)
+    assert e.value.reason == "too_many_pixels"
 
 
 def test_jpeg_draft_decodes_large_images_smaller_with_nearly_the_same_result():
