@@ -141,7 +141,8 @@ def test_low_resolution_tail_flops_and_config_checks():
 
 def _engine_losses(overrides: list[str], steps: int, drop: float = 0.0, image_sizes: list[int] | None = None,
                    on_model=None, on_engine=None) -> dict:
-    """``steps`` production train_steps of the micro model on synthetic batches (world size 1);
+    """``steps`` production train_steps of the micro model on synthetic batches (world size 1), each of
+    ``optim.grad_accum`` micro-batches;
     ``image_sizes``: each step's training resolution; ``on_model`` sees the model before training,
     ``on_engine`` the engine."""
     from mtx_dist.engine import build_engine, build_model, setup_runtime
@@ -161,7 +162,7 @@ def _engine_losses(overrides: list[str], steps: int, drop: float = 0.0, image_si
     spec = get_preset("micro")
 
     def batches():
-        for step in range(steps):
+        for step in range(steps * cfg.optim.grad_accum):
             image, text = w.global_batch(spec, cfg.data.batch_size, step)
             yield {"image": image, "text": text}
 
@@ -186,6 +187,63 @@ def test_one_data_parallel_rank_skips_the_gradient_all_reduce_and_trains_identic
     assert not any(ours["skipped"]) and ours["losses"] == reduced["losses"]
     for name, value in ours["params"].items():
         assert torch.equal(value, reduced["params"][name]), name
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_recycled_token_embedding_gradient_trains_identically(monkeypatch, accum):
+    """One process, ZeRO-0, CPU: the token embedding's gradient reuses one tensor across steps (the rows
+    a step touched zeroed after its optimizer step) instead of a fresh zero fill; the weights after 4
+    steps equal, bit for bit, those trained with the fill, with and without gradient accumulation."""
+    from mtx_dist.models.embedding import TokenEmbedding
+    from tests.helpers import DIST_VARS
+    for k in DIST_VARS:
+        monkeypatch.delenv(k, raising=False)
+    handed = []
+
+    def watch(engine):
+        emb = [m for m in engine.module.modules() if isinstance(m, TokenEmbedding)]
+        assert len(emb) == 1 and emb[0].recycling
+        engine.optimizer.register_step_post_hook(lambda *_: handed.append(emb[0]._spare.data_ptr()))
+
+    def fill(engine):
+        for m in engine.module.modules():
+            if isinstance(m, TokenEmbedding):
+                m.recycling = False
+
+    overrides = ["run.device=cpu", f"optim.grad_accum={accum}"]
+    ours = _engine_losses(overrides, 4, on_engine=watch)
+    filled = _engine_losses(overrides, 4, on_engine=fill)
+    assert len(handed) == 4 and len(set(handed)) == 1  # one tensor, taken by autograd without a copy
+    assert not any(ours["skipped"]) and ours["losses"] == filled["losses"]
+    for name, value in ours["params"].items():
+        assert torch.equal(value, filled["params"][name]), name
+
+
+def test_token_embedding_gradient_is_torch_s_and_recycles_only_its_own_tensor():
+    from mtx_dist.models.embedding import TokenEmbedding
+
+    torch.manual_seed(0)
+    ours, ref = TokenEmbedding(500, 8), torch.nn.Embedding(500, 8)
+    ref.load_state_dict(ours.state_dict())
+    ours.recycling = True
+    for step in range(3):
+        ids = torch.randint(0, 40, (6, 9))
+        ids[:, -2:] = 0  # padding rows repeat one id
+        g = torch.randn(6, 9, 8)
+        ours(ids).backward(g)
+        ref(ids).backward(g)
+        assert torch.equal(ours.weight.grad, ref.weight.grad)
+        kept = ours.weight.grad
+        ours.recycle_grad()
+        assert ours._spare is kept and not kept.any()  # zeroed in place, kept for the next backward
+        del kept  # a reference left here would make autograd copy the tensor rather than take it
+        ours.weight.grad = ref.weight.grad = None
+    ours(ids).backward(g)
+    ours.weight.grad = ours.weight.grad.clone()  # someone else's tensor now: left alone, not recycled
+    ours.recycle_grad()
+    assert ours._spare is None and ours.weight.grad.any()
+    with torch.no_grad():  # no autograd: the plain lookup
+        assert torch.equal(ours(ids), ref(ids))
 
 
 def test_amp_bf16_autocasts_the_forward_and_keeps_fp32_weights_and_loss(monkeypatch):

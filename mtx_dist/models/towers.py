@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtx_dist.models.blocks import Block, init_blocks, init_blocks_default
+from mtx_dist.models.embedding import TokenEmbedding
 from mtx_dist.models.presets import TextSpec, VisionSpec
 
 
@@ -100,7 +101,7 @@ class TextTower(nn.Module):
         super().__init__()
         self.spec = spec
         w = spec.width
-        self.token_embedding = nn.Embedding(spec.vocab_size, w)
+        self.token_embedding = TokenEmbedding(spec.vocab_size, w)
         self.pos_embed = nn.Parameter(torch.empty(spec.context_length, w))
         self.blocks = nn.ModuleList(
             Block(w, spec.heads, spec.mlp_ratio, attn_backend, causal=True) for _ in range(spec.layers)
