@@ -124,7 +124,9 @@ def table(sides: list[Side]) -> str:
             rows.append(f"| {s.dataset} | {s.name} | failed: {s.error.splitlines()[0]} | | | | | | |")
             continue
         last = s.points[-1] if s.points else None
-        final = "-" if last is None or last.metric is None else f"{last.metric:.3f} ({last.i2t_r1:.3f}/{last.t2i_r1:.3f})"
+        final = "-"
+        if last is not None and last.metric is not None:
+            final = f"{last.metric:.3f} ({last.i2t_r1:.3f}/{last.t2i_r1:.3f})"
         if len(s.seed_finals) > 1:
             final += " seeds " + "/".join(f"{x:.3f}" for x in s.seed_finals.values())
         ttt = "-" if s.time_to_target_s is None else f"{s.target_bound}{s.time_to_target_s:.1f}"

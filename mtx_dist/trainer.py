@@ -185,7 +185,8 @@ def run_note(cfg: Config, runtime: Runtime, result: TrainResult) -> str:
     g, p = runtime.groups, cfg.parallel
     lines = [f"**{cfg.model.preset}** contrastive pretraining on {runtime.env.world_size} "
              f"{runtime.device.type.upper()} rank(s): TP {g.tp_size} x DP {g.dp_size}, ZeRO-{p.zero_stage}, "
-             f"{p.precision}, loss {cfg.loss.kind}, global batch {cfg.data.batch_size * cfg.optim.grad_accum * g.dp_size}.",
+             f"{p.precision}, loss {cfg.loss.kind}, "
+             f"global batch {cfg.data.batch_size * cfg.optim.grad_accum * g.dp_size}.",
              f"Step {result.step} of {cfg.run.steps}" + (f" (stopped by {result.preempted}; "
                                                          f"{result.requeued or 'not requeued'})" if result.preempted
                                                          else "") + "."]
