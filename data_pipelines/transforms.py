@@ -32,8 +32,9 @@ class DecodeError(Unusable):
 
 def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
     """(width, height, components) of a JPEG's frame header (SOF), read by walking its marker segments
-    up to the first scan; None for anything else (not a JPEG, a header cut short, precision other than
-    8 bits, a second frame header), which :func:`decode_rgb` then leaves to ``Image.open``."""
+    up to the first scan as libjpeg does; None for anything else (not a JPEG, a header cut short, bytes
+    between segments, a marker without a length field such as RSTn, TEM or EOI, precision other than 8
+    bits, a second frame header), which :func:`decode_rgb` then leaves to ``Image.open``."""
     if data[:2] != b"\xff\xd8":
         return None
     frame, i, n = None, 2, len(data)
@@ -46,7 +47,11 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
             continue
         if marker == 0xDA:  # start of scan: the frame header came before it
             return frame
+        if marker not in _SEGMENTS:  # not a segment with a length field: no guessing where the next one is
+            return None
         length = (data[i + 2] << 8) | data[i + 3]
+        if length < 2:
+            return None
         if marker in _SOF_MARKERS:
             if frame is not None or length < 8 or i + 10 > n or data[i + 4] != 8:
                 return None
@@ -57,6 +62,9 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
 
 # SOF0-3, 5-7, 9-11, 13-15 (C4 is DHT, C8 reserved, CC DAC)
 _SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+# the segments that may come before the first scan and carry a length: frame headers, DHT, DAC, DQT,
+# DNL, DRI, DHP, EXP, APP0-15, COM
+_SEGMENTS = _SOF_MARKERS | {0xC4, 0xCC, 0xDB, 0xDC, 0xDD, 0xDE, 0xDF, *range(0xE0, 0xF0), 0xFE}
 
 
 def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> Image.Image:
@@ -69,7 +77,7 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | N
 
     A three-component 8-bit JPEG decoded at full size goes straight to PIL's libjpeg decoder with the
     arguments ``Image.open`` would give it (the same pixels, tested) without PIL's header parsing in
-    Python: a third of the decode time of a small image (80 px: 115 -> 80 us)."""
+    Python: a quarter of the decode time of a small image (80 px race JPEGs: 122 -> 89 us)."""
     try:
         frame = jpeg_frame(data)
         if frame is not None:

@@ -189,11 +189,12 @@ def test_one_data_parallel_rank_skips_the_gradient_all_reduce_and_trains_identic
         assert torch.equal(value, reduced["params"][name]), name
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_recycled_token_embedding_gradient_trains_identically(monkeypatch, accum):
+@pytest.mark.parametrize("accum,precision", [(1, "fp32"), (2, "fp32"), (2, "amp_bf16")])
+def test_recycled_token_embedding_gradient_trains_identically(monkeypatch, accum, precision):
     """One process, ZeRO-0, CPU: the token embedding's gradient reuses one tensor across steps (the rows
     a step touched zeroed after its optimizer step) instead of a fresh zero fill; the weights after 4
-    steps equal, bit for bit, those trained with the fill, with and without gradient accumulation."""
+    steps equal, bit for bit, those trained with the fill: with and without gradient accumulation, in
+    fp32 and under bf16 autocast."""
     from mtx_dist.models.embedding import TokenEmbedding
     from tests.helpers import DIST_VARS
     for k in DIST_VARS:
@@ -210,7 +211,7 @@ def test_recycled_token_embedding_gradient_trains_identically(monkeypatch, accum
             if isinstance(m, TokenEmbedding):
                 m.recycling = False
 
-    overrides = ["run.device=cpu", f"optim.grad_accum={accum}"]
+    overrides = ["run.device=cpu", f"optim.grad_accum={accum}", f"parallel.precision={precision}"]
     ours = _engine_losses(overrides, 4, on_engine=watch)
     filled = _engine_losses(overrides, 4, on_engine=fill)
     assert len(handed) == 4 and len(set(handed)) == 1  # one tensor, taken by autograd without a copy
@@ -236,8 +237,9 @@ def test_token_embedding_gradient_is_torch_s_and_recycles_only_its_own_tensor():
         kept = ours.weight.grad
         ours.recycle_grad()
         assert ours._spare is kept and not kept.any()  # zeroed in place, kept for the next backward
+        assert ours.weight.grad is None  # the step is done with it
         del kept  # a reference left here would make autograd copy the tensor rather than take it
-        ours.weight.grad = ref.weight.grad = None
+        ref.weight.grad = None
     ours(ids).backward(g)
     ours.weight.grad = ours.weight.grad.clone()  # someone else's tensor now: left alone, not recycled
     ours.recycle_grad()

@@ -1,12 +1,13 @@
 """The text tower's token embedding: ``nn.Embedding`` whose dense gradient can reuse its last buffer.
 
 A lookup's gradient is a dense (vocab, width) tensor although only the looked-up rows are non-zero,
-and torch zero-fills all of it at every backward: for ``tiny`` on a 2-core CPU a 25 MB fill, 3.8 ms of
-a 128 ms step (docs/BENCHMARKS.md, session 10). With recycling on, the backward adds the rows into
+and torch zero-fills all of it at every backward: for ``tiny`` on a 2-core CPU a 25 MB fill, ~2 ms of
+a 127 ms step (docs/BENCHMARKS.md, session 10). With recycling on, the backward adds the rows into
 the previous step's gradient tensor instead, after the optimizer step has zeroed the rows that step
-touched (:meth:`TokenEmbedding.recycle_grad`, an optimizer step hook): a few hundred rows instead of
-49,408. The gradient is bit for bit torch's: torch's CPU backward adds the rows into zeros in the
-order of the ids, as ``index_add_`` does (tested).
+touched (:meth:`TokenEmbedding.recycle_grad`, an optimizer step hook, which then sets ``weight.grad``
+to None as ``zero_grad`` would): a few hundred rows instead of 49,408. The gradient is bit for bit
+torch's: torch's CPU backward adds the rows into zeros in the order of the ids, as ``index_add_`` does
+(tested).
 
 Only where nothing else writes the gradient tensor between two steps: one process (no data-parallel
 reduction adding other ranks' rows), ZeRO stage 0 (the optimizer reads ``param.grad`` itself), eager
@@ -43,11 +44,13 @@ class TokenEmbedding(nn.Embedding):
         """The weight's gradient of one backward, in the spare tensor when it can take it."""
         spare, self._spare = self._spare, None
         first = self.weight.grad is None  # else autograd adds ours into the existing gradient: a new tensor
+        if first:  # a gradient starts here: the rows it will hold are those of this and later lookups
+            self._touched = []
         if spare is None or not first or spare.dtype != grad_out.dtype or spare.device != grad_out.device:
             spare = torch.zeros(self.weight.shape, dtype=grad_out.dtype, device=grad_out.device)
         flat = ids.reshape(-1)
         spare.index_add_(0, flat, grad_out.reshape(flat.numel(), -1))
-        self._touched.append(flat)
+        self._touched.append(flat.clone())  # the caller may reuse its id tensor before the step
         if first:
             self._handed = spare.data_ptr()
         return spare
@@ -62,6 +65,10 @@ class TokenEmbedding(nn.Embedding):
             return
         grad.index_fill_(0, torch.cat(touched), 0)
         self._spare = grad
+        self.weight.grad = None  # the step is done with it (as zero_grad would say); no one else sees the spare
+
+    def __getstate__(self) -> dict:  # copies and pickles leave the spare gradient behind
+        return {**self.__dict__, "_spare": None, "_handed": None, "_touched": []}
 
 
 class _Lookup(torch.autograd.Function):

@@ -213,7 +213,7 @@ def _encoded(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
     return buf.getvalue()
 
 
-def test_jpeg_fast_path_gives_the_pixels_of_image_open():
+def test_jpeg_fast_path_gives_the_pixels_of_image_open(monkeypatch):
     """decode_rgb hands three-component JPEGs to libjpeg without Image.open: the same pixels for every
     layout a shard writer may produce, and the same result as Image.open(...).convert("RGB") for
     everything it leaves to Image.open."""
@@ -235,16 +235,37 @@ def test_jpeg_fast_path_gives_the_pixels_of_image_open():
         "cmyk": _encoded(Image.fromarray(rng.integers(0, 256, (12, 10, 4), dtype=np.uint8), "CMYK")),
         "png": _encoded(rgb(16, 16), "PNG"),
     }
+    real = _encoded(rgb(16, 16))
+    thumbnail = _encoded(rgb(40, 8))  # a JPEG inside APP1, with a frame header of its own
+    app1 = b"Exif\x00\x00" + thumbnail
+    fast["exif thumbnail"] = real[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + real[2:]
+    # markers without a length field before the frame header: the walk stops (libjpeg steps over them);
+    # a frame header hidden in a comment after one must not be taken for the image's
+    fake_sof = b"\xff\xc0\x00\x11\x08\x00\x10\x00\x40\x03" + b"\x01\x22\x00\x02\x11\x01\x03\x11\x01" + b"\xff\xda"
+    slow["RST0 then a comment hiding a frame header"] = (
+        real[:2] + b"\xff\xd0" + b"\xff\xfe\x00\x64" + b"x" * 98 + b"\xff\xfe\xff\xff" + fake_sof
+        + b"y" * (65533 - len(fake_sof)) + real[2:])
+    slow["TEM"] = real[:2] + b"\xff\x01" + real[2:]
+    slow["tables-only EOI, then the image"] = real[:2] + b"\xff\xd9" + real
     for name, data in {**fast, **slow}.items():
-        want = Image.open(io.BytesIO(data)).convert("RGB")
-        got = decode_rgb(data)
-        assert got.mode == "RGB" and got.size == want.size, name
-        assert np.array_equal(np.asarray(got), np.asarray(want)), name
         frame = jpeg_frame(data)
         if name in fast:
+            want = Image.open(io.BytesIO(data)).convert("RGB")
             assert frame == (*want.size, 3), name
         else:
             assert frame is None or frame[2] != 3, name
+        try:
+            want = Image.open(io.BytesIO(data)).convert("RGB")
+        except Exception:  # what Image.open refuses, decode_rgb refuses too
+            with pytest.raises(DecodeError):
+                decode_rgb(data)
+            continue
+        with monkeypatch.context() as m:  # the fast cases never reach Image.open
+            if name in fast:
+                m.setattr(Image, "open", lambda *a, **k: pytest.fail(f"{name}: Image.open was called"))
+            got = decode_rgb(data)
+        assert got.mode == "RGB" and got.size == want.size, name
+        assert np.array_equal(np.asarray(got), np.asarray(want)), name
     assert jpeg_frame(b"\xff\xd8") is None and jpeg_frame(b"\x89PNG") is None
     with pytest.raises(DecodeError) as e:  # cut inside the entropy-coded data
         decode_rgb(fast["4:2:0"][: len(fast["4:2:0"]) // 2])
