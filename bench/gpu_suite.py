@@ -50,8 +50,9 @@ import torch  # does not import triton: TRITON_INTERPRET can still be set in mai
 
 import mtx_dist  # noqa: F401,E402  first of ours: without an install it maps the leaf packages' names
 
-if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # the suite's helpers, also when loaded by path
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.dirname(os.path.abspath(__file__))
+if BENCH not in sys.path:  # the suite's helpers, also when loaded by path (tests)
+    sys.path.insert(0, BENCH)
 from gpu_common import (OutOfBudget, Section, check_budget, fmt, free, median_time, peak_mib,  # noqa: E402
                         sync, version)
 
